@@ -1,0 +1,134 @@
+"""Materialise a mergekit config into one resident transformers model, without touching disk.
+
+The tensors come from mergekit's own planner (``MergePlanner.plan_in_memory``) and executor,
+so they are the ones ``run_merge`` would write; only the destination differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+import transformers
+from mergekit.architecture import get_architecture_info
+from mergekit.common import dtype_from_name
+from mergekit.config import MergeConfiguration
+from mergekit.graph import Executor, Task
+from mergekit.io.tasks import ReturnTensor
+from mergekit.merge import _model_out_config
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
+from transformers.initialization import no_init_weights
+
+from mergekit_evolve.merge.resident import make_resident
+
+LOG = logging.getLogger(__name__)
+
+
+class _ReturnTensor(ReturnTensor):
+    # mergekit 0.1.5 types this field as the parametrised ``Task[torch.Tensor]``, which pydantic
+    # then tries to instantiate, so ``MergePlanner.plan_in_memory`` raises; a plain ``Task`` works.
+    tensor_task: Task
+
+
+class InMemoryPlanner(MergePlanner):
+    """``MergePlanner`` whose in-memory plan builds (working) ``ReturnTensor`` targets."""
+
+    def plan_in_memory(self) -> list[ReturnTensor]:
+        self._plan()
+        return [
+            _ReturnTensor(weight_info=w, tensor_task=t, dtype=w.force_dtype or self.config.out_dtype)
+            for w, t in self._tensors
+        ]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class InMemoryMerger:
+    """Holds the source tensors and one model per output shape; writes each candidate into it."""
+
+    def __init__(self, options: MergeOptions, allow_pickle: bool = False):
+        self.options = options
+        self.allow_pickle = allow_pickle
+        self.device = options.device or "cpu"
+        on_gpu = torch.device(self.device).type != "cpu"
+        self.storage_device = self.device if on_gpu else "cpu"
+        self._models: dict[str, transformers.PreTrainedModel] = {}
+        self._complete: set[str] = set()
+
+    def _shape_key(self, cfg_out: transformers.PretrainedConfig) -> str:
+        diff = {k: v for k, v in cfg_out.to_diff_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
+        return json.dumps(diff, sort_keys=True, default=str)
+
+    def _dtype(self, config: MergeConfiguration, cfg_out: transformers.PretrainedConfig) -> torch.dtype:
+        name = config.out_dtype or config.dtype
+        if name:
+            return dtype_from_name(name)
+        dtype = getattr(cfg_out, "dtype", None) or getattr(cfg_out, "torch_dtype", None)
+        if isinstance(dtype, str):
+            return dtype_from_name(dtype)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    def resident_model(self, config: MergeConfiguration) -> tuple[transformers.PreTrainedModel, Any, Any]:
+        arch_info = get_architecture_info(config, self.options)
+        cfg_out = _model_out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
+        key = self._shape_key(cfg_out)
+        model = self._models.get(key)
+        if model is None:
+            dtype = self._dtype(config, cfg_out)
+            LOG.info("instantiating the resident model (%s, %s) on %s", cfg_out.model_type, dtype, self.device)
+            with no_init_weights():
+                model = transformers.AutoModelForCausalLM.from_config(
+                    cfg_out, dtype=dtype, trust_remote_code=self.options.trust_remote_code
+                )
+            model = model.to(self.device).eval().requires_grad_(False)
+            self._models[key] = model
+        return model, arch_info, cfg_out
+
+    def materialize(self, config: MergeConfiguration) -> transformers.PreTrainedModel:
+        """Compute ``config``'s merged tensors straight into the resident model and return it."""
+        make_resident(config.referenced_models(), self.options, self.storage_device, self.allow_pickle)
+        model, arch_info, cfg_out = self.resident_model(config)
+        if self.options.random_seed is not None:
+            transformers.trainer_utils.set_seed(self.options.random_seed)  # as run_merge does
+        # The planner normalises the config in place; keep the caller's copy intact.
+        planner = InMemoryPlanner(config.model_copy(deep=True), arch_info, self.options, cfg_out)
+        targets = planner.plan_in_memory()
+        state = model.state_dict(keep_vars=True)
+        written: set[str] = set()
+        executor = Executor(targets, math_device=self.device, storage_device=self.storage_device)
+        with torch.no_grad():
+            for task, value in executor.run(quiet=True):
+                assert isinstance(task, ReturnTensor)
+                name = task.weight_info.name
+                target = state.get(name)
+                if target is None:
+                    target = next((state[a] for a in task.weight_info.aliases or () if a in state), None)
+                if target is None:
+                    if task.weight_info.optional:
+                        continue
+                    raise RuntimeError(f"merged tensor '{name}' has no place in the {cfg_out.model_type} model")
+                if target.shape != value.shape:
+                    raise RuntimeError(f"merged tensor '{name}' has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
+                target.data.copy_(value)
+                written.add(name)
+        key = self._shape_key(cfg_out)
+        if key not in self._complete:
+            missing = [n for n in state if n not in written and not _is_tied_copy(model, n, written)]
+            if missing:
+                raise RuntimeError(f"the merge produced no value for {missing[:5]} (of {len(missing)} missing tensors)")
+            self._complete.add(key)
+        return model
+
+
+def _is_tied_copy(model: transformers.PreTrainedModel, name: str, written: set[str]) -> bool:
+    """A parameter tied to one that was written (e.g. lm_head tied to the embeddings)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(name)
+    return p is not None and any(params.get(w) is p for w in written)

@@ -1,0 +1,262 @@
+"""Read a recipe: a mergekit YAML whose values may be search annotations, plus ``evolve:``."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pydantic
+from mergekit.config import MergeConfiguration
+
+from mergekit_evolve.recipe.annotations import (
+    ChoiceAnnotation,
+    RangeAnnotation,
+    VarAnnotation,
+    is_annotation,
+    parse_annotation,
+)
+from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml, RecipeError, load_located_file
+from mergekit_evolve.space.search_space import Dimension, Placement, SearchSpace
+
+MERGEKIT_KEYS = set(MergeConfiguration.model_fields)
+RECIPE_KEYS = MERGEKIT_KEYS | {"evolve"}
+# Keys whose string values name models; local folders are resolved against the recipe's folder.
+MODEL_KEYS = {"model", "base_model", "tokenizer_source", "source"}
+
+
+@dataclass
+class Recipe:
+    path: Path
+    doc: LocatedYaml
+    template: dict[str, Any]
+    evolve: EvolveSettings | None
+    space: SearchSpace
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def error(self, loc: Loc, message: str) -> RecipeError:
+        return self.doc.error(loc, message)
+
+
+def _walk(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, Any]]:
+    yield loc, value
+    if is_annotation(value):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, loc + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk(v, loc + (i,))
+
+
+def _get(tree: Any, loc: Loc) -> Any:
+    for k in loc:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: Any, loc: Loc, value: Any) -> None:
+    _get(tree, loc[:-1])[loc[-1]] = value
+
+
+def _model_label(template: dict[str, Any], loc: Loc) -> str | None:
+    """A short name for the model entry that ``loc`` belongs to (its folder name when unique)."""
+    for i in range(len(loc) - 1, 0, -1):
+        if isinstance(loc[i], int) and loc[i - 1] in ("models", "sources"):
+            group = _get(template, loc[:i])
+            entry = group[loc[i]]
+            names = [os.path.basename(str(e.get("model", "")).rstrip("/")) for e in group if isinstance(e, dict)]
+            label = names[loc[i]] if isinstance(entry, dict) else ""
+            if not label or names.count(label) > 1:
+                label = f"{loc[i - 1]}[{loc[i]}]"
+            prefix = ".".join(f"{k}[{j}]" for k, j in zip(loc[: i - 1 : 2], loc[1 : i - 1 : 2])) if i > 1 else ""
+            return f"{prefix}.{label}" if prefix else label
+    return None
+
+
+def dimension_name(template: dict[str, Any], loc: Loc) -> str:
+    """A readable, stable name for the value at ``loc`` (as Optuna and the dashboard show it)."""
+    if "parameters" not in loc:
+        return ".".join(str(k) for k in loc)
+    p = loc.index("parameters")
+    owner = _model_label(template, loc[:p]) or ".".join(str(k) for k in loc[:p])
+    param = str(loc[p + 1]) if len(loc) > p + 1 else "parameters"
+    rest = loc[p + 2 :]
+    if rest and isinstance(rest[0], int):
+        entry = _get(template, loc[: p + 3])
+        flt = entry.get("filter") if isinstance(entry, dict) else None
+        param += f"[{flt or '*'}]"
+    return f"{owner}.{param}" if owner else param
+
+
+def _check_placement(doc: LocatedYaml, loc: Loc) -> None:
+    if loc == ("merge_method",) or "parameters" in loc:
+        return
+    if loc and loc[-1] in ("layer_range",) or (len(loc) >= 2 and loc[-2] == "layer_range"):
+        return
+    raise doc.error(
+        loc,
+        "a search annotation can stand for merge_method, a layer_range bound or a value under "
+        f"'parameters', not for '{'.'.join(map(str, loc))}'",
+    )
+
+
+def _resolve_model_paths(template: Any, base_dir: Path) -> None:
+    """Make local model folders absolute so trials merge the same models from any working directory."""
+    for loc, value in list(_walk(template)):
+        if loc and loc[-1] in MODEL_KEYS and isinstance(value, str):
+            path, _, lora = value.partition("+")
+            candidate = base_dir / path
+            if candidate.exists():
+                _set(template, loc, str(candidate.resolve()) + (f"+{lora}" if lora else ""))
+
+
+def build_space(doc: LocatedYaml, template: dict[str, Any]) -> SearchSpace:
+    space = SearchSpace()
+    named: dict[str, tuple[Any, Loc]] = {}
+    pending_vars: list[tuple[Loc, VarAnnotation]] = []
+    for loc, value in list(_walk(template)):
+        if not is_annotation(value):
+            continue
+        _check_placement(doc, loc)
+        try:
+            ann = parse_annotation(value)
+        except pydantic.ValidationError as e:
+            raise doc.error(loc, "bad search annotation: " + "; ".join(err["msg"] for err in e.errors())) from None
+        if isinstance(ann, VarAnnotation):
+            pending_vars.append((loc, ann))
+            continue
+        base = ann.name or dimension_name(template, loc)
+        if ann.name:
+            if ann.name in named:
+                first, first_loc = named[ann.name]
+                if first != ann:
+                    raise doc.error(
+                        loc,
+                        f"'{ann.name}' is defined differently at line {doc.line_of(first_loc)}; "
+                        f"repeat it identically or write {{var: {ann.name}}}",
+                    )
+                space.placements.append(Placement(loc, _placement_dims(space, ann.name), _is_gradient(ann)))
+                continue
+            named[ann.name] = (ann, loc)
+        dims = _add_dimensions(space, doc, loc, base, ann)
+        space.placements.append(Placement(loc, dims, _is_gradient(ann)))
+    for loc, var in pending_vars:
+        if var.var not in named:
+            raise doc.error(loc, f"{{var: {var.var}}} names no annotation; give one annotation 'name: {var.var}'")
+        ann, _ = named[var.var]
+        space.placements.append(Placement(loc, _placement_dims(space, var.var), _is_gradient(ann)))
+    return space
+
+
+def _is_gradient(ann: Any) -> bool:
+    return isinstance(ann, RangeAnnotation) and ann.points > 1
+
+
+def _placement_dims(space: SearchSpace, name: str) -> tuple[str, ...]:
+    if name in space.dimensions:
+        return (name,)
+    return tuple(n for n in space.dimensions if n.startswith(name + "@"))
+
+
+def _add_dimensions(space: SearchSpace, doc: LocatedYaml, loc: Loc, base: str, ann: Any) -> tuple[str, ...]:
+    if isinstance(ann, ChoiceAnnotation):
+        dims = [Dimension(base, "categorical", choices=tuple(ann.choice), init=ann.init)]
+    else:
+        inits = ann.init_values() or [None] * ann.points
+        names = [base] if ann.points == 1 else [f"{base}@{k}" for k in range(ann.points)]
+        cast = int if ann.type == "int" else float
+        dims = [
+            Dimension(
+                n, ann.type, low=cast(ann.search[0]), high=cast(ann.search[1]), log=ann.log, step=ann.step,
+                init=None if i is None else cast(i),
+            )
+            for n, i in zip(names, inits)
+        ]
+    for d in dims:
+        if d.name in space.dimensions:
+            raise doc.error(loc, f"two annotations both make a dimension named '{d.name}'; give one a 'name:'")
+        space.dimensions[d.name] = d
+    return tuple(d.name for d in dims)
+
+
+def fill(template: dict[str, Any], space: SearchSpace, point: dict[str, Any]) -> dict[str, Any]:
+    """The template with every annotation replaced by its value at ``point``."""
+    out = copy.deepcopy(template)
+    for pl in space.placements:
+        values = [point[d] for d in pl.dims]
+        _set(out, pl.loc, values if pl.gradient else values[0])
+    return out
+
+
+def validate_config(doc: LocatedYaml, data: dict[str, Any]) -> MergeConfiguration:
+    """Let mergekit validate ``data``; map its complaints to recipe lines."""
+    try:
+        return MergeConfiguration.model_validate(data)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(k for k in err["loc"] if not (isinstance(k, str) and k[:1].isupper() or "[" in str(k)))
+        raise doc.error(loc, f"mergekit rejects '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
+    except RuntimeError as e:  # mergekit's model validators raise plain RuntimeErrors
+        raise doc.error((), f"mergekit rejects the config: {e}") from None
+
+
+def _check_methods(doc: LocatedYaml, template: dict[str, Any], space: SearchSpace) -> None:
+    from mergekit import merge_methods
+
+    known = {m.spec.name: m for m in merge_methods.registered_methods()}
+    method = template.get("merge_method")
+    if method is None:
+        raise doc.error((), "the recipe names no merge_method")
+    candidates = space.dimensions["merge_method"].choices if is_annotation(method) else (method,)
+    for name in candidates:
+        if name not in known:
+            raise doc.error(("merge_method",), f"unknown merge method '{name}'; mergekit knows: {', '.join(sorted(known))}")
+    accepted = {p.name for name in candidates for p in known[name].spec.parameters}
+    for loc, _ in _walk(template):
+        if len(loc) >= 2 and loc[-2] == "parameters" and loc[-1] not in accepted:
+            raise doc.error(
+                loc,
+                f"merge method {'/'.join(candidates)} takes no parameter '{loc[-1]}' "
+                f"(it takes: {', '.join(sorted(accepted)) or 'none'})",
+            )
+
+
+def parse_recipe(doc: LocatedYaml, path: Path) -> Recipe:
+    if not isinstance(doc.data, dict):
+        raise doc.error((), "a recipe is a YAML mapping (a mergekit config plus an optional 'evolve:' section)")
+    for key in doc.data:
+        if key not in RECIPE_KEYS:
+            raise doc.error((key,), f"unknown key '{key}'; a recipe has mergekit's keys ({', '.join(sorted(MERGEKIT_KEYS))}) and 'evolve'")
+    template = {k: v for k, v in doc.data.items() if k != "evolve"}
+    evolve = None
+    if "evolve" in doc.data:
+        try:
+            evolve = EvolveSettings.model_validate(doc.data["evolve"])
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            loc = ("evolve",) + tuple(err["loc"])
+            raise doc.error(loc, f"evolve.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    space = build_space(doc, template)
+    _check_methods(doc, template, space)
+    _resolve_model_paths(template, path.parent)
+    validate_config(doc, fill(template, space, space.default_point()))
+    if space and evolve is None:
+        raise doc.error((), "the recipe has search annotations but no 'evolve:' section with objectives")
+    return Recipe(path=path, doc=doc, template=template, evolve=evolve, space=space)
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    p = Path(path)
+    return parse_recipe(load_located_file(p), p.resolve())

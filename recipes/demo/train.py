@@ -1,0 +1,374 @@
+"""Build the offline demo: a tiny character-level Llama base, one expert per skill, eval data.
+
+Run ``python recipes/demo/train.py`` (optionally ``--out DIR``). Everything is generated from
+fixed seeds on the CPU, so two runs with the same thread count give identical weights.
+
+Layout written under ``--out`` (default: this file's folder)::
+
+    models/base, models/copy, models/reverse, models/sort   # Hugging Face folders
+    data/<skill>_search.jsonl, data/<skill>_heldout.jsonl   # {"prompt": ..., "answer": ...}
+
+Why it is built this way (see the project's notes on tiny CPU models): the base is trained
+briefly on the *mixture* of all skills, so it knows the prompt format and is weak at each;
+each expert is fine-tuned from that base at a small learning rate with replay of the mixture,
+so the task vectors stay small and do not fight. Task arithmetic over the experts then beats
+every single model, which is what the evolutionary search is meant to discover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+log = logging.getLogger("demo.train")
+
+HERE = Path(__file__).resolve().parent
+
+# Special tokens first so their ids are stable: pad=0, bos=1, eos=2, unk=3.
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIALS = [PAD, BOS, EOS, UNK]
+# Digits, lowercase letters, and the few symbols the prompts use; the letters are there so the
+# tokenizer can be reused for new tags without changing the embedding size.
+CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz:=,. ")
+MAX_POSITIONS = 32  # longest sequence is bos + "srt:" + 7 + "=" + 7 + eos = 21 tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Skills
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Skill:
+    name: str
+    tag: str
+    fn: Callable[[str], str]
+
+    def prompt(self, digits: str) -> str:
+        return f"{self.tag}:{digits}="
+
+    def item(self, digits: str) -> dict[str, str]:
+        return {"prompt": self.prompt(digits), "answer": self.fn(digits)}
+
+
+SKILLS: list[Skill] = [
+    Skill("copy", "cpy", lambda s: s),
+    Skill("reverse", "rev", lambda s: s[::-1]),
+    Skill("sort", "srt", lambda s: "".join(sorted(s))),
+]
+
+
+@dataclass
+class Settings:
+    """Training settings. The defaults are the ones that made task arithmetic win (see README)."""
+
+    seed: int = 1234
+    threads: int = 2
+    min_len: int = 4
+    max_len: int = 7
+    # model
+    hidden: int = 128
+    intermediate: int = 384
+    layers: int = 4
+    heads: int = 4
+    # base: short run on the mixture so it is weak at every skill
+    base_steps: int = 500
+    base_lr: float = 1e-3
+    # experts: small lr and replay of the mixture keep the task vectors small and compatible
+    expert_steps: int = 300
+    expert_lr: float = 3e-4
+    replay: float = 0.5
+    batch: int = 64
+    n_search: int = 80
+    n_heldout: int = 200
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level WordLevel tokenizer that prepends <s> like Llama's (lm-eval relies on it)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # Every character is its own pre-token, so the WordLevel lookup is per character.
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Fuse joins tokens without the spaces WordLevel decoding would insert.
+    tk.decoder = decoders.Fuse()
+    # The models are trained with a leading <s>; lm-eval's HFLM encodes with the tokenizer's
+    # default add_special_tokens=True, so this template makes eval match training.
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def random_digits(rng: random.Random, cfg: Settings) -> str:
+    n = rng.randint(cfg.min_len, cfg.max_len)
+    return "".join(rng.choice("0123456789") for _ in range(n))
+
+
+def make_eval_sets(cfg: Settings) -> tuple[dict[str, dict[str, list[dict[str, str]]]], set[str]]:
+    """Search and held-out items per skill; returns them and every digit string they use.
+
+    Digit strings are unique across all eval sets and skills, and training never uses them,
+    so held-out scores measure the skill, not memorisation.
+    """
+    rng = random.Random(cfg.seed + 1)
+    used: set[str] = set()
+    sets: dict[str, dict[str, list[dict[str, str]]]] = {}
+    for skill in SKILLS:
+        sets[skill.name] = {}
+        for split, n in (("search", cfg.n_search), ("heldout", cfg.n_heldout)):
+            items: list[dict[str, str]] = []
+            while len(items) < n:
+                digits = random_digits(rng, cfg)
+                if digits in used:
+                    continue
+                used.add(digits)
+                items.append(skill.item(digits))
+            sets[skill.name][split] = items
+    return sets, used
+
+
+def encode_example(tok: PreTrainedTokenizerFast, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of <s> prompt answer </s>, and where the answer starts."""
+    p = tok(prompt).input_ids  # includes <s>
+    a = tok(answer, add_special_tokens=False).input_ids
+    return p + a + [tok.eos_token_id], len(p)
+
+
+def make_batches(
+    tok: PreTrainedTokenizerFast,
+    cfg: Settings,
+    steps: int,
+    seed: int,
+    reserved: set[str],
+    focus: Skill | None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Pre-built batches (ids, attention mask, labels). Loss is on answer + eos only.
+
+    With ``focus`` set, a ``1 - replay`` share of each batch is that skill and the rest is the
+    uniform mixture (replay), which keeps the expert close to the base on the other skills.
+    """
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(steps):
+        seqs: list[list[int]] = []
+        starts: list[int] = []
+        for _ in range(cfg.batch):
+            if focus is not None and rng.random() >= cfg.replay:
+                skill = focus
+            else:
+                skill = rng.choice(SKILLS)
+            digits = random_digits(rng, cfg)
+            while digits in reserved:
+                digits = random_digits(rng, cfg)
+            item = skill.item(digits)
+            ids, start = encode_example(tok, item["prompt"], item["answer"])
+            seqs.append(ids)
+            starts.append(start)
+        width = max(len(s) for s in seqs)
+        ids_t = torch.full((cfg.batch, width), tok.pad_token_id, dtype=torch.long)
+        mask_t = torch.zeros((cfg.batch, width), dtype=torch.long)
+        labels_t = torch.full((cfg.batch, width), -100, dtype=torch.long)
+        for i, (s, st) in enumerate(zip(seqs, starts)):
+            ids_t[i, : len(s)] = torch.tensor(s)
+            mask_t[i, : len(s)] = 1
+            labels_t[i, st : len(s)] = torch.tensor(s[st:])
+        batches.append((ids_t, mask_t, labels_t))
+    return batches
+
+
+def write_jsonl(path: Path, items: Iterable[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Model and training
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(tok: PreTrainedTokenizerFast, cfg: Settings) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=MAX_POSITIONS,
+        # Untied so mergekit treats lm_head as an ordinary tensor to merge.
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config).to(torch.float32)
+
+
+def train(
+    model: LlamaForCausalLM,
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    lr: float,
+    label: str,
+) -> None:
+    """AdamW with a short warmup and cosine decay to 10% of ``lr``."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    steps = len(batches)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    for step, (ids, mask, labels) in enumerate(batches):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %.4f", label, step + 1, steps, loss.item())
+    model.eval()
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, items: list[dict[str, str]]
+) -> float:
+    """Share of items whose answer is the greedy continuation (same as lm-eval's ``acc``)."""
+    seqs, starts, ends = [], [], []
+    for item in items:
+        p = tok(item["prompt"]).input_ids
+        a = tok(item["answer"], add_special_tokens=False).input_ids
+        seqs.append(p + a)
+        starts.append(len(p))
+        ends.append(len(p) + len(a))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    hits = 0
+    for i in range(len(seqs)):
+        # logits at position t predict token t + 1
+        hits += bool(torch.equal(pred[i, starts[i] - 1 : ends[i] - 1], ids[i, starts[i] : ends[i]]))
+    return hits / len(seqs)
+
+
+def save_model(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_new_tokens=10,
+        do_sample=False,
+    )
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def setup_determinism(cfg: Settings) -> None:
+    # Fixed thread count: CPU reductions are only bit-reproducible for a given thread count.
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def run(out: Path, cfg: Settings) -> dict[str, dict[str, float]]:
+    """Train everything, write models and data under ``out``; return held-out accuracies."""
+    t0 = time.perf_counter()
+    setup_determinism(cfg)
+    tok = build_tokenizer()
+
+    eval_sets, reserved = make_eval_sets(cfg)
+    for skill, splits in eval_sets.items():
+        for split, items in splits.items():
+            write_jsonl(out / "data" / f"{skill}_{split}.jsonl", items)
+
+    model = build_model(tok, cfg)
+    log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    base_batches = make_batches(tok, cfg, cfg.base_steps, cfg.seed + 10, reserved, focus=None)
+    train(model, base_batches, cfg.base_lr, "base")
+    save_model(model, tok, out / "models" / "base")
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    models_acc: dict[str, dict[str, float]] = {}
+
+    def report(name: str, m: LlamaForCausalLM) -> None:
+        acc = {s.name: greedy_accuracy(m, tok, eval_sets[s.name]["heldout"]) for s in SKILLS}
+        acc["mean"] = sum(acc.values()) / len(SKILLS)
+        models_acc[name] = acc
+        log.info("%s held-out acc: %s", name, {k: round(v, 3) for k, v in acc.items()})
+
+    report("base", model)
+    for i, skill in enumerate(SKILLS):
+        model.load_state_dict(base_state)
+        batches = make_batches(
+            tok, cfg, cfg.expert_steps, cfg.seed + 100 + i, reserved, focus=skill
+        )
+        train(model, batches, cfg.expert_lr, skill.name)
+        save_model(model, tok, out / "models" / skill.name)
+        report(skill.name, model)
+    log.info("done in %.1f s", time.perf_counter() - t0)
+    return models_acc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: here)")
+    parser.add_argument("--threads", type=int, default=Settings.threads)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Never reach for the Hub: everything here is local.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run(args.out, Settings(threads=args.threads))
+
+
+if __name__ == "__main__":
+    main()

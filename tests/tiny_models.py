@@ -1,0 +1,60 @@
+"""Tiny random model families built on the fly: a base and fine-tune-like variants of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+VOCAB = ["<pad>", "<unk>", "<s>", "</s>"] + list("abcdefghijklmnopqrstuvwxyz0123456789 :=")
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+}
+
+
+def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_family(root: Path, arch: str = "llama", variants: int = 2, seed: int = 0) -> list[Path]:
+    """``root/base`` plus ``root/v1..vN``: the base with different random task vectors."""
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    tok = char_tokenizer()
+    paths = []
+    for i in range(variants + 1):
+        name = "base" if i == 0 else f"v{i}"
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(base.state_dict())
+        if i:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        out = root / name
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        paths.append(out)
+    return paths
