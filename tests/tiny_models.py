@@ -58,3 +58,26 @@ def make_family(root: Path, arch: str = "llama", variants: int = 2, seed: int = 
         tok.save_pretrained(out)
         paths.append(out)
     return paths
+
+
+def write_copy_task(folder: Path, n_search: int = 16, n_heldout: int = 16) -> Path:
+    """A local lm-eval task pair (``tiny_copy`` / ``tiny_copy_heldout``) with its data in ``folder/data``."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    (folder / "tasks").mkdir(parents=True, exist_ok=True)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for split, n in (("search", n_search), ("heldout", n_heldout)):
+        with open(folder / "data" / f"copy_{split}.jsonl", "w") as fp:
+            for _ in range(n):
+                s = "".join(rng.choice("abcdef") for _ in range(4))
+                fp.write(json.dumps({"prompt": f"cp:{s}=", "answer": s}) + "\n")
+        name = "tiny_copy" if split == "search" else "tiny_copy_heldout"
+        (folder / "tasks" / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/copy_{split}.jsonl\n"
+            "test_split: test\noutput_type: loglikelihood\ndoc_to_text: \"{{prompt}}\"\ndoc_to_target: \"{{answer}}\"\n"
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        )
+    return folder / "tasks"

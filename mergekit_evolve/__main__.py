@@ -1,0 +1,3 @@
+from mergekit_evolve.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""After the search: the winner on disk as a Hugging Face model, the report, the history plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+from mergekit_evolve.evaluate.lm_eval_suite import Scores
+from mergekit_evolve.recipe.load import Recipe
+from mergekit_evolve.study.worker import Worker, source_config
+
+LOG = logging.getLogger(__name__)
+
+BEST_DIR = "best"
+REPORT_FILE = "report.json"
+HISTORY_PLOT = "plots/history.png"
+
+
+def winner_config(trial: optuna.trial.FrozenTrial) -> MergeConfiguration:
+    return MergeConfiguration.model_validate(yaml.safe_load(trial.user_attrs["config"]))
+
+
+def write_best(run_dir: Path, recipe: Recipe, config: MergeConfiguration, options: MergeOptions) -> Path:
+    """A plain mergekit merge of the winning config, written beside and then swapped in for ``best/``."""
+    staging = run_dir / (BEST_DIR + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    run_merge(config, str(staging), options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}))
+    shutil.copyfile(recipe.path, staging / "recipe.yml")
+    best = run_dir / BEST_DIR
+    if best.exists():
+        shutil.rmtree(best)
+    staging.rename(best)
+    return best
+
+
+def source_scores(study: optuna.Study, worker: Worker, dtype: str | None) -> dict[str, dict[str, Any]]:
+    """Every source model on both splits; cached in the study so a resumed run does not rescore them."""
+    cached = study.user_attrs.get("source_scores", {})
+    out: dict[str, dict[str, Any]] = {}
+    for model in worker.sources:
+        name = str(model)
+        if name not in cached:
+            config = source_config(model, dtype)
+            search, heldout = worker.score_config(config, "search"), worker.score_config(config, "heldout")
+            cached[name] = _summary(search, heldout, worker)
+            study.set_user_attr("source_scores", cached)
+        out[name] = cached[name]
+    return out
+
+
+def _summary(search: Scores, heldout: Scores, worker: Worker) -> dict[str, Any]:
+    return {
+        "search": search.weighted(worker.objectives),
+        "heldout": heldout.weighted(worker.objectives),
+        "per_objective": {"search": search.values, "heldout": heldout.values},
+    }
+
+
+def write_report(run_dir: Path, study: optuna.Study, worker: Worker) -> dict[str, Any]:
+    best = study.best_trial
+    config = winner_config(best)
+    winner = _summary(worker.score_config(config, "search"), worker.score_config(config, "heldout"), worker)
+    report = {
+        "objective": " + ".join(f"{o.weight:g}*{o.name}" for o in worker.objectives),
+        "winner": {**winner, "trial": best.number, "point": best.params},
+        "sources": source_scores(study, worker, config.dtype),
+        "trials": len(study.trials),
+        "study": study.study_name,
+    }
+    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def plot_history(run_dir: Path, study: optuna.Study) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    out = run_dir / HISTORY_PLOT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ax = plot_optimization_history(study, target_name="weighted objective (search split)")
+    ax.figure.set_size_inches(8, 4.5)
+    ax.figure.tight_layout()
+    ax.figure.savefig(out, dpi=110)
+    plt.close(ax.figure)
+    return out

@@ -1,0 +1,111 @@
+"""One process's resident state: source tensors, the resident model, the lm-eval tasks.
+
+Built once; every trial then only merges into the resident model and scores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import optuna
+import torch
+import transformers
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+
+from mergekit_evolve.compile import compile_point, config_digest
+from mergekit_evolve.evaluate.lm_eval_suite import Evaluator, Scores, Split, TaskSuite
+from mergekit_evolve.merge.engine import InMemoryMerger, resolve_device
+from mergekit_evolve.merge.resident import local_folder, make_resident
+from mergekit_evolve.recipe.load import Recipe
+from mergekit_evolve.space.suggest import suggest_point
+
+LOG = logging.getLogger(__name__)
+
+
+def merge_options(recipe: Recipe, device: str | None = None, trust_remote_code: bool = False) -> MergeOptions:
+    settings = recipe.evolve
+    dev = resolve_device(device or (settings.device if settings else "auto"))
+    return MergeOptions(
+        device=dev,
+        random_seed=settings.seed if settings else None,
+        trust_remote_code=trust_remote_code,
+        quiet=True,
+    )
+
+
+def source_models(recipe: Recipe) -> list[ModelReference]:
+    """Every model the recipe merges, base first, in recipe order."""
+    config = compile_point(recipe, recipe.space.default_point())
+    ordered: list[ModelReference] = [config.base_model] if config.base_model else []
+    for m in config.referenced_models():
+        if m not in ordered:
+            ordered.append(m)
+    return ordered
+
+
+def source_config(model: ModelReference, dtype: str | None) -> MergeConfiguration:
+    """A config whose merge is ``model`` itself, to score a source through the same path."""
+    return MergeConfiguration(merge_method="passthrough", models=[{"model": model}], dtype=dtype)
+
+
+class Worker:
+    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False):
+        assert recipe.evolve is not None
+        self.recipe = recipe
+        self.objectives = recipe.evolve.objectives
+        self.merger = InMemoryMerger(options, allow_pickle=allow_pickle)
+        self.sources = source_models(recipe)
+        make_resident(self.sources, options, self.merger.storage_device, allow_pickle)
+        self.suite = TaskSuite(recipe.evolve, recipe.base_dir)
+        default = compile_point(recipe, recipe.space.default_point())
+        donor = default.base_model or default.referenced_models()[0]
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            local_folder(donor, options), trust_remote_code=options.trust_remote_code
+        )
+        self.evaluator = Evaluator(self.suite, self.tokenizer)
+        self.known: dict[str, tuple[int, float, dict[str, float]]] = {}
+
+    def score_config(self, config: MergeConfiguration, split: Split) -> Scores:
+        return self.evaluator.score(self.merger.materialize(config), split)
+
+    def remember(self, study: optuna.Study) -> None:
+        """Index completed trials by config digest so an identical candidate is not scored twice."""
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            digest = t.user_attrs.get("config_digest")
+            if digest and digest not in self.known:
+                self.known[digest] = (t.number, t.value, t.user_attrs.get("scores", {}))
+
+    def objective(self, trial: optuna.Trial) -> float:
+        try:
+            point = suggest_point(trial, self.recipe.space)
+            config = compile_point(self.recipe, point)
+            digest = config_digest(config)
+            trial.set_user_attr("config", config.to_yaml())
+            trial.set_user_attr("config_digest", digest)
+            if digest in self.known:
+                number, value, scores = self.known[digest]
+                trial.set_user_attr("reused_from", number)
+                trial.set_user_attr("scores", scores)
+                return value
+            t0 = time.perf_counter()
+            model = self.merger.materialize(config)
+            t1 = time.perf_counter()
+            scores = self.evaluator.score(model, "search")
+            t2 = time.perf_counter()
+            value = scores.weighted(self.objectives)
+            trial.set_user_attr("scores", scores.values)
+            trial.set_user_attr("seconds", {"merge": round(t1 - t0, 4), "evaluate": round(t2 - t1, 4)})
+            self.known[digest] = (trial.number, value, scores.values)
+            return value
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+
+    def describe_point(self, point: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
