@@ -51,6 +51,10 @@ class ResidentTensors(LazyTensorLoader):
 
 def local_folder(model: ModelReference, options: MergeOptions) -> str:
     """The model's folder on disk (the Hub cache for hub ids), or a clear error."""
+    raw = model.model.path
+    if os.path.isabs(raw) or raw.startswith(".") or raw.count("/") > 1:
+        if not os.path.isdir(raw):
+            raise ModelNotFoundError(f"model '{model}' not found: there is no folder {raw}")
     try:
         path = model.merged(
             cache_dir=options.lora_merge_cache,
@@ -59,7 +63,7 @@ def local_folder(model: ModelReference, options: MergeOptions) -> str:
         ).local_path(cache_dir=options.transformers_cache)
     except Exception as e:  # hub lookups raise many types; all mean "not available"
         raise ModelNotFoundError(
-            f"model '{model}' is neither a local folder nor available from the Hugging Face cache/Hub ({e})"
+            f"model '{model}' not found: it is no local folder and the Hugging Face Hub/cache did not provide it ({e})"
         ) from None
     if not os.path.isdir(path):
         raise ModelNotFoundError(f"model '{model}': no folder at {path}")

@@ -20,10 +20,11 @@ from mergekit_evolve.recipe.annotations import (
 )
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml, RecipeError, load_located_file
+from mergekit_evolve.space import routing
 from mergekit_evolve.space.search_space import Dimension, Placement, SearchSpace
 
 MERGEKIT_KEYS = set(MergeConfiguration.model_fields)
-RECIPE_KEYS = MERGEKIT_KEYS | {"evolve"}
+RECIPE_KEYS = MERGEKIT_KEYS | {"evolve", routing.KEY}
 # Keys whose string values name models; local folders are resolved against the recipe's folder.
 MODEL_KEYS = {"model", "base_model", "tokenizer_source", "source"}
 
@@ -112,18 +113,26 @@ def _check_placement(doc: LocatedYaml, loc: Loc) -> None:
     )
 
 
+def resolve_model_path(value: str, base_dir: Path) -> str:
+    """A local model folder made absolute (a ``+lora`` suffix kept); anything else unchanged."""
+    path, _, lora = value.partition("+")
+    candidate = base_dir / path
+    return str(candidate.resolve()) + (f"+{lora}" if lora else "") if candidate.exists() else value
+
+
 def _resolve_model_paths(template: Any, base_dir: Path) -> None:
     """Make local model folders absolute so trials merge the same models from any working directory."""
     for loc, value in list(_walk(template)):
         if loc and loc[-1] in MODEL_KEYS and isinstance(value, str):
-            path, _, lora = value.partition("+")
-            candidate = base_dir / path
-            if candidate.exists():
-                _set(template, loc, str(candidate.resolve()) + (f"+{lora}" if lora else ""))
+            _set(template, loc, resolve_model_path(value, base_dir))
 
 
-def build_space(doc: LocatedYaml, template: dict[str, Any]) -> SearchSpace:
+def build_space(doc: LocatedYaml, template: dict[str, Any], base_dir: Path | None = None) -> SearchSpace:
     space = SearchSpace()
+    if routing.KEY in template:
+        # validated in place (absolute paths, every layer count), so ``fill`` needs no files
+        block = routing.prepare_routing(doc, template, lambda m: resolve_model_path(m, base_dir or Path.cwd()))
+        routing.add_dimensions(space, block)
     named: dict[str, tuple[Any, Loc]] = {}
     pending_vars: list[tuple[Loc, VarAnnotation]] = []
     for loc, value in list(_walk(template)):
@@ -197,7 +206,7 @@ def fill(template: dict[str, Any], space: SearchSpace, point: dict[str, Any]) ->
     for pl in space.placements:
         values = [point[d] for d in pl.dims]
         _set(out, pl.loc, values if pl.gradient else values[0])
-    return out
+    return routing.routed_config(out, point) if routing.KEY in out else out
 
 
 def validate_config(doc: LocatedYaml, data: dict[str, Any]) -> MergeConfiguration:
@@ -221,7 +230,7 @@ def _check_methods(doc: LocatedYaml, template: dict[str, Any], space: SearchSpac
         raise doc.error((), "the recipe names no merge_method")
     candidates = space.dimensions["merge_method"].choices if is_annotation(method) else (method,)
     for name in candidates:
-        if name not in known:
+        if not isinstance(name, str) or name not in known:
             raise doc.error(("merge_method",), f"unknown merge method '{name}'; mergekit knows: {', '.join(sorted(known))}")
     accepted = {p.name for name in candidates for p in known[name].spec.parameters}
     for loc, _ in _walk(template):
@@ -238,7 +247,7 @@ def parse_recipe(doc: LocatedYaml, path: Path) -> Recipe:
         raise doc.error((), "a recipe is a YAML mapping (a mergekit config plus an optional 'evolve:' section)")
     for key in doc.data:
         if key not in RECIPE_KEYS:
-            raise doc.error((key,), f"unknown key '{key}'; a recipe has mergekit's keys ({', '.join(sorted(MERGEKIT_KEYS))}) and 'evolve'")
+            raise doc.error((key,), f"unknown key '{key}'; a recipe has mergekit's keys ({', '.join(sorted(MERGEKIT_KEYS))}), 'evolve' and 'routing'")
     template = {k: v for k, v in doc.data.items() if k != "evolve"}
     evolve = None
     if "evolve" in doc.data:
@@ -248,7 +257,7 @@ def parse_recipe(doc: LocatedYaml, path: Path) -> Recipe:
             err = e.errors()[0]
             loc = ("evolve",) + tuple(err["loc"])
             raise doc.error(loc, f"evolve.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    space = build_space(doc, template)
+    space = build_space(doc, template, path.parent)
     _check_methods(doc, template, space)
     _resolve_model_paths(template, path.parent)
     validate_config(doc, fill(template, space, space.default_point()))

@@ -47,14 +47,15 @@ class LocatedYaml:
 
 def _construct(node: yaml.Node, loc: Loc, lines: dict[Loc, int], loader: yaml.SafeLoader) -> Any:
     lines[loc] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
+    if isinstance(node, yaml.MappingNode) and node.tag == "tag:yaml.org,2002:map":
         loader.flatten_mapping(node)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             out[key] = _construct(value_node, loc + (key,), lines, loader)
+            lines[loc + (key,)] = key_node.start_mark.line + 1  # errors point at the key, not its value
         return out
-    if isinstance(node, yaml.SequenceNode):
+    if isinstance(node, yaml.SequenceNode) and node.tag == "tag:yaml.org,2002:seq":
         return [_construct(v, loc + (i,), lines, loader) for i, v in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
@@ -68,7 +69,7 @@ def load_located(text: str, source: str) -> LocatedYaml:
             raise RecipeError("the file is empty", source)
         lines: dict[Loc, int] = {}
         data = _construct(node, (), lines, loader)
-    except yaml.MarkedYAMLError as e:
+    except yaml.MarkedYAMLError as e:  # includes the safe loader refusing python/* tags
         line = e.problem_mark.line + 1 if e.problem_mark else None
         raise RecipeError(f"not valid YAML: {e.problem}", source, line) from None
     finally:

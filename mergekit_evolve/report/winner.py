@@ -34,7 +34,11 @@ def write_best(run_dir: Path, recipe: Recipe, config: MergeConfiguration, option
     staging = run_dir / (BEST_DIR + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
-    run_merge(config, str(staging), options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}))
+    # run_merge normalises the config it is given in place; keep ours (and its YAML) as the user wrote it
+    run_merge(
+        config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
+        options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}),
+    )
     shutil.copyfile(recipe.path, staging / "recipe.yml")
     best = run_dir / BEST_DIR
     if best.exists():

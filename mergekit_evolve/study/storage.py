@@ -26,5 +26,5 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         url,
         heartbeat_interval=HEARTBEAT_SECONDS,
         grace_period=GRACE_SECONDS,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
     )

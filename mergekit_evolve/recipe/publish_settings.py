@@ -1,0 +1,39 @@
+"""The optional ``publish:`` section of a recipe: where the winner goes on the Hugging Face Hub."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def check_repo_id(value: str) -> str:
+    """``owner/name`` as the Hub accepts it; a bare name would land in whichever account the token belongs to."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if value.count("/") != 1:
+        raise ValueError(f"'{value}' is not of the form owner/name")
+    try:
+        validate_repo_id(value)
+    except HFValidationError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
+class PublishSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str | None = Field(default=None, description="model repo owner/name; when set, the run pushes its winner there at the end")
+    space: str | None = Field(default=None, description="Gradio demo Space owner/name, created or updated beside the model")
+    private: bool = Field(default=False, description="create the repos private (an existing repo keeps its visibility)")
+    license: str | None = Field(default=None, description="license id for the model card's front matter, e.g. apache-2.0")
+
+    @field_validator("repo", "space")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
+
+    @model_validator(mode="after")
+    def _space_needs_repo(self) -> "PublishSettings":
+        if self.space and not self.repo:
+            raise ValueError("'space' needs 'repo': the Space serves the model pushed there")
+        return self

@@ -1,0 +1,167 @@
+"""The evolve loop end to end on tiny models: study, resume, failures, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from mergekit_evolve.cli import cli
+from tiny_models import write_copy_task
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("ws")
+    write_copy_task(root)
+    return root
+
+
+def recipe(workspace, tiny_llama, *, trials=3, sampler="random", extra_model="", end=None, task="tiny_copy", name="r"):
+    base, v1, v2 = tiny_llama
+    layer_end = end or 4
+    text = textwrap.dedent(f"""
+        merge_method: task_arithmetic
+        base_model: {base}
+        slices:
+          - sources:
+              - {{model: {base}, layer_range: [0, {layer_end}]}}
+              - model: {v1}
+                layer_range: [0, {layer_end}]
+                parameters: {{weight: {{search: [0.0, 1.0]}}}}
+              - model: {v2}{extra_model}
+                layer_range: [0, {layer_end}]
+                parameters: {{weight: {{search: [0.0, 1.0], points: 2}}}}
+        dtype: float32
+        evolve:
+          sampler: {sampler}
+          trials: {trials}
+          seed: 3
+          objectives:
+            - {{task: {task}, metric: "acc,none", heldout_task: tiny_copy_heldout}}
+          task_paths: [tasks]
+        """).lstrip()
+    path = workspace / f"{name}.yml"
+    path.write_text(text)
+    return path
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args] + ["--no-progress"], catch_exceptions=False)
+
+
+def load_study(run_dir, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+@pytest.mark.slow
+def test_run_writes_a_complete_run_folder(workspace, tiny_llama):
+    path = recipe(workspace, tiny_llama, trials=3, sampler="tpe", name="full")
+    run_dir = workspace / "runs" / "full"
+    result = run_cli(path, "-o", run_dir)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert [x["state"] for x in lines] == ["COMPLETE"] * 3
+    assert all(x["config"].startswith("base_model:") and x["seconds"]["merge"] > 0 for x in lines)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["sources"]) == {str(p) for p in tiny_llama}
+    for row in [report["winner"], *report["sources"].values()]:
+        assert 0.0 <= row["search"] <= 1.0 and 0.0 <= row["heldout"] <= 1.0
+    assert (run_dir / "plots" / "history.png").stat().st_size > 1000
+    best = run_dir / "best"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "mergekit_config.yml", "recipe.yml", "README.md"):
+        assert (best / name).exists(), name
+    # best/ loads with plain transformers and holds the winner's weights (report's winner trial)
+    study = load_study(run_dir, "full")
+    assert study.best_trial.number == report["winner"]["trial"]
+    model = AutoModelForCausalLM.from_pretrained(best)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (best / "mergekit_config.yml").read_text().strip() == study.best_trial.user_attrs["config"].strip()
+
+
+@pytest.mark.slow
+def test_interrupt_then_resume_keeps_finished_trials(workspace, tiny_llama):
+    path = recipe(workspace, tiny_llama, trials=40, name="resume")
+    run_dir = workspace / "runs" / "resume"
+    cmd = [sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        f = run_dir / "trials.jsonl"
+        if f.exists() and len(f.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode()
+    assert b"resume" in out
+    before = {t.number: t.params for t in load_study(run_dir, "resume").trials if t.state.name == "COMPLETE"}
+    assert len(before) >= 3
+
+    result = run_cli(path, "-o", run_dir, "--trials", len(before) + 2)
+    assert result.exit_code == 0, result.output
+    after = load_study(run_dir, "resume").trials
+    complete = {t.number: t.params for t in after if t.state.name == "COMPLETE"}
+    assert len(complete) == len(before) + 2
+    assert all(complete[n] == p for n, p in before.items())  # kept, not repeated
+    lines = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert len({x["number"] for x in lines}) == len(lines)  # each trial once
+
+
+@pytest.mark.slow
+def test_failing_candidates_become_failed_trials(workspace, tiny_llama):
+    # layer_range ends above 4 do not exist in the 4-layer models: those candidates fail in mergekit
+    path = recipe(workspace, tiny_llama, trials=4, name="fails", end="{search: [2, 7], type: int, name: end}")
+    text = path.read_text().replace("layer_range: [0, {search: [2, 7], type: int, name: end}]", "layer_range: [0, {var: end}]")
+    text = text.replace("{model: " + str(tiny_llama[0]) + ", layer_range: [0, {var: end}]}",
+                        "{model: " + str(tiny_llama[0]) + ", layer_range: [0, {search: [2, 7], type: int, name: end}]}")
+    path.write_text(text)
+    run_dir = workspace / "runs" / "fails"
+    result = run_cli(path, "-o", run_dir)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
+    failed = [x for x in lines if x["state"] == "FAIL"]
+    assert failed and all(x["point"]["end"] > 4 and x["error"] for x in failed)
+    assert sum(x["state"] == "COMPLETE" for x in lines) == 4
+
+
+def test_missing_model_stops_before_search(workspace, tiny_llama):
+    path = recipe(workspace, tiny_llama, name="missing")
+    path.write_text(path.read_text().replace(str(tiny_llama[2]), str(workspace / "no-such-model")))
+    run_dir = workspace / "runs" / "missing"
+    result = run_cli(path, "-o", run_dir)
+    assert result.exit_code == 1
+    assert "no-such-model" in result.output and "not found" in result.output
+    assert not run_dir.exists()
+
+
+def test_unknown_task_stops_before_search(workspace, tiny_llama):
+    path = recipe(workspace, tiny_llama, task="no_such_task", name="notask")
+    result = run_cli(path, "-o", workspace / "runs" / "notask")
+    assert result.exit_code == 1
+    assert "no_such_task" in result.output
+    assert not (workspace / "runs" / "notask").exists()
+
+
+def test_other_runs_folder_is_not_overwritten(workspace, tiny_llama):
+    run_dir = workspace / "runs" / "taken"
+    run_dir.mkdir(parents=True)
+    (run_dir / "precious.txt").write_text("keep me")
+    result = run_cli(recipe(workspace, tiny_llama, name="taken"), "-o", run_dir)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert (run_dir / "precious.txt").read_text() == "keep me"
+
+
+def test_unwritable_run_folder(workspace, tiny_llama):
+    blocker = workspace / "a-file"
+    blocker.write_text("")
+    result = run_cli(recipe(workspace, tiny_llama, name="unwritable"), "-o", blocker / "run")
+    assert result.exit_code == 1 and "cannot write the run folder" in result.output
