@@ -20,6 +20,11 @@ def configs(base, v1, v2):
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": str(base), "models": [
             {"model": str(v1), "parameters": {"weight": grad}},
             {"model": str(v2), "parameters": {"weight": filt}}]},
+        "task_arithmetic_bf16": {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "bfloat16",
+            "parameters": {"lambda": 0.9}, "models": [
+            {"model": str(v1), "parameters": {"weight": grad}}, {"model": str(v2), "parameters": {"weight": 0.3}}]},
+        "linear_bf16": {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": False}, "models": [
+            {"model": str(v1), "parameters": {"weight": 0.3}}, {"model": str(v2), "parameters": {"weight": filt}}]},
         "ties": {"merge_method": "ties", "base_model": str(base), "parameters": {"normalize": False}, "models": [
             {"model": str(v1), "parameters": {"weight": 0.7, "density": filt}},
             {"model": str(v2), "parameters": {"weight": grad, "density": 0.5}}]},
@@ -36,14 +41,15 @@ def configs(base, v1, v2):
     }
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "slerp", "passthrough"])
-def test_in_memory_equals_run_merge(tiny_llama, tmp_path, method):
+@pytest.mark.parametrize("chunk_bytes", [0, 512])  # 512 bytes: every tensor runs in many row blocks
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "linear_bf16", "task_arithmetic_bf16", "ties", "dare_ties", "slerp", "passthrough"])
+def test_in_memory_equals_run_merge(tiny_llama, tmp_path, method, chunk_bytes):
     config = MergeConfiguration.model_validate(configs(*tiny_llama)[method])
     options = MergeOptions(random_seed=1234, quiet=True)
     run_merge(config, str(tmp_path / "out"), options=options)
     on_disk = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
 
-    merger = InMemoryMerger(options)
+    merger = InMemoryMerger(options, chunk_bytes=chunk_bytes)
     model = merger.materialize(config)
     state = model.state_dict()
     assert set(on_disk) == set(state)

@@ -38,10 +38,12 @@ def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def make_family(root: Path, arch: str = "llama", variants: int = 2, seed: int = 0) -> list[Path]:
+def make_family(
+    root: Path, arch: str = "llama", variants: int = 2, seed: int = 0, config: transformers.PretrainedConfig | None = None
+) -> list[Path]:
     """``root/base`` plus ``root/v1..vN``: the base with different random task vectors."""
     torch.manual_seed(seed)
-    config = CONFIGS[arch]()
+    config = config or CONFIGS[arch]()
     base = transformers.AutoModelForCausalLM.from_config(config)
     tok = char_tokenizer()
     paths = []

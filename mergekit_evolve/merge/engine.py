@@ -22,7 +22,9 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from transformers.initialization import no_init_weights
 
+from mergekit_evolve.merge.chunked import DEFAULT_CHUNK_BYTES, chunk_if_possible
 from mergekit_evolve.merge.resident import make_resident
+from mergekit_evolve.plugins import register_plugins
 
 LOG = logging.getLogger(__name__)
 
@@ -36,10 +38,14 @@ class _ReturnTensor(ReturnTensor):
 class InMemoryPlanner(MergePlanner):
     """``MergePlanner`` whose in-memory plan builds (working) ``ReturnTensor`` targets."""
 
+    chunk_bytes: int = 0
+
     def plan_in_memory(self) -> list[ReturnTensor]:
         self._plan()
         return [
-            _ReturnTensor(weight_info=w, tensor_task=t, dtype=w.force_dtype or self.config.out_dtype)
+            _ReturnTensor(
+                weight_info=w, tensor_task=chunk_if_possible(t, self.chunk_bytes), dtype=w.force_dtype or self.config.out_dtype
+            )
             for w, t in self._tensors
         ]
 
@@ -53,9 +59,12 @@ def resolve_device(device: str) -> str:
 class InMemoryMerger:
     """Holds the source tensors and one model per output shape; writes each candidate into it."""
 
-    def __init__(self, options: MergeOptions, allow_pickle: bool = False):
+    def __init__(self, options: MergeOptions, allow_pickle: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        register_plugins()  # stored configs may name this package's merge methods
         self.options = options
         self.allow_pickle = allow_pickle
+        # Chunking pays on the CPU's caches; a GPU runs whole tensors at full bandwidth.
+        self.chunk_bytes = chunk_bytes if torch.device(options.device or "cpu").type == "cpu" else 0
         self.device = options.device or "cpu"
         on_gpu = torch.device(self.device).type != "cpu"
         self.storage_device = self.device if on_gpu else "cpu"
@@ -87,6 +96,7 @@ class InMemoryMerger:
                 model = transformers.AutoModelForCausalLM.from_config(
                     cfg_out, dtype=dtype, trust_remote_code=self.options.trust_remote_code
                 )
+            model.tie_weights()  # no_init_weights also skips tying (transformers 5): lm_head would stay empty
             model = model.to(self.device).eval().requires_grad_(False)
             self._models[key] = model
         return model, arch_info, cfg_out
@@ -99,6 +109,7 @@ class InMemoryMerger:
             transformers.trainer_utils.set_seed(self.options.random_seed)  # as run_merge does
         # The planner normalises the config in place; keep the caller's copy intact.
         planner = InMemoryPlanner(config.model_copy(deep=True), arch_info, self.options, cfg_out)
+        planner.chunk_bytes = self.chunk_bytes
         targets = planner.plan_in_memory()
         state = model.state_dict(keep_vars=True)
         written: set[str] = set()
@@ -116,7 +127,9 @@ class InMemoryMerger:
                     raise RuntimeError(f"merged tensor '{name}' has no place in the {cfg_out.model_type} model")
                 if target.shape != value.shape:
                     raise RuntimeError(f"merged tensor '{name}' has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
-                target.data.copy_(value)
+                # Rebind, never copy in place: saves a pass over memory, and a passthrough result
+                # may be a resident source tensor itself, which an in-place write would corrupt.
+                target.data = value.to(device=target.device, dtype=target.dtype).contiguous()
                 written.add(name)
         key = self._shape_key(cfg_out)
         if key not in self._complete:

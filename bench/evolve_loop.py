@@ -1,0 +1,189 @@
+"""Benchmark of the evolve loop; prints its figures, all measured side by side in this one run.
+
+    python bench/evolve_loop.py [--trials 20] [--params 100M]
+
+1. The demo search (recipes/demo.yml): per trial, seconds merging, evaluating, and the rest,
+   and the share of each trial spent outside the model's forward passes.
+2. On a synthetic ~100M-parameter Llama family: in-memory materialisation of one candidate vs
+   a disk round-trip (mergekit run_merge to disk + transformers from_pretrained).
+3. The same family: bytes moved per second by linear and task_arithmetic merges vs a plain
+   torch copy of the same tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import run_merge  # noqa: E402
+from mergekit.options import MergeOptions  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from tiny_models import make_family  # noqa: E402
+
+from mergekit_evolve.merge.engine import InMemoryMerger  # noqa: E402
+from mergekit_evolve.recipe.load import load_recipe  # noqa: E402
+from mergekit_evolve.study.search import run_search  # noqa: E402
+from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
+
+
+def timed(fn, repeat: int = 3) -> float:
+    """Best of ``repeat`` wall-clock runs (after one warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def demo_search(trials: int) -> None:
+    recipe = load_recipe(REPO / "recipes" / "demo.yml")
+    worker = Worker(recipe, merge_options(recipe, "cpu"))
+    forward = {"seconds": 0.0}
+
+    def pre(module, args, kwargs):
+        forward["t"] = time.perf_counter()
+
+    def post(module, args, kwargs, output):
+        forward["seconds"] += time.perf_counter() - forward["t"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hooks_on: set[int] = set()
+        original = worker.merger.materialize
+
+        def materialize(config):
+            m = original(config)
+            if id(m) not in hooks_on:
+                m.register_forward_pre_hook(pre, with_kwargs=True)
+                m.register_forward_hook(post, with_kwargs=True)
+                hooks_on.add(id(m))
+            return m
+
+        worker.merger.materialize = materialize
+        fwd_by_trial = {}
+        original_objective = worker.objective
+
+        def objective(trial):
+            forward["seconds"] = 0.0
+            value = original_objective(trial)
+            fwd_by_trial[trial.number] = forward["seconds"]
+            return value
+
+        worker.objective = objective
+        run_dir = Path(tmp)
+        study = run_search(recipe, run_dir, worker, trials, show_progress=False)
+        rows = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
+    print(f"\n== demo search: {trials} trials of recipes/demo.yml (sampler {recipe.evolve.sampler}) ==")
+    print(f"{'trial':>5} {'merge s':>8} {'eval s':>8} {'forward s':>9} {'other s':>8} {'total s':>8} {'outside fwd':>11}")
+    totals = {"merge": 0.0, "evaluate": 0.0, "other": 0.0, "total": 0.0, "forward": 0.0}
+    for r in rows:
+        if r["state"] != "COMPLETE" or r["reused_from"] is not None:
+            continue
+        s = r["seconds"]
+        fwd = fwd_by_trial.get(r["number"], 0.0)
+        outside = 1 - fwd / s["total"]
+        print(f"{r['number']:>5} {s['merge']:>8.3f} {s['evaluate']:>8.3f} {fwd:>9.3f} {s['other']:>8.3f} {s['total']:>8.3f} {outside:>10.1%}")
+        for k in ("merge", "evaluate", "other", "total"):
+            totals[k] += s[k]
+        totals["forward"] += fwd
+    print(f"{'all':>5} {totals['merge']:>8.3f} {totals['evaluate']:>8.3f} {totals['forward']:>9.3f} "
+          f"{totals['other']:>8.3f} {totals['total']:>8.3f} {1 - totals['forward'] / totals['total']:>10.1%}")
+    print(f"best search objective {study.best_value:.4f}")
+
+
+def synthetic_family(root: Path, params: str) -> list[Path]:
+    size = {"100M": (768, 12, 2048, 32000), "20M": (384, 6, 1024, 16000)}[params]
+    hidden, layers, inter, vocab = size
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=12 if hidden % 12 == 0 else 8, num_key_value_heads=4, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return make_family(root, config=config)
+
+
+def materialisation_vs_disk(paths: list[Path]) -> None:
+    base, v1, v2 = (str(p) for p in paths)
+    config = MergeConfiguration.model_validate({
+        "merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+        "models": [{"model": v1, "parameters": {"weight": 0.6}}, {"model": v2, "parameters": {"weight": 0.4}}],
+    })
+    options = MergeOptions(quiet=True, device="cpu")
+    merger = InMemoryMerger(options)
+    n_params = sum(p.numel() for p in merger.materialize(config).parameters())
+    in_memory = timed(lambda: merger.materialize(config))
+    with tempfile.TemporaryDirectory() as tmp:
+        def round_trip() -> None:
+            out = Path(tmp) / "merged"
+            run_merge(config.model_copy(deep=True), str(out), options=options)
+            transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+        disk = timed(round_trip, repeat=2)
+    print(f"\n== materialise one candidate ({n_params / 1e6:.0f}M parameters, task_arithmetic of 2 + base) ==")
+    print(f"in memory      {in_memory:8.3f} s")
+    print(f"disk round-trip{disk:8.3f} s   (run_merge to disk + from_pretrained)")
+    print(f"ratio          {disk / in_memory:8.1f}x  (target >= 5x)")
+
+
+def bandwidth(paths: list[Path]) -> None:
+    base, v1, v2 = (str(p) for p in paths)
+    options = MergeOptions(quiet=True, device="cpu")
+    merger = InMemoryMerger(options)
+    configs = {
+        "linear": {"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": v1, "parameters": {"weight": 0.5}}, {"model": v2, "parameters": {"weight": 0.5}}]},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32", "models": [
+            {"model": v1, "parameters": {"weight": 0.5}}, {"model": v2, "parameters": {"weight": 0.5}}]},
+    }
+    model = merger.materialize(MergeConfiguration.model_validate(configs["linear"]))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    src = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dst = {n: torch.empty_like(t) for n, t in src.items()}
+
+    def copy_all() -> None:
+        for n, t in src.items():
+            dst[n].copy_(t)
+
+    copy_bw = 2 * model_bytes / timed(copy_all)
+    print(f"\n== bandwidth ({model_bytes / 1e6:.0f} MB a model) ==")
+    print(f"torch copy         {copy_bw / 1e9:7.2f} GB/s  (read + write of one model)")
+    for name, cfg in configs.items():
+        config = MergeConfiguration.model_validate(cfg)
+        inputs = 2 if name == "linear" else 3
+        seconds = timed(lambda: merger.materialize(config))
+        bw = (inputs + 1) * model_bytes / seconds
+        print(f"{name:<18} {bw / 1e9:7.2f} GB/s  = {bw / copy_bw:6.1%} of copy (target >= 70%); {seconds:.3f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--params", choices=["100M", "20M"], default="100M")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if (REPO / "recipes" / "demo.yml").exists():
+        demo_search(args.trials)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = synthetic_family(Path(tmp), args.params)
+        materialisation_vs_disk(paths)
+        bandwidth(paths)
+
+
+if __name__ == "__main__":
+    main()
