@@ -1,0 +1,57 @@
+"""Per-example results, keyed by config digest: a config is never scored twice on one example.
+
+Kept as SQLite in the run folder (``examples.db``), so a resumed run, a later and larger
+evaluation, and the report all reuse what earlier trials computed. Several worker processes
+may share the file (WAL mode, waits on locks).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+EXAMPLES_FILE = "examples.db"
+
+
+class ExampleStore:
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path) if path else ":memory:", timeout=60, check_same_thread=False)
+        if path:
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS examples (digest TEXT, task TEXT, doc_id INTEGER, metrics TEXT, "
+            "PRIMARY KEY (digest, task, doc_id))"
+        )
+        self._db.commit()
+
+    def get(self, digest: str, task: str, ids: list[int]) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = self._db.execute(
+                    f"SELECT doc_id, metrics FROM examples WHERE digest = ? AND task = ? "
+                    f"AND doc_id IN ({','.join('?' * len(chunk))})",
+                    (digest, task, *chunk),
+                ).fetchall()
+                out.update({doc_id: json.loads(metrics) for doc_id, metrics in rows})
+        return out
+
+    def put(self, digest: str, task: str, rows: dict[int, dict[str, Any]]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?)",
+                [(digest, task, doc_id, json.dumps(metrics)) for doc_id, metrics in rows.items()],
+            )
+            self._db.commit()
+
+    def count(self, digest: str | None = None) -> int:
+        with self._lock:
+            if digest is None:
+                return self._db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM examples WHERE digest = ?", (digest,)).fetchone()[0]

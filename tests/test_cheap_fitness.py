@@ -1,0 +1,120 @@
+"""Cheaper fitness: per-example results equal lm-eval's own scores, are never recomputed, feed pruning and anchors."""
+
+import json
+import textwrap
+
+import numpy as np
+import optuna
+import pytest
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+
+from mergekit_evolve.compile import config_digest
+from mergekit_evolve.evaluate.anchors import choose_anchors
+from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.study.search import run_search
+from mergekit_evolve.study.worker import Worker
+from tiny_models import write_copy_task
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cheap")
+    write_copy_task(root, n_search=24, n_heldout=8)
+    return root
+
+
+def make_recipe(workspace, tiny_llama, evolve_extra="", objective_extra="", metric="perplexity,none", goal="minimize"):
+    base, v1, v2 = tiny_llama
+    path = workspace / "r.yml"
+    path.write_text(textwrap.dedent(f"""
+        merge_method: task_arithmetic
+        base_model: {base}
+        models:
+          - {{model: {v1}, parameters: {{weight: {{search: [0.0, 1.0]}}}}}}
+          - {{model: {v2}, parameters: {{weight: {{search: [0.0, 1.0]}}}}}}
+        dtype: float32
+        evolve:
+          sampler: random
+          seed: 1
+          objectives:
+            - {{task: tiny_copy, metric: "{metric}", goal: {goal}, heldout_task: tiny_copy_heldout{objective_extra}}}
+          task_paths: [tasks]
+        """).lstrip() + textwrap.indent(textwrap.dedent(evolve_extra), "  "))
+    return load_recipe(path)
+
+
+def config_for(tiny_llama, w1, w2):
+    base, v1, v2 = map(str, tiny_llama)
+    return MergeConfiguration.model_validate({
+        "merge_method": "task_arithmetic", "base_model": base, "dtype": "float32",
+        "models": [{"model": v1, "parameters": {"weight": w1}}, {"model": v2, "parameters": {"weight": w2}}]})
+
+
+def test_per_example_scores_equal_lm_eval_and_are_not_recomputed(workspace, tiny_llama):
+    recipe = make_recipe(workspace, tiny_llama)
+    worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
+    config = config_for(tiny_llama, 0.3, 0.8)
+    model = worker.merger.materialize(config)
+    whole = worker.evaluator.score(model, "search")  # lm-eval's own aggregate over the split
+    per_example = worker.evaluator.score(model, "search", digest=config_digest(config))
+    assert per_example.values == pytest.approx(whole.values, rel=1e-9)
+    computed = worker.evaluator.computed
+    assert computed == 24
+    again = worker.evaluator.score(model, "search", digest=config_digest(config))
+    assert again.values == per_example.values and worker.evaluator.computed == computed
+    # a slice then the rest: the slice's examples are reused, not recomputed
+    other = config_for(tiny_llama, 0.9, 0.1)
+    model = worker.merger.materialize(other)
+    worker.evaluator.score(model, "search", digest=config_digest(other), fraction=0.25)
+    assert worker.evaluator.computed == computed + 6
+    worker.evaluator.score(model, "search", digest=config_digest(other))
+    assert worker.evaluator.computed == computed + 24
+
+
+@pytest.mark.slow
+def test_median_pruning_stops_candidates_and_keeps_their_examples(workspace, tiny_llama, tmp_path):
+    recipe = make_recipe(workspace, tiny_llama, evolve_extra="""
+        pruning:
+          pruner: median
+          stages: [0.25, 0.5, 1.0]
+          options: {n_startup_trials: 2, n_warmup_steps: 0}
+        """)
+    worker = Worker(recipe, MergeOptions(device="cpu", quiet=True, random_seed=1))
+    study = run_search(recipe, tmp_path, worker, trials=10, show_progress=False)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.PRUNED in states, states
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    for t in pruned:
+        assert t.user_attrs["pruned_at"] < 1.0 and t.intermediate_values
+        # only the slice it was scored on is in the store
+        assert worker.evaluator.store.count(t.user_attrs["config_digest"]) < 24
+    lines = [json.loads(x) for x in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert {x["state"] for x in lines} >= {"COMPLETE", "PRUNED"}
+    assert (tmp_path / "examples.db").exists()
+
+
+def test_anchor_choice_by_hand():
+    # 3 sources x 6 examples; examples 0-2 behave alike, 3-4 alike, 5 alone
+    results = np.array([[1, 1, 1, 0, 0, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]])
+    anchors = choose_anchors(results, ids=[10, 11, 12, 13, 14, 15], size=3, seed=0)
+    chosen = dict(zip(anchors.ids, anchors.weights))
+    assert sorted(chosen.values()) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert 15 in chosen and len(chosen) == 3
+    plan = type("Plan", (), {"metric": "acc", "filter": "none"})
+    rows = [{"acc,none": 1.0 if i == 15 else 0.0} for i in anchors.ids]
+    assert anchors.estimate(rows, plan) == pytest.approx(1 / 6)
+
+
+@pytest.mark.slow
+def test_anchor_objective_estimates_search_and_report_uses_full_split(workspace, tiny_llama, tmp_path):
+    recipe = make_recipe(workspace, tiny_llama, objective_extra=", anchors: 4", metric="acc,none", goal="maximize")
+    worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
+    run_search(recipe, tmp_path, worker, trials=3, show_progress=False)
+    (anchor,) = worker.anchors.values()
+    assert 1 <= len(anchor.ids) <= 4 and sum(anchor.weights) == pytest.approx(1.0)
+    # sources were scored on the whole search split to choose anchors; trials then only on anchors
+    before = worker.evaluator.computed
+    config = config_for(tiny_llama, 0.11, 0.22)
+    worker.score_config(config, "search")  # the report's path: whole split, no anchors
+    assert worker.evaluator.computed - before == 24
