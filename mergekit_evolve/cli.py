@@ -13,6 +13,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from mergekit_evolve.commands.export import export
+from mergekit_evolve.commands.merge import merge
+from mergekit_evolve.commands.migrate import RecipeOverrides, legacy_run_options, migrate
+from mergekit_evolve.commands.publish import publish
+from mergekit_evolve.commands.space import space
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 
 LOG = logging.getLogger("mergekit_evolve")
@@ -65,46 +70,77 @@ def cli() -> None:
 @click.option("-o", "--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder (default: runs/<recipe name>). Running again resumes it.")
 @click.option("--trials", type=int, default=None, help="Override evolve.trials (completed trials to reach).")
+@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds (then write the winner).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: evolve.device, else auto).")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe, print the search space and one compiled config; load no weights.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run folder of a different recipe instead of refusing.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from model repos to run (as in mergekit).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading .bin/.pt pickle checkpoints (they can run code).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes, each with its own resident model (default: evolve.workers, 1). With --ray: actors.")
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", default=None,
+              help="Run the workers as Ray actors, one per GPU: 'auto' joins the running cluster or starts a local one.")
+@click.option("--storage", metavar="URL", default=None,
+              help="Study storage (default: evolve.storage, else study.db in the run folder): sqlite:///F, journal:F, "
+                   "postgresql://... Processes that share it share the search.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def run(recipe: Path, run_dir: Path | None, trials: int | None, device: str | None, dry_run: bool, overwrite: bool,
-        trust_remote_code: bool, allow_pickle: bool, no_progress: bool, verbose: int) -> None:
-    """Search the recipe's space, then write best/, report.json and plots to the run folder."""
+@legacy_run_options  # mergekit-evolve's --storage-path, --max-fevals, --sigma0, ... (hidden)
+def run(recipe: Path, run_dir: Path | None, trials: int | None, timeout: float | None, device: str | None, dry_run: bool, overwrite: bool,
+        trust_remote_code: bool, allow_pickle: bool, no_progress: bool, workers: int | None, ray_address: str | None,
+        storage: str | None, verbose: int, overrides: RecipeOverrides) -> None:
+    """Search the recipe's space, then write best/, report.json and plots to the run folder.
+
+    RECIPE may also be a genome file of mergekit's deprecated mergekit-evolve (see `migrate`);
+    that command's --storage-path, --max-fevals, --sigma0, --task-search-path, --random-seed
+    and --batch-size are accepted too.
+    """
     _setup_logging(verbose)
     from mergekit_evolve.recipe.load import load_recipe
+    from mergekit_evolve.stages import load_stages
 
+    run_dir = run_dir or Path("runs") / recipe.stem
     try:
-        loaded = load_recipe(recipe)
+        stages = load_stages(recipe, run_dir)  # [] unless the recipe has `stages:`
+        if stages and overrides:
+            raise click.UsageError("--sigma0, --task-search-path, --random-seed and --batch-size apply to single recipes, not stages")
+        loaded = None if stages else overrides.apply(load_recipe(recipe))
     except RecipeError as e:
         raise click.ClickException(str(e)) from None
     if dry_run:
-        _print_dry_run(loaded)
+        for stage in stages:
+            click.echo(f"# stage '{stage.name}' (run folder {stage.run_dir})")
+            _print_dry_run(stage.recipe)
+        if loaded is not None:
+            _print_dry_run(loaded)
         return
-    if loaded.evolve is None:
+    if loaded is not None and loaded.evolve is None:
         raise click.ClickException(f"{recipe}: no search annotations and no 'evolve:' section; use `mergekit-evolve merge` for a plain merge")
     from mergekit_evolve.pipeline import RunFailed, run_recipe
+    from mergekit_evolve.stages import run_stages
 
+    options = dict(trials=trials, timeout=timeout, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                   allow_pickle=allow_pickle, show_progress=not no_progress, workers=workers, ray=ray_address, storage=storage)
     try:
-        report = run_recipe(
-            loaded, run_dir or Path("runs") / loaded.name, trials=trials, device=device, overwrite=overwrite,
-            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, show_progress=not no_progress,
-        )
+        reports = run_stages(recipe, run_dir, **options) if stages else [run_recipe(loaded, run_dir, **options)]
     except RunFailed as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are kept in the study; run the same command to resume.")
         sys.exit(130)
-    _print_report(report)
+    for report in reports:
+        _print_report(report)
 
 
 def _print_dry_run(recipe) -> None:
     from mergekit_evolve.compile import compile_point
+    from mergekit_evolve.sampler.factory import SamplerSetupError, prepare_recipe
 
+    if recipe.evolve:
+        try:
+            recipe = prepare_recipe(recipe)  # the space its sampler searches (CycleQD adds its mutation)
+        except SamplerSetupError as e:
+            raise click.ClickException(str(e)) from None
     space = recipe.space
     table = Table(title=f"search space of {recipe.path.name}: {len(space)} dimensions")
     table.add_column("dimension")
@@ -121,7 +157,8 @@ def _print_dry_run(recipe) -> None:
 
 
 def _print_report(report: dict) -> None:
-    table = Table(title=f"winner (trial {report['winner']['trial']}) vs sources — {report['objective']}")
+    stage = f"stage {report['stage']}: " if "stage" in report else ""
+    table = Table(title=f"{stage}winner (trial {report['winner']['trial']}) vs sources — {report['objective']}")
     table.add_column("model")
     table.add_column("search", justify="right")
     table.add_column("held-out", justify="right")
@@ -130,6 +167,13 @@ def _print_report(report: dict) -> None:
         table.add_row(Path(name).name if Path(name).is_absolute() else name, f"{row['search']:.4f}", f"{row['heldout']:.4f}")
     Console().print(table)
     click.echo(f"run folder: {report['run_dir']}")
+
+
+cli.add_command(publish)
+cli.add_command(merge)
+cli.add_command(migrate)
+cli.add_command(space)
+cli.add_command(export)
 
 
 def main() -> None:

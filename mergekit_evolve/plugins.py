@@ -19,13 +19,14 @@ METHODS_MODULE = "mergekit_evolve.methods"
 
 @functools.cache
 def register_plugins() -> tuple[str, ...]:
-    """Import ``mergekit_evolve.methods`` when it exists (once per process); return the method names it added."""
+    """Import ``mergekit_evolve.methods`` when it exists (a module is imported once, so each method is
+    registered once); return the names of the registered methods it holds as module attributes."""
     from mergekit.merge_methods import registered_methods
 
     if importlib.util.find_spec(METHODS_MODULE) is None:
         return ()
-    before = {m.spec.name for m in registered_methods()}
-    importlib.import_module(METHODS_MODULE)
-    added = tuple(sorted({m.spec.name for m in registered_methods()} - before))
-    LOG.debug("registered merge methods from %s: %s", METHODS_MODULE, ", ".join(added) or "none")
-    return added
+    module = importlib.import_module(METHODS_MODULE)
+    registered = {id(m): m.spec.name for m in registered_methods()}
+    names = tuple(sorted({registered[id(v)] for v in vars(module).values() if id(v) in registered}))
+    LOG.debug("merge methods of %s: %s", METHODS_MODULE, ", ".join(names) or "none")
+    return names

@@ -6,12 +6,14 @@ import contextlib
 import logging
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import transformers
 
+from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings, Objective
 
 LOG = logging.getLogger(__name__)
@@ -94,13 +96,37 @@ def _leaf_tasks(tree: Any) -> list[Any]:
     return [] if tree is None else [tree]
 
 
-class Evaluator:
-    """Scores whatever weights the resident model holds right now."""
+@dataclass
+class EvalPlan:
+    """Which documents of which task an objective scores on one split, and how to aggregate them."""
 
-    def __init__(self, suite: TaskSuite, tokenizer: transformers.PreTrainedTokenizerBase):
+    task: str
+    ids: list[int] | None  # None: a group task, scored whole through lm-eval's ``limit``
+    limit: Any
+    metric: str
+    filter: str
+    aggregate: Any
+
+    def value(self, rows: list[dict[str, Any]]) -> float:
+        return float(self.aggregate([r[f"{self.metric},{self.filter}"] for r in rows]))
+
+
+class Evaluator:
+    """Scores whatever weights the resident model holds right now.
+
+    Plain tasks are scored example by example through lm-eval's ``samples=`` selection, so
+    per-example results can be stored (and never recomputed for the same config) and a
+    candidate can be scored on a growing slice of the split; the aggregate is lm-eval's own
+    aggregation function, so a whole split scores exactly as ``limit`` would.
+    """
+
+    def __init__(self, suite: TaskSuite, tokenizer: transformers.PreTrainedTokenizerBase, store: ExampleStore | None = None):
         self.suite = suite
         self.tokenizer = tokenizer
+        self.store = store or ExampleStore()
         self._lms: dict[int, Any] = {}
+        self.computed = 0  # examples actually run through the model (for the benchmark)
+        self._plans: dict[tuple[str, Split], EvalPlan] = {}
 
     def _lm(self, model: transformers.PreTrainedModel) -> Any:
         from lm_eval.models.huggingface import HFLM
@@ -116,28 +142,85 @@ class Evaluator:
             self._lms[id(model)] = lm
         return lm
 
-    def score(self, model: transformers.PreTrainedModel, split: Split = "search") -> Scores:
+    def plan(self, objective: Objective, split: Split) -> EvalPlan:
+        key = (objective.name, split)
+        if key not in self._plans:
+            name, limit = self.suite.task_for(objective, split)
+            metric, _, flt = objective.metric.partition(",")
+            tree = self.suite.tasks[name]
+            task = tree.get(name) if isinstance(tree, dict) else None
+            if task is None or isinstance(task, dict) or not hasattr(task, "eval_docs"):
+                self._plans[key] = EvalPlan(name, None, limit, metric, flt, None)
+            else:
+                n = len(task.eval_docs)
+                if limit is not None:
+                    n = min(n, math.ceil(n * limit) if isinstance(limit, float) and limit < 1 else int(limit))
+                aggregate = task.aggregation().get(metric)
+                if aggregate is None:
+                    raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(task.aggregation())}")
+                self._plans[key] = EvalPlan(name, list(range(n)), limit, metric, flt or "none", aggregate)
+        return self._plans[key]
+
+    def rows(self, model: transformers.PreTrainedModel, digest: str, plan: EvalPlan, ids: list[int]) -> list[dict[str, Any]]:
+        """Per-example metrics for ``ids``: from the store, else computed now and stored."""
         from lm_eval.evaluator import evaluate
 
-        lm = self._lm(model)
+        have = self.store.get(digest, plan.task, ids)
+        missing = [i for i in ids if i not in have]
+        if missing:
+            out = evaluate(
+                self._lm(model), self.suite.tasks[plan.task], samples={plan.task: missing}, bootstrap_iters=0,
+                log_samples=True, apply_chat_template=self.suite.settings.apply_chat_template, verbosity="WARNING",
+            )
+            new: dict[int, dict[str, Any]] = {}
+            for sample in out["samples"][plan.task]:
+                row = new.setdefault(sample["doc_id"], {})
+                for m in sample["metrics"]:
+                    row[f"{m},{sample['filter']}"] = sample[m]
+            self.store.put(digest, plan.task, new)
+            self.computed += len(missing)
+            have.update(new)
+        return [have[i] for i in ids]
+
+    def _whole(self, model: transformers.PreTrainedModel, plan: EvalPlan, objective: Objective) -> float:
+        from lm_eval.evaluator import evaluate
+
+        results = evaluate(
+            self._lm(model), self.suite.tasks[plan.task], limit=plan.limit, bootstrap_iters=0, log_samples=False,
+            apply_chat_template=self.suite.settings.apply_chat_template, verbosity="WARNING",
+        )["results"]
+        row = results.get(plan.task, {})
+        if objective.metric not in row:
+            keys = sorted(k for k in row if "," in k and not k.endswith("_stderr"))
+            raise TaskSetupError(f"task '{plan.task}' reports no metric '{objective.metric}'; it reports {keys}")
+        return float(row[objective.metric])
+
+    def score(
+        self, model: transformers.PreTrainedModel, split: Split = "search", digest: str | None = None,
+        fraction: float = 1.0, anchors: dict[str, Any] | None = None,
+    ) -> Scores:
+        """Scores on the first ``fraction`` of each objective's (shuffled) split.
+
+        ``anchors`` maps an objective name to an ``AnchorSet``; those objectives are estimated
+        from their anchor examples instead.
+        """
         values: dict[str, float] = {}
         for obj in self.suite.settings.objectives:
-            task, limit = self.suite.task_for(obj, split)
-            results = evaluate(
-                lm,
-                self.suite.tasks[task],
-                limit=limit,
-                bootstrap_iters=0,
-                log_samples=False,
-                apply_chat_template=self.suite.settings.apply_chat_template,
-                verbosity="WARNING",
-            )["results"]
-            row = results.get(task, {})
-            if obj.metric not in row:
-                keys = sorted(k for k in row if "," in k and not k.endswith("_stderr"))
-                raise TaskSetupError(f"task '{task}' reports no metric '{obj.metric}'; it reports {keys}")
-            value = float(row[obj.metric])
+            plan = self.plan(obj, split)
+            if plan.ids is None or digest is None:
+                value = self._whole(model, plan, obj)
+            elif anchors and obj.name in anchors:
+                value = anchors[obj.name].estimate(self.rows(model, digest, plan, anchors[obj.name].ids), plan)
+            else:
+                ids = self.order(plan)[: max(1, math.ceil(len(plan.ids) * fraction))]
+                value = plan.value(self.rows(model, digest, plan, ids))
             if math.isnan(value):
-                raise ValueError(f"task '{task}' scored NaN for '{obj.metric}'")
+                raise ValueError(f"task '{plan.task}' scored NaN for '{obj.metric}'")
             values[obj.name] = value
         return Scores(values)
+
+    def order(self, plan: EvalPlan) -> list[int]:
+        """A fixed shuffle of the split, so every slice is a fair sample of it."""
+        ids = list(plan.ids or [])
+        random.Random(f"{self.suite.settings.seed}/{plan.task}").shuffle(ids)
+        return ids

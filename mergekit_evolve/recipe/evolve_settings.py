@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-SAMPLERS = ("cmaes", "tpe", "random")
+from mergekit_evolve.sampler.options import check_options
+
+Sampler = Literal["cmaes", "cma", "tpe", "gp", "random", "nsga2", "cycleqd", "swarm"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 
 class Objective(BaseModel):
@@ -24,33 +27,104 @@ class Objective(BaseModel):
         default=None, description="task scored only for the report (winner vs sources), never during the search"
     )
     heldout_limit: int | float | None = None
+    anchors: int | None = Field(
+        default=None, ge=2,
+        description="estimate the search score from this many anchor examples chosen from the sources' results",
+    )
 
     @property
     def name(self) -> str:
         return f"{self.task}/{self.metric}"
 
 
+class SelectRule(BaseModel):
+    """Which trial of a multi-objective run's Pareto front becomes ``best/``.
+
+    Ranked by the weighted objective (default) or by one named objective, among the Pareto
+    trials that meet every ``at_least`` / ``at_most`` bound (all of them when none does).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    weighted: bool = False
+    objective: str | None = Field(default=None, description="rank by this objective (its task, or task/metric)")
+    at_least: dict[str, float] = Field(default_factory=dict, description="objective -> lowest acceptable score")
+    at_most: dict[str, float] = Field(default_factory=dict, description="objective -> highest acceptable score")
+
+    @model_validator(mode="after")
+    def _one_ranking(self) -> "SelectRule":
+        if self.weighted and self.objective:
+            raise ValueError("select ranks by the weighted objective or by one objective, not both")
+        return self
+
+
+class PruningSettings(BaseModel):
+    """Score candidates on growing slices of the search split; an Optuna pruner may stop them early."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pruner: Literal["none", "median", "successive_halving", "hyperband", "wilcoxon"] = "none"
+    stages: list[float] = Field(default=[0.125, 0.25, 0.5, 1.0], description="fractions of the search split, ending at 1")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the Optuna pruner")
+
+    @model_validator(mode="after")
+    def _stages(self) -> "PruningSettings":
+        if not self.stages or self.stages[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *self.stages], self.stages)):
+            raise ValueError(f"stages must rise from above 0 to exactly 1.0, got {self.stages}")
+        return self
+
+
 class EvolveSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    sampler: Literal["cmaes", "tpe", "random"] = "cmaes"
+    sampler: Sampler = "cmaes"
     sampler_options: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments for the sampler's constructor"
+        default_factory=dict,
+        description="keyword arguments for Optuna's sampler; for cma, cycleqd and swarm see mergekit_evolve.sampler.options",
     )
+    multi_objective: bool = Field(
+        default=False, description="one study direction per objective (a Pareto front) instead of their weighted mean"
+    )
+    select: SelectRule = Field(default_factory=SelectRule, description="multi-objective: which Pareto trial is best/")
     trials: int = Field(default=50, ge=1, description="completed trials to reach (resumes count)")
     seed: int = 0
     objectives: list[Objective] = Field(min_length=1)
     task_paths: list[str] = Field(default_factory=list, description="folders of lm-eval task YAMLs, relative to the recipe")
-    storage: str | None = Field(default=None, description="Optuna storage URL; default SQLite in the run folder")
+    storage: str | None = Field(
+        default=None, description="Optuna storage URL (sqlite:///, postgresql://, journal:PATH); default SQLite in the run folder"
+    )
+    workers: int = Field(default=1, ge=1, description="worker processes (or Ray actors), each with its own resident model")
+    heartbeat_grace: int = Field(
+        default=120, ge=2, description="seconds without a heartbeat after which a running trial is failed and its point retried once"
+    )
     study_name: str | None = None
     batch_size: int | str = 32
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    pruning: PruningSettings = Field(default_factory=PruningSettings)
     max_failures: int = Field(default=20, ge=1, description="stop after this many failed candidates in a row")
     apply_chat_template: bool = False
+
+    @field_validator("sampler_options")
+    @classmethod
+    def _typed_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_options(info.data.get("sampler", ""), options)
 
     @model_validator(mode="after")
     def _unique_objectives(self) -> "EvolveSettings":
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives repeat a task/metric pair: {names}")
+        if self.multi_objective and len(names) < 2:
+            raise ValueError(f"multi_objective needs at least two objectives; there is one ({names[0]})")
+        for name in [self.select.objective, *self.select.at_least, *self.select.at_most]:
+            if name is not None:
+                self.objective_named(name)
         return self
+
+    def objective_named(self, name: str) -> Objective:
+        """The objective called ``name`` (task/metric, or a task that has one objective)."""
+        found = [o for o in self.objectives if name in (o.name, o.task)]
+        if len(found) != 1:
+            known = ", ".join(o.name for o in self.objectives)
+            raise ValueError(f"'{name}' names {'no' if not found else 'more than one'} objective; the objectives are: {known}")
+        return found[0]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import difflib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import pydantic
 from mergekit.config import MergeConfiguration
 
+from mergekit_evolve.plugins import register_plugins
 from mergekit_evolve.recipe.annotations import (
     ChoiceAnnotation,
     RangeAnnotation,
@@ -19,12 +22,16 @@ from mergekit_evolve.recipe.annotations import (
     parse_annotation,
 )
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from mergekit_evolve.recipe.publish_settings import PublishSettings
 from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml, RecipeError, load_located_file
 from mergekit_evolve.space import routing
 from mergekit_evolve.space.search_space import Dimension, Placement, SearchSpace
 
+LOG = logging.getLogger(__name__)
 MERGEKIT_KEYS = set(MergeConfiguration.model_fields)
-RECIPE_KEYS = MERGEKIT_KEYS | {"evolve", routing.KEY}
+SettingsT = TypeVar("SettingsT", bound=pydantic.BaseModel)
+SETTINGS_KEYS = {"evolve", "publish"}  # sections of this package, not part of the mergekit config
+RECIPE_KEYS = MERGEKIT_KEYS | SETTINGS_KEYS | {routing.KEY}
 # Keys whose string values name models; local folders are resolved against the recipe's folder.
 MODEL_KEYS = {"model", "base_model", "tokenizer_source", "source"}
 
@@ -36,6 +43,13 @@ class Recipe:
     template: dict[str, Any]
     evolve: EvolveSettings | None
     space: SearchSpace
+    publish: PublishSettings | None = None
+    translated: str | None = None  # for a mergekit-evolve genome file: the recipe text it stands for
+
+    @property
+    def text(self) -> str:
+        """The recipe as run folders should keep it: the file, or the translation of a genome file."""
+        return self.translated if self.translated is not None else self.path.read_text(encoding="utf-8")
 
     @property
     def base_dir(self) -> Path:
@@ -224,6 +238,7 @@ def validate_config(doc: LocatedYaml, data: dict[str, Any]) -> MergeConfiguratio
 def _check_methods(doc: LocatedYaml, template: dict[str, Any], space: SearchSpace) -> None:
     from mergekit import merge_methods
 
+    register_plugins()
     known = {m.spec.name: m for m in merge_methods.registered_methods()}
     method = template.get("merge_method")
     if method is None:
@@ -233,13 +248,33 @@ def _check_methods(doc: LocatedYaml, template: dict[str, Any], space: SearchSpac
         if not isinstance(name, str) or name not in known:
             raise doc.error(("merge_method",), f"unknown merge method '{name}'; mergekit knows: {', '.join(sorted(known))}")
     accepted = {p.name for name in candidates for p in known[name].spec.parameters}
+    real = {p.name for m in known.values() for p in m.spec.parameters}
     for loc, _ in _walk(template):
         if len(loc) >= 2 and loc[-2] == "parameters" and loc[-1] not in accepted:
+            method_name, takes = "/".join(candidates), ", ".join(sorted(accepted)) or "none"
+            if loc[-1] in real:
+                # mergekit ignores a real parameter its method does not take; configs in the wild carry some
+                LOG.warning("%s:%s: merge method %s ignores parameter '%s' (it takes: %s)",
+                            doc.source, doc.line_of(loc), method_name, loc[-1], takes)
+                continue
+            hint = difflib.get_close_matches(str(loc[-1]), sorted(real), n=1)
             raise doc.error(
                 loc,
-                f"merge method {'/'.join(candidates)} takes no parameter '{loc[-1]}' "
-                f"(it takes: {', '.join(sorted(accepted)) or 'none'})",
+                f"merge method {method_name} takes no parameter '{loc[-1]}', nor does any other method"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "") + f"; it takes: {takes}",
             )
+
+
+def _settings(doc: LocatedYaml, key: str, model: type[SettingsT]) -> SettingsT | None:
+    """A validated settings section, or None when absent; errors name the offending line."""
+    if key not in doc.data:
+        return None
+    try:
+        return model.model_validate(doc.data[key])
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        loc = (key,) + tuple(err["loc"])
+        raise doc.error(loc, f"{'.'.join(map(str, loc))}: {err['msg']}") from None
 
 
 def parse_recipe(doc: LocatedYaml, path: Path) -> Recipe:
@@ -247,25 +282,28 @@ def parse_recipe(doc: LocatedYaml, path: Path) -> Recipe:
         raise doc.error((), "a recipe is a YAML mapping (a mergekit config plus an optional 'evolve:' section)")
     for key in doc.data:
         if key not in RECIPE_KEYS:
-            raise doc.error((key,), f"unknown key '{key}'; a recipe has mergekit's keys ({', '.join(sorted(MERGEKIT_KEYS))}), 'evolve' and 'routing'")
-    template = {k: v for k, v in doc.data.items() if k != "evolve"}
-    evolve = None
-    if "evolve" in doc.data:
-        try:
-            evolve = EvolveSettings.model_validate(doc.data["evolve"])
-        except pydantic.ValidationError as e:
-            err = e.errors()[0]
-            loc = ("evolve",) + tuple(err["loc"])
-            raise doc.error(loc, f"evolve.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+            raise doc.error((key,), f"unknown key '{key}'; a recipe has mergekit's keys ({', '.join(sorted(MERGEKIT_KEYS))}), 'evolve', 'publish' and 'routing'")
+    template = {k: v for k, v in doc.data.items() if k not in SETTINGS_KEYS}
+    evolve = _settings(doc, "evolve", EvolveSettings)
+    publish = _settings(doc, "publish", PublishSettings)
     space = build_space(doc, template, path.parent)
     _check_methods(doc, template, space)
     _resolve_model_paths(template, path.parent)
     validate_config(doc, fill(template, space, space.default_point()))
     if space and evolve is None:
         raise doc.error((), "the recipe has search annotations but no 'evolve:' section with objectives")
-    return Recipe(path=path, doc=doc, template=template, evolve=evolve, space=space)
+    return Recipe(path=path, doc=doc, template=template, evolve=evolve, space=space, publish=publish)
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """A recipe file, or a mergekit-evolve genome file translated into one."""
+    from mergekit_evolve.recipe.genome import is_genome, recipe_text, translate_genome_file
+
     p = Path(path)
-    return parse_recipe(load_located_file(p), p.resolve())
+    doc = load_located_file(p)
+    if not is_genome(doc.data):
+        return parse_recipe(doc, p.resolve())
+    translation = translate_genome_file(doc, p.resolve().parent)
+    recipe = parse_recipe(translation.doc(doc.source), p.resolve())  # errors still name the genome's lines
+    recipe.translated = recipe_text(translation, p)
+    return recipe

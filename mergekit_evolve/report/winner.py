@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import yaml
@@ -15,7 +15,6 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.lm_eval_suite import Scores
-from mergekit_evolve.recipe.load import Recipe
 from mergekit_evolve.study.worker import Worker, source_config
 
 LOG = logging.getLogger(__name__)
@@ -29,9 +28,12 @@ def winner_config(trial: optuna.trial.FrozenTrial) -> MergeConfiguration:
     return MergeConfiguration.model_validate(yaml.safe_load(trial.user_attrs["config"]))
 
 
-def write_best(run_dir: Path, recipe: Recipe, config: MergeConfiguration, options: MergeOptions) -> Path:
-    """A plain mergekit merge of the winning config, written beside and then swapped in for ``best/``."""
-    staging = run_dir / (BEST_DIR + ".partial")
+def write_best(
+    run_dir: Path, recipe_file: Path, config: MergeConfiguration, options: MergeOptions, out: Path | None = None
+) -> Path:
+    """A plain mergekit merge of ``config``, written beside and then swapped in for ``out`` (default ``best/``)."""
+    target = out or run_dir / BEST_DIR
+    staging = target.with_name(target.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     # run_merge normalises the config it is given in place; keep ours (and its YAML) as the user wrote it
@@ -39,12 +41,11 @@ def write_best(run_dir: Path, recipe: Recipe, config: MergeConfiguration, option
         config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
         options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}),
     )
-    shutil.copyfile(recipe.path, staging / "recipe.yml")
-    best = run_dir / BEST_DIR
-    if best.exists():
-        shutil.rmtree(best)
-    staging.rename(best)
-    return best
+    shutil.copyfile(recipe_file, staging / "recipe.yml")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
 
 
 def source_scores(study: optuna.Study, worker: Worker, dtype: str | None) -> dict[str, dict[str, Any]]:
@@ -70,8 +71,7 @@ def _summary(search: Scores, heldout: Scores, worker: Worker) -> dict[str, Any]:
     }
 
 
-def write_report(run_dir: Path, study: optuna.Study, worker: Worker) -> dict[str, Any]:
-    best = study.best_trial
+def write_report(run_dir: Path, study: optuna.Study, worker: Worker, best: optuna.trial.FrozenTrial) -> dict[str, Any]:
     config = winner_config(best)
     winner = _summary(worker.score_config(config, "search"), worker.score_config(config, "heldout"), worker)
     report = {
@@ -85,7 +85,10 @@ def write_report(run_dir: Path, study: optuna.Study, worker: Worker) -> dict[str
     return report
 
 
-def plot_history(run_dir: Path, study: optuna.Study) -> Path:
+def plot_history(
+    run_dir: Path, study: optuna.Study, target: Callable[[optuna.trial.FrozenTrial], float] | None = None
+) -> Path:
+    """The weighted objective per trial; a multi-objective study passes ``target`` to compute it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +97,7 @@ def plot_history(run_dir: Path, study: optuna.Study) -> Path:
 
     out = run_dir / HISTORY_PLOT
     out.parent.mkdir(parents=True, exist_ok=True)
-    ax = plot_optimization_history(study, target_name="weighted objective (search split)")
+    ax = plot_optimization_history(study, target=target, target_name="weighted objective (search split)")
     ax.figure.set_size_inches(8, 4.5)
     ax.figure.tight_layout()
     ax.figure.savefig(out, dpi=110)

@@ -47,7 +47,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool = False) -> P
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"fingerprint": fingerprint(recipe), "recipe": str(recipe.path)}, indent=2))
-        shutil.copyfile(recipe.path, run_dir / "recipe.yml")
+        (run_dir / "recipe.yml").write_text(recipe.text, encoding="utf-8")  # a genome file runs as its translation
     except OSError as e:
         raise RunDirError(f"cannot write the run folder {run_dir}: {e.strerror}") from None
     return run_dir

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import optuna
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mergekit_evolve.recipe.load import Recipe
 from mergekit_evolve.sampler.factory import make_sampler
+from mergekit_evolve.sampler.generations import GenerationalSampler
+from mergekit_evolve.study.objectives import directions
+from mergekit_evolve.study.pruning import make_pruner
 from mergekit_evolve.study.records import append_record, export_records
-from mergekit_evolve.study.storage import default_storage_url, open_storage
+from mergekit_evolve.study.storage import default_storage_url, open_storage, register_worker, tagged
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -26,16 +31,20 @@ class TooManyFailures(RuntimeError):
 def open_study(recipe: Recipe, run_dir: Path) -> optuna.Study:
     settings = recipe.evolve
     assert settings is not None
-    storage = open_storage(settings.storage or default_storage_url(run_dir))
+    storage = open_storage(settings.storage or default_storage_url(run_dir), settings.heartbeat_grace)
     study = optuna.create_study(
         study_name=settings.study_name or recipe.name,
         storage=storage,
         sampler=make_sampler(settings, recipe.space),
-        direction="maximize",
+        directions=directions(settings),
+        pruner=make_pruner(settings.pruning),
         load_if_exists=True,
     )
     if not study.trials and recipe.space.init_point():
         study.enqueue_trial(recipe.space.init_point(), skip_if_exists=True)
+    index = register_worker(study)
+    if index and not isinstance(study.sampler, GenerationalSampler):  # those replay one shared seed on purpose
+        study.sampler = make_sampler(settings.model_copy(update={"seed": settings.seed + index}), recipe.space)
     return study
 
 
@@ -61,10 +70,50 @@ class _FailureGuard:
         else:
             self.streak = 0
 
+    @property
+    def tripped(self) -> bool:
+        return self.streak >= self.limit
 
-def run_search(recipe: Recipe, run_dir: Path, worker: Worker, trials: int, show_progress: bool = True) -> optuna.Study:
+    def check(self, run_dir: Path) -> None:
+        if self.tripped:
+            raise TooManyFailures(
+                f"{self.limit} candidates failed in a row; the last error was: {self.last_error}. "
+                f"Each failure is in {run_dir / 'trials.jsonl'}; fix the recipe and run again to resume."
+            )
+
+
+def search_progress(show_progress: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), disable=not show_progress, transient=False,
+    )
+
+
+def optimize_until(
+    study: optuna.Study, objective, trials: int, guard: _FailureGuard, callbacks: list, timeout: float | None = None
+) -> None:
+    """Run trials until the study holds ``trials`` counted ones (from any worker), the guard trips, or time is up."""
+    reached = MaxTrialsCallback(trials, states=COUNTED)  # other workers add trials too
+    deadline = time.monotonic() + timeout if timeout else None
+    while counted(study) < trials and not guard.tripped:
+        if deadline is not None and time.monotonic() >= deadline:
+            LOG.info("time budget of %.0f s spent after %d trials", timeout, counted(study))
+            break
+        study.optimize(
+            objective,
+            n_trials=trials - counted(study),
+            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
+            catch=(Exception,),
+            callbacks=[*callbacks, guard, reached],
+        )
+
+
+def run_search(
+    recipe: Recipe, run_dir: Path, worker: Worker, trials: int, show_progress: bool = True, timeout: float | None = None
+) -> optuna.Study:
     """Run until the study holds ``trials`` completed trials; an interrupted run resumes here."""
     study = open_study(recipe, run_dir)
+    worker.use_store(run_dir)
     export_records(run_dir, study)
     worker.remember(study)
     done = counted(study)
@@ -72,33 +121,31 @@ def run_search(recipe: Recipe, run_dir: Path, worker: Worker, trials: int, show_
         LOG.info("resuming study '%s': %d of %d trials already done", study.study_name, done, trials)
     guard = _FailureGuard(recipe.evolve.max_failures)
 
-    with Progress(
-        TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-        TimeElapsedColumn(), disable=not show_progress, transient=False,
-    ) as progress:
+    with search_progress(show_progress) as progress:
         bar = progress.add_task(_best_text(study), total=trials, completed=min(done, trials))
 
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             append_record(run_dir, trial)
+            _write_sampler_files(study, run_dir)
             progress.update(bar, completed=min(counted(study), trials), description=_best_text(study))
 
-        while counted(study) < trials and guard.streak < guard.limit:
-            study.optimize(
-                worker.objective,
-                n_trials=trials - counted(study),
-                catch=(Exception,),
-                callbacks=[on_trial, guard],
-            )
-    if guard.streak >= guard.limit:
-        raise TooManyFailures(
-            f"{guard.limit} candidates failed in a row; the last error was: {guard.last_error}. "
-            f"Each failure is in {run_dir / 'trials.jsonl'}; fix the recipe and run again to resume."
-        )
+        optimize_until(study, tagged(worker.objective), trials, guard, [on_trial], timeout)
+    guard.check(run_dir)
     export_records(run_dir, study)
+    _write_sampler_files(study, run_dir)
     return study
 
 
+def _write_sampler_files(study: optuna.Study, run_dir: Path) -> None:
+    """Samplers with state worth keeping in the run folder (CycleQD's archives.json) write it."""
+    writer = getattr(study.sampler, "write_run_files", None)
+    if writer is not None:
+        writer(run_dir, study)
+
+
 def _best_text(study: optuna.Study) -> str:
+    if len(study.directions) > 1:
+        return f"Pareto front: {len(study.best_trials)} trials"
     try:
         best = study.best_trial
     except ValueError:

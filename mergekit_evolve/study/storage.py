@@ -2,29 +2,122 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
 
 # A worker that dies mid-trial stops its heartbeat; after the grace period the next ask marks
 # that trial failed (and re-queues its point once), so nothing stays RUNNING forever.
 HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = 120
+GRACE_SECONDS = 120  # evolve.heartbeat_grace
+HEARTBEAT_ATTR = "mergekit_evolve:heartbeat"
+WORKER_ATTR = "mergekit_evolve:worker:"
+WORKER_KEY = "worker"  # trial user attr: "host:pid" of the process that ran it
+
+
+class StorageError(ValueError):
+    pass
 
 
 def default_storage_url(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """``sqlite:///``, ``postgresql://``, ``mysql://`` URLs are RDB storages; ``journal:PATH`` a journal file."""
+def open_storage(url: str, grace_seconds: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
+    """``sqlite:///``, ``postgresql://``, ``mysql://`` URLs are RDB storages; ``journal:PATH`` a journal file.
+
+    Both get heartbeats: a trial whose worker sent none for ``grace_seconds`` is failed, and its
+    point re-queued once, by the next worker that asks for a trial.
+    """
+    interval = max(1, min(HEARTBEAT_SECONDS, grace_seconds // 4))
     if url.startswith("journal:"):
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        return HeartbeatJournalStorage(
+            JournalFileBackend(url.removeprefix("journal:")), interval, grace_seconds, RetryFailedTrialCallback(max_retry=1)
+        )
     return RDBStorage(
         url,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
+        heartbeat_interval=interval,
+        grace_period=grace_seconds,
         heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
     )
+
+
+def check_storage(url: str) -> None:
+    """Open a storage URL given by the user once, so a typo or an unreachable server stops the run before it starts."""
+    try:
+        open_storage(url).get_all_studies()
+    except Exception as e:  # sqlalchemy, a missing driver, OSError: all mean "cannot use this URL"
+        raise StorageError(f"cannot open the study storage '{url}': {type(e).__name__}: {e}") from None
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A journal file with Optuna's heartbeat protocol (Optuna implements it for RDB storages only).
+
+    A heartbeat is the trial's system attr ``[trial_id, unix time]``; the id matters because a
+    retried trial inherits the system attrs of the trial it retries. Hosts sharing a journal
+    file on a network file system need roughly synchronised clocks (well within the grace period).
+    """
+
+    def __init__(self, backend: BaseJournalBackend, interval: int, grace: int,
+                 callback: Callable[[optuna.Study, FrozenTrial], None]):
+        super().__init__(backend)
+        self._interval, self._grace, self._callback = interval, grace, callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, [trial_id, time.time()])
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # like RDBStorage: a trial that never sent a heartbeat is not stale
+        now = time.time()
+        stale = []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = trial.system_attrs.get(HEARTBEAT_ATTR)
+            if beat and beat[0] == trial._trial_id and now - beat[1] > self._grace:
+                stale.append(trial._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int:
+        return self._interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
+        return self._callback
+
+
+def register_worker(study: optuna.Study) -> int:
+    """Join ``study`` as one more worker; returns this worker's index (0 for the first ever).
+
+    Optuna's samplers propose the same points in every process that uses the same seed
+    (optuna#4714), so each worker offsets its sampler seed by this index. A key sorts by the
+    time it was written; taking at least the count seen before writing keeps two workers from
+    sharing an index even when a host's clock lags.
+    """
+    before = sum(k.startswith(WORKER_ATTR) for k in study.user_attrs)
+    key = f"{WORKER_ATTR}{time.time_ns():020d}:{uuid.uuid4().hex[:8]}"
+    study.set_user_attr(key, {"host": socket.gethostname(), "pid": os.getpid()})
+    keys = sorted(k for k in study.user_attrs if k.startswith(WORKER_ATTR))
+    return max(before, keys.index(key))
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def tagged(objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+    """The objective, marking each trial with the process that runs it (so a dead one's trial can be found)."""
+    name = worker_name()
+
+    def run(trial: optuna.Trial) -> Any:
+        trial.set_user_attr(WORKER_KEY, name)
+        return objective(trial)
+
+    return run

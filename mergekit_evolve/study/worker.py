@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from pathlib import Path
 
 import optuna
 import torch
@@ -17,11 +17,14 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.compile import compile_point, config_digest
+from mergekit_evolve.evaluate.example_store import EXAMPLES_FILE, ExampleStore
 from mergekit_evolve.evaluate.lm_eval_suite import Evaluator, Scores, Split, TaskSuite
 from mergekit_evolve.merge.engine import InMemoryMerger, resolve_device
 from mergekit_evolve.merge.resident import local_folder, make_resident
 from mergekit_evolve.recipe.load import Recipe
 from mergekit_evolve.space.suggest import suggest_point
+from mergekit_evolve.study.pruning import staged_scores
+from mergekit_evolve.study.objectives import study_values
 
 LOG = logging.getLogger(__name__)
 
@@ -67,19 +70,24 @@ class Worker:
             local_folder(donor, options), trust_remote_code=options.trust_remote_code
         )
         self.evaluator = Evaluator(self.suite, self.tokenizer)
-        self.known: dict[str, tuple[int, float, dict[str, float]]] = {}
+        self.anchors: dict | None = None  # chosen on first use, from the sources' results
+        self.known: dict[str, tuple[int, float | list[float], dict[str, float]]] = {}
+
+    def use_store(self, run_dir: Path) -> None:
+        """Keep per-example results in the run folder (shared by resumes and other workers)."""
+        self.evaluator.store = ExampleStore(run_dir / EXAMPLES_FILE)
 
     def score_config(self, config: MergeConfiguration, split: Split) -> Scores:
-        return self.evaluator.score(self.merger.materialize(config), split)
+        return self.evaluator.score(self.merger.materialize(config), split, digest=config_digest(config))
 
     def remember(self, study: optuna.Study) -> None:
         """Index completed trials by config digest so an identical candidate is not scored twice."""
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             digest = t.user_attrs.get("config_digest")
             if digest and digest not in self.known:
-                self.known[digest] = (t.number, t.value, t.user_attrs.get("scores", {}))
+                self.known[digest] = (t.number, t.values[0] if len(t.values) == 1 else t.values, t.user_attrs.get("scores", {}))
 
-    def objective(self, trial: optuna.Trial) -> float:
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
         try:
             point = suggest_point(trial, self.recipe.space)
             config = compile_point(self.recipe, point)
@@ -94,18 +102,17 @@ class Worker:
             t0 = time.perf_counter()
             model = self.merger.materialize(config)
             t1 = time.perf_counter()
-            scores = self.evaluator.score(model, "search")
+            scores = staged_scores(self, model, digest, trial)
             t2 = time.perf_counter()
-            value = scores.weighted(self.objectives)
+            value = study_values(self.recipe.evolve, scores.values)  # weighted, or one per objective
             trial.set_user_attr("scores", scores.values)
             trial.set_user_attr("seconds", {"merge": round(t1 - t0, 4), "evaluate": round(t2 - t1, 4)})
             self.known[digest] = (trial.number, value, scores.values)
             return value
+        except optuna.TrialPruned:
+            raise
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
-
-    def describe_point(self, point: dict[str, Any]) -> str:
-        return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The steps of the evolve job (.github/workflows/evolve.yml, action.yml), runnable anywhere:
+#
+#   RECIPE=recipes/demo.yml bash .github/scripts/evolve-job.sh names     # run folder and artifact name
+#   RECIPE=recipes/demo.yml bash .github/scripts/evolve-job.sh restore   # the previous run's folder, from its artifact
+#   RECIPE=recipes/demo.yml bash .github/scripts/evolve-job.sh run       # search (resumes a restored study)
+#   RECIPE=recipes/demo.yml PUBLISH=true PUBLISH_REPO=me/x bash .github/scripts/evolve-job.sh publish
+#
+# Inputs (environment): RECIPE (required); TRIALS; TIMEOUT (seconds); RUN_DIR (default runs/<recipe stem>);
+# ARTIFACT (default evolve-<recipe stem>); EVOLVE_ARGS (more `mergekit-evolve run` options, e.g.
+# "--workers 2"); PUBLISH (true/false), PUBLISH_REPO, PUBLISH_SPACE (default: the recipe's
+# publish section), PUBLISH_DRY_RUN (a folder: write what would be uploaded, send nothing);
+# HF_TOKEN, HF_ENDPOINT as for `mergekit-evolve publish`. `restore` uses the GitHub CLI with
+# GH_TOKEN and GITHUB_REPOSITORY (set on GitHub); elsewhere it restores nothing.
+set -euo pipefail
+
+: "${RECIPE:?set RECIPE to the recipe path}"
+STEM="$(basename "${RECIPE%.*}")"
+RUN_DIR="${RUN_DIR:-runs/$STEM}"
+ARTIFACT="${ARTIFACT:-evolve-$STEM}"
+
+say() { echo "evolve-job: $*"; }
+
+names() {
+  say "run folder $RUN_DIR, artifact $ARTIFACT"
+  if [ -n "${GITHUB_OUTPUT:-}" ]; then
+    { echo "run-dir=$RUN_DIR"; echo "artifact=$ARTIFACT"; } >> "$GITHUB_OUTPUT"
+  fi
+}
+
+restore() {
+  if [ -e "$RUN_DIR" ]; then
+    say "$RUN_DIR exists; resuming it as it is"
+    return
+  fi
+  if [ -z "${GH_TOKEN:-}" ] || [ -z "${GITHUB_REPOSITORY:-}" ] || ! command -v gh > /dev/null; then
+    say "not on GitHub (GH_TOKEN, GITHUB_REPOSITORY and gh needed): nothing to restore, starting afresh"
+    return
+  fi
+  # The newest unexpired artifact of that name, from any run of any workflow of this repository.
+  local run_id
+  run_id="$(gh api "repos/$GITHUB_REPOSITORY/actions/artifacts?name=$ARTIFACT&per_page=20" \
+    --jq '[.artifacts[] | select(.expired | not)][0].workflow_run.id // empty')"
+  if [ -z "$run_id" ]; then
+    say "no artifact named $ARTIFACT yet: starting afresh"
+    return
+  fi
+  say "restoring $RUN_DIR from artifact $ARTIFACT of run $run_id"
+  gh run download "$run_id" --repo "$GITHUB_REPOSITORY" --name "$ARTIFACT" --dir "$RUN_DIR"
+}
+
+run() {
+  local args=("$RECIPE" --run-dir "$RUN_DIR" --no-progress)
+  if [ -n "${TRIALS:-}" ]; then args+=(--trials "$TRIALS"); fi
+  if [ -n "${TIMEOUT:-}" ]; then args+=(--timeout "$TIMEOUT"); fi
+  # EVOLVE_ARGS is a list of options: split on spaces on purpose
+  # shellcheck disable=SC2206
+  if [ -n "${EVOLVE_ARGS:-}" ]; then args+=($EVOLVE_ARGS); fi
+  say "mergekit-evolve ${args[*]}"
+  mergekit-evolve "${args[@]}"
+}
+
+publish() {
+  if [ "${PUBLISH:-false}" != "true" ]; then
+    say "publishing not asked for (PUBLISH=${PUBLISH:-false})"
+    return
+  fi
+  local args=(publish "$RUN_DIR")
+  if [ -n "${PUBLISH_REPO:-}" ]; then args+=(--repo "$PUBLISH_REPO"); fi
+  if [ -n "${PUBLISH_SPACE:-}" ]; then args+=(--space "$PUBLISH_SPACE"); fi
+  if [ -n "${PUBLISH_DRY_RUN:-}" ]; then args+=(--dry-run "$PUBLISH_DRY_RUN"); fi
+  say "mergekit-evolve ${args[*]}"
+  mergekit-evolve "${args[@]}"
+}
+
+case "${1:-}" in
+  names | restore | run | publish) "$1" ;;
+  *)
+    echo "usage: RECIPE=path bash $0 names|restore|run|publish" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,143 @@
+"""What a finished run folder holds for publishing: the winner, its config and recipe, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+
+from mergekit_evolve.publish.errors import PublishError
+from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from mergekit_evolve.recipe.publish_settings import PublishSettings
+from mergekit_evolve.report.pareto import PARETO_PLOT
+from mergekit_evolve.report.winner import BEST_DIR, HISTORY_PLOT, REPORT_FILE
+
+CONFIG_FILE = "mergekit_config.yml"
+RECIPE_FILE = "recipe.yml"
+# Plots by their name inside best/ (and the Space), where the card embeds them by relative path,
+# and where the run writes them; the Pareto plot exists for multi-objective runs only.
+PLOTS = {"history": ("history.png", HISTORY_PLOT), "pareto": ("pareto.png", PARETO_PLOT)}
+STAGES_KEY = "stages"  # a staged recipe (mergekit_evolve.stages) has only this key at the top
+
+
+def hub_id(model: str) -> str | None:
+    """The Hub repo id of a mergekit model reference, or None when it names a local folder."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = ModelReference.parse(model).model.path
+    if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
+        return None
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return None
+    return path
+
+
+@dataclass
+class RunFiles:
+    run_dir: Path
+
+    @property
+    def best(self) -> Path:
+        return self.run_dir / BEST_DIR
+
+    def plots(self) -> dict[str, tuple[str, Path]]:
+        """The plots this run has: kind -> (name in best/, file), from plots/ or else best/."""
+        found = {}
+        for kind, (name, rel) in PLOTS.items():
+            for path in (self.run_dir / rel, self.best / name):
+                if path.is_file():
+                    found[kind] = (name, path)
+                    break
+        return found
+
+    @cached_property
+    def report(self) -> dict[str, Any]:
+        path = self.run_dir / REPORT_FILE
+        try:
+            return json.loads(self._read(path))
+        except json.JSONDecodeError as e:
+            raise PublishError(f"{path}: not valid JSON ({e})") from None
+
+    @cached_property
+    def config_text(self) -> str:
+        return self._read(self.best / CONFIG_FILE)
+
+    @cached_property
+    def config(self) -> MergeConfiguration:
+        return MergeConfiguration.model_validate(yaml.safe_load(self.config_text))
+
+    @cached_property
+    def recipe_text(self) -> str:
+        return self._read(self.best / RECIPE_FILE)
+
+    @cached_property
+    def _recipe_file_data(self) -> Any:
+        return yaml.safe_load(self.recipe_text)
+
+    @property
+    def stage(self) -> str | None:
+        """The stage name when the recipe is staged (each stage runs in RUN_DIR/NAME)."""
+        data = self._recipe_file_data
+        return self.run_dir.resolve().name if isinstance(data, dict) and isinstance(data.get(STAGES_KEY), list) else None
+
+    @cached_property
+    def _recipe_data(self) -> dict[str, Any]:
+        data = self._recipe_file_data
+        if self.stage:
+            data = next((s for s in data[STAGES_KEY] if isinstance(s, dict) and s.get("name") == self.stage), {})
+        return data if isinstance(data, dict) else {}
+
+    @cached_property
+    def evolve(self) -> EvolveSettings:
+        return self._section(EvolveSettings, "evolve")
+
+    @cached_property
+    def publish(self) -> PublishSettings:
+        return self._section(PublishSettings, "publish")
+
+    @property
+    def sources(self) -> list[str]:
+        """Every source model as the report names it (str of a mergekit ModelReference), base first."""
+        return list(self.report["sources"])
+
+    @property
+    def name(self) -> str:
+        return self.report.get("study") or self.run_dir.resolve().name
+
+    def check(self) -> None:
+        """Fail early, naming the missing piece, if this is not a finished run folder."""
+        stages = sorted(p.parents[1].name for p in self.run_dir.glob(f"*/{BEST_DIR}/config.json"))
+        if not self.best.is_dir() and stages:
+            raise PublishError(
+                f"{self.run_dir} is a staged run; give one stage's folder: "
+                + ", ".join(str(self.run_dir / s) for s in stages)
+            )
+        if not self.best.is_dir() or not (self.best / "config.json").is_file():
+            raise PublishError(f"{self.best} holds no merged model: run the search first (mergekit-evolve RECIPE -o {self.run_dir})")
+        if not any(self.best.glob("*.safetensors")):
+            raise PublishError(f"{self.best} holds no .safetensors weights")
+        # load each piece now, so a broken file is reported before anything is written or sent
+        _ = (self.report, self.config, self.evolve, self.publish)
+
+    def _section(self, model: type[pydantic.BaseModel], key: str) -> Any:
+        try:
+            return model.model_validate(self._recipe_data.get(key) or {})
+        except pydantic.ValidationError as e:
+            raise PublishError(f"{self.best / RECIPE_FILE}: '{key}' section: {e.errors()[0]['msg']}") from None
+
+    def _read(self, path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise PublishError(f"{path}: {e.strerror}; is {self.run_dir} a finished mergekit-evolve run folder?") from None

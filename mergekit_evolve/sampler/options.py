@@ -1,0 +1,96 @@
+"""Typed ``evolve.sampler_options`` for the samplers this package implements.
+
+Optuna's own samplers take their constructor's keyword arguments as they are; these three
+are ours, so their options are checked (and documented) here, when the recipe is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PyCmaOptions(_Options):
+    """pycma's CMA-ES, generation by generation (``sampler: cma``)."""
+
+    sigma0: float = Field(default=1 / 6, gt=0, description="initial step size in units of each dimension's range (Sakana: 1/6)")
+    popsize: int | None = Field(default=None, ge=2, description="points per generation; default pycma's 4 + 3 ln(n)")
+    restarts: int = Field(default=0, ge=0, description="restarts when pycma's stop criteria fire (0: keep sampling)")
+    restart_strategy: Literal["ipop", "bipop"] = Field(
+        default="ipop", description="ipop: popsize x incpopsize each restart; bipop: interleave small-population local runs"
+    )
+    incpopsize: float = Field(default=2.0, ge=1.0)
+
+
+class CycleQDOptions(_Options):
+    """CycleQD: one MAP-Elites archive per objective, the quality task cycling (``sampler: cycleqd``)."""
+
+    children: int = Field(default=4, ge=1, description="children per generation, all bred from the cycling task's archive")
+    bins: int = Field(default=15, ge=1, description="equal bins per descriptor task between its low and high bound")
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="objective name -> (low, high) score range binned; default (0, 1)"
+    )
+    elite_sampling: bool = Field(default=True, description="parents drawn with prob. ~ prod(0.5 + 0.3 norm(f)); false: uniform")
+    crossover_mu: float = Field(default=1.0, description="mean of the crossover weights w1, w2 ~ N(mu, sigma^2)")
+    crossover_sigma: float = Field(default=0.3, ge=0)
+    mutation: Literal["svd", "gaussian", "none"] = "svd"
+    w_max: float = Field(default=2.0, gt=0, description="SVD mutation: singular values scaled by w ~ U[0, w_max]")
+    noise: float = Field(default=0.1, gt=0, description="gaussian mutation: noise std in units of each task-vector matrix's std")
+    merge_elites: bool = Field(
+        default=True, description="after each full cycle, also evaluate the softmax-weighted merge of the archives' best elites"
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "CycleQDOptions":
+        for name, (low, high) in self.bounds.items():
+            if not low < high:
+                raise ValueError(f"bounds of '{name}': low {low} must be below high {high}")
+        return self
+
+    def bounds_of(self, objective: str) -> tuple[float, float]:
+        return self.bounds.get(objective, (0.0, 1.0))
+
+
+class SwarmOptions(_Options):
+    """Model Swarms: particle swarm over the experts' weights (``sampler: swarm``)."""
+
+    particles: int = Field(default=20, ge=2, description="swarm size N: the experts plus pairwise crossovers")
+    phi_v: float = Field(default=0.4, ge=0, description="inertia")
+    phi_p: float = Field(default=0.3, ge=0, description="pull to the personal best")
+    phi_g: float = Field(default=0.3, ge=0, description="pull to the global best")
+    phi_w: float = Field(default=0.3, ge=0, description="push from the global worst")
+    step: float = Field(default=1.0, gt=0, description="initial step length lambda")
+    step_decay: float = Field(default=0.95, gt=0, le=1)
+    step_min: float = Field(default=0.1, gt=0)
+    patience: int = Field(default=10, ge=1, description="iterations without a new global best before the swarm restarts")
+    max_iterations: int = Field(default=200, ge=1, description="iterations before the swarm restarts regardless")
+    restart_fraction: float = Field(
+        default=0.67, gt=0, description="a particle whose best has not improved for this x patience iterations is reset to it"
+    )
+
+
+TYPED_OPTIONS: dict[str, type[_Options]] = {"cma": PyCmaOptions, "cycleqd": CycleQDOptions, "swarm": SwarmOptions}
+
+
+def check_options(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``options`` when ``sampler`` is one of ours; a ValueError names the offending option."""
+    model = TYPED_OPTIONS.get(sampler)
+    if model is None:
+        return options
+    try:
+        model.model_validate(options)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(map(str, err["loc"]))
+        if err["type"] == "extra_forbidden":
+            raise ValueError(
+                f"sampler '{sampler}' has no option '{key}'; it takes: {', '.join(model.model_fields)}"
+            ) from None
+        raise ValueError(f"sampler '{sampler}' option '{key}': {err['msg']}") from None
+    return options

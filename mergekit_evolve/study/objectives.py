@@ -1,0 +1,45 @@
+"""What the study stores as a trial's value(s): the weighted objective, or one value per objective.
+
+Single-objective studies maximise the weighted mean (minimised objectives sign-flipped);
+``evolve.multi_objective`` studies get one direction per objective and the raw scores.
+Every trial also keeps the per-objective scores in ``user_attrs["scores"]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from mergekit_evolve.evaluate.lm_eval_suite import Scores
+from mergekit_evolve.recipe.evolve_settings import EvolveSettings, Objective
+
+
+def directions(settings: EvolveSettings) -> list[str]:
+    if settings.multi_objective:
+        return [o.goal for o in settings.objectives]
+    return ["maximize"]
+
+
+def study_values(settings: EvolveSettings, scores: dict[str, float]) -> float | list[float]:
+    """The value(s) ``Study.tell``/the objective returns for a candidate with these scores."""
+    if settings.multi_objective:
+        return [scores[o.name] for o in settings.objectives]
+    return Scores(scores).weighted(settings.objectives)
+
+
+def weighted(trial: FrozenTrial, objectives: list[Objective]) -> float | None:
+    """A finished trial's weighted objective (higher is better); None unless it completed."""
+    if trial.state != TrialState.COMPLETE:
+        return None
+    if len(trial.values) == 1:
+        return trial.values[0]
+    return Scores(trial.user_attrs["scores"]).weighted(objectives)
+
+
+def qualities(trial: FrozenTrial, objectives: list[Objective]) -> dict[str, float] | None:
+    """Per-objective scores of a completed trial, sign-flipped for 'minimize' so higher is better."""
+    scores: dict[str, Any] = trial.user_attrs.get("scores") or {}
+    if trial.state != TrialState.COMPLETE or any(o.name not in scores for o in objectives):
+        return None
+    return {o.name: (1 if o.goal == "maximize" else -1) * float(scores[o.name]) for o in objectives}

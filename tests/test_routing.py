@@ -1,0 +1,152 @@
+"""The routing block: dimensions, the paper's decoding, length repair, the compiled config, bad input."""
+
+import pytest
+import transformers
+
+from mergekit_evolve.compile import compile_point
+from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.yaml_lines import RecipeError
+from mergekit_evolve.space.routing import Routing, open_slots
+
+EVOLVE = "evolve:\n  objectives: [{task: unused}]\n"
+
+
+def recipe_text(models, extra="", method="passthrough"):
+    return (
+        f"merge_method: {method}\n"
+        "routing:\n"
+        f"  models: [{', '.join(str(m) for m in models)}]\n"
+        f"{extra}"
+        "dtype: float32\n" + EVOLVE
+    )
+
+
+def load(tmp_path, text):
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
+def indicator_names(recipe):
+    return [n for n in recipe.space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
+
+
+def test_dimensions_and_init_is_model_a(tiny_llama, tmp_path):
+    _, v1, v2 = tiny_llama
+    recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 3\n  scales: [0.5, 2.0]\n"))
+    names = indicator_names(recipe)
+    assert len(names) == 8 * 3  # M x r
+    assert names[:5] == ["routing.r0.v1.L0", "routing.r0.v1.L1", "routing.r0.v1.L2", "routing.r0.v1.L3", "routing.r0.v2.L0"]
+    assert names[-1] == "routing.r2.v2.L3"
+    assert len(recipe.space) == 2 * 24 + 1  # indicator, a scale per slot, the hop into the forced last layer
+    assert all(recipe.space.dimensions[n].low == -1.0 and recipe.space.dimensions[n].high == 1.0 for n in names)
+    # the init point (first trial, dry-run config) is model A unchanged
+    config = compile_point(recipe, recipe.space.default_point())
+    assert [(str(s.sources[0].model), s.sources[0].layer_range) for s in config.slices] == [(str(v1), (i, i + 1)) for i in range(4)]
+    assert all(s.sources[0].parameters is None for s in config.slices)
+    assert str(config.base_model) == str(v1)
+
+
+def test_compiled_config_pinned(tiny_llama, tmp_path):
+    """Two 4-layer models, r = 2: M = 8, T = 16; slots 2, 5, 9, 12 open."""
+    _, v1, v2 = tiny_llama
+    recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 2\n  scales: [0.5, 2.0]\n"))
+    names = indicator_names(recipe)
+    point = {n: -0.3 for n in names} | {f"{n}.scale": 1.0 for n in names} | {"routing.last.scale": 1.75}
+    for slot, value, scale in [(2, 0.9, 0.6), (5, 0.1, 1.5), (9, 0.4, 0.8), (12, 0.7, 1.2)]:
+        point[names[slot]] = value
+        point[f"{names[slot]}.scale"] = scale
+    point[f"{names[3]}.scale"] = 1.9  # a closed slot's scale is never used
+
+    # path: v1 L0 (forced), slot 2 = v1 L2, slot 5 = v2 L1, slot 9 = 9 mod 8 = v1 L1,
+    # slot 12 = 12 mod 8 = v2 L0, v1 L3 (forced); each scale sits on the previous hop's down_proj
+    def hop(model, layer, scale=None):
+        source = {"model": str(model), "layer_range": [layer, layer + 1]}
+        if scale is not None:
+            source["parameters"] = {"scale": [{"filter": "down_proj", "value": scale}]}
+        return {"sources": [source]}
+
+    expected = {
+        "merge_method": "passthrough",
+        "base_model": str(v1),
+        "dtype": "float32",
+        "slices": [hop(v1, 0, 0.6), hop(v1, 2, 1.5), hop(v2, 1, 0.8), hop(v1, 1, 1.2), hop(v2, 0, 1.75), hop(v1, 3)],
+    }
+    got = compile_point(recipe, point).model_dump(mode="json", exclude_none=True)
+    assert got == expected
+
+
+def block(slots=8, lo=None, hi=None):
+    return Routing(models=["a"], num_layers={"a": slots}, min_layers=lo, max_layers=hi)
+
+
+def test_paper_decoding_and_length_repair():
+    indicator = [0.5, -0.1, 0.0, 0.9, -0.8, 0.2, 0.3, -0.05]
+    assert open_slots(block(), indicator) == [0, 3, 5, 6]  # I > 0, strictly
+    # too long for max 4 (2 forced + 2): keep the two largest values, in slot order
+    assert open_slots(block(hi=4), indicator) == [0, 3]
+    # too short for min 8 (2 forced + 6): also open the closed slots with the largest values
+    assert open_slots(block(lo=8), indicator) == [0, 2, 3, 5, 6, 7]
+
+
+@pytest.fixture
+def wide_model(tmp_path):
+    """A config-only llama with hidden size 48 (the tiny family has 32)."""
+    folder = tmp_path / "wide"
+    transformers.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=43).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "extra, line, message",
+    [
+        ("  repeats: 0\n", 4, "repeats (r) must be at least 1, got 0"),
+        ("  scales: [0.0, 2.0]\n", 4, "must be positive"),
+        ("  scales: [-1.0, 2.0]\n", 4, "must be positive"),
+        ("  scales: [2.0, 1.0]\n", 4, "is empty"),
+        ("  repeats: 2\n  min_layers: 19\n", 5, "min_layers 19 can never be reached: 16 slots (8 layers x 2 repeats) plus the 2 forced layers make at most 18"),
+        ("  max_layers: 1\n", 4, "below 2: the first and last layers"),
+        ("  min_layers: 6\n  max_layers: 5\n", 4, "min_layers 6 is above routing.max_layers 5"),
+        ("  colour: red\n", 4, "routing.colour: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_routing_block_names_the_line(tiny_llama, tmp_path, extra, line, message):
+    _, v1, v2 = tiny_llama
+    with pytest.raises(RecipeError) as e:
+        load(tmp_path, recipe_text([v1, v2], extra))
+    assert e.value.line == line
+    assert message in e.value.message
+
+
+def test_different_hidden_sizes_rejected(tiny_llama, wide_model, tmp_path):
+    _, v1, _ = tiny_llama
+    text = "merge_method: passthrough\nrouting:\n  models:\n    - " + str(v1) + "\n    - " + str(wide_model) + "\n" + EVOLVE
+    with pytest.raises(RecipeError) as e:
+        load(tmp_path, text)
+    assert e.value.line == 5
+    assert "must share hidden_size" in e.value.message and "48" in e.value.message
+
+
+def test_routing_needs_passthrough_and_no_models(tiny_llama, tmp_path):
+    _, v1, v2 = tiny_llama
+    with pytest.raises(RecipeError) as e:
+        load(tmp_path, recipe_text([v1, v2], method="linear"))
+    assert e.value.line == 1 and "needs merge_method: passthrough" in e.value.message
+    with pytest.raises(RecipeError) as e:
+        load(tmp_path, recipe_text([v1, v2]) + f"models:\n  - model: {v1}\n")
+    assert e.value.line == 7 and "'models' cannot be used with 'routing:'" in e.value.message
+
+
+def test_layer_counts_without_config(tiny_llama, tmp_path):
+    _, v1, _ = tiny_llama
+    with pytest.raises(RecipeError) as e:
+        load(tmp_path, recipe_text([v1, "nobody/not-downloaded-7b"]))
+    assert e.value.line == 3 and "no config.json for routed model 'nobody/not-downloaded-7b'" in e.value.message
+    # a dry run on Hub ids: the counts come from the recipe
+    recipe = load(tmp_path, recipe_text([v1, "nobody/not-downloaded-7b"], "  num_layers: {nobody/not-downloaded-7b: 6}\n"))
+    assert len(indicator_names(recipe)) == 4 + 6
+    # ... and must agree with a config that is there
+    with pytest.raises(RecipeError) as e:
+        load(tmp_path, recipe_text([v1], f"  num_layers: {{{v1}: 5}}\n"))
+    assert e.value.line == 4 and "gives" in e.value.message and "config.json has 4" in e.value.message

@@ -1,0 +1,81 @@
+"""A routed merge computes what running the chosen source layers in sequence, scales applied, computes."""
+
+import random
+
+import pytest
+import torch
+import transformers
+from mergekit.options import MergeOptions
+
+from mergekit_evolve.compile import compile_point
+from mergekit_evolve.merge.engine import InMemoryMerger
+from mergekit_evolve.recipe.load import load_recipe
+
+
+def write_recipe(tmp_path, models, repeats=2):
+    path = tmp_path / "dfs.yml"
+    path.write_text(
+        "merge_method: passthrough\n"
+        "routing:\n"
+        f"  models: [{', '.join(str(m) for m in models)}]\n"
+        f"  repeats: {repeats}\n"
+        "  scales: [0.25, 4.0]\n"
+        "dtype: float32\n"
+        "evolve:\n  objectives: [{task: unused}]\n"
+    )
+    return load_recipe(path)
+
+
+def by_hand(models, path, scales, ids):
+    """Embed with A, run each (model, layer) of ``path`` from the HF modules, A's norm and head.
+
+    ``scales[k]`` multiplies the MLP output of hop k before it joins the residual stream.
+    """
+    a = models[0]
+    n = ids.shape[1]
+    h = a.model.embed_tokens(ids)
+    rope = a.model.rotary_emb(h, torch.arange(n)[None])
+    mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+    for (m, layer), scale in zip(path, scales):
+        block = models[m].model.layers[layer]
+        attn, _ = block.self_attn(hidden_states=block.input_layernorm(h), position_embeddings=rope, attention_mask=mask)
+        h = h + attn
+        h = h + scale * block.mlp(block.post_attention_layernorm(h))
+    return a.lm_head(a.model.norm(h))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, seed):
+    base, v1, v2 = tiny_llama
+    recipe = write_recipe(tmp_path, [v1, v2, base])
+    layers, r = 4, 2
+    M, T = 3 * layers, 3 * layers * 2
+
+    rng = random.Random(seed)
+    indicator = [rng.uniform(-1, 1) for _ in range(T)]
+    slot_scales = [rng.uniform(0.25, 4.0) for _ in range(T)]
+    last_scale = rng.uniform(0.25, 4.0)
+    names = [n for n in recipe.space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
+    assert len(names) == T and len(recipe.space) == 2 * T + 1
+    point = {n: v for n, v in zip(names, indicator)}
+    point |= {f"{n}.scale": s for n, s in zip(names, slot_scales)}
+    point["routing.last.scale"] = last_scale
+
+    # the paper's decoding, by hand: slot i is used when I[i] > 0; the layer is i mod M
+    used = [i for i in range(T) if indicator[i] > 0]
+    path = [(0, 0)] + [((i % M) // layers, (i % M) % layers) for i in used] + [(0, layers - 1)]
+    hop_scales = [1.0] + [slot_scales[i] for i in used] + [last_scale]  # hop k's scale ...
+    mlp_scales = hop_scales[1:] + [1.0]  # ... multiplies hop k-1's MLP output
+
+    config = compile_point(recipe, point)
+    assert len(config.slices) == len(path)
+    merged = InMemoryMerger(MergeOptions(quiet=True)).materialize(config)
+    sources = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (v1, v2, base)]
+
+    ids = torch.tensor([[2, 5, 9, 13, 17, 21, 30, 33, 7]])
+    with torch.no_grad():
+        got = merged(ids).logits
+        want = by_hand(sources, path, mlp_scales, ids)
+        unscaled = by_hand(sources, path, [1.0] * len(path), ids)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, unscaled, atol=1e-3), "the scales changed nothing: the check would be vacuous"
