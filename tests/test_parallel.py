@@ -144,6 +144,13 @@ def test_unusable_storage_url_is_named(url, expected):
     assert expected in str(e.value)
 
 
+def test_missing_database_driver_says_what_to_install(monkeypatch):
+    for driver in ("psycopg", "psycopg2"):
+        monkeypatch.setitem(sys.modules, driver, None)  # import -> ImportError, whatever this machine has
+    with pytest.raises(StorageError, match=r"pip install 'psycopg\[binary\]'"):
+        check_storage("postgresql://evolve@127.0.0.1:1/evolve")
+
+
 def test_unusable_storage_stops_the_run_before_the_run_folder(workspace, tiny_llama):
     path = write_recipe(workspace, tiny_llama, "badstore", trials=2)
     run_dir = workspace / "runs" / "badstore"
@@ -227,3 +234,31 @@ def test_killed_worker_loses_only_its_trial_and_a_restart_resumes(workspace, tin
     assert result.exit_code == 0, result.output
     after = {t.number: t.params for t in load(run_dir, "kill").trials if t.state == TrialState.COMPLETE}
     assert len(after) >= len(done) + 2 and all(after[n] == p for n, p in done.items())
+
+
+@pytest.mark.slow
+def test_a_recipe_whose_candidates_all_fail_stops_every_worker(workspace, tiny_llama):
+    base, v1, _ = tiny_llama
+    path = workspace / "broken.yml"  # layer ranges past the 4 layers of the tiny models: every merge fails
+    path.write_text(textwrap.dedent(f"""
+        merge_method: linear
+        slices:
+          - sources:
+              - {{model: {base}, layer_range: [0, {{search: [5, 7], type: int, name: end}}], parameters: {{weight: 0.5}}}}
+              - {{model: {v1}, layer_range: [0, {{var: end}}], parameters: {{weight: 0.5}}}}
+        dtype: float32
+        evolve:
+          sampler: random
+          trials: 20
+          max_failures: 3
+          objectives:
+            - {{task: tiny_copy, metric: "acc,none"}}
+          task_paths: [tasks]
+        """).lstrip())
+    run_dir = workspace / "runs" / "broken"
+    result = CliRunner().invoke(cli, [str(path), "-o", str(run_dir), "--workers", "2", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "3 candidates failed in a row" in result.output and "trials.jsonl" in result.output
+    study = load(run_dir, "broken")
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert len(study.get_trials(states=(TrialState.FAIL,))) < 20  # stopped early, not after the whole budget

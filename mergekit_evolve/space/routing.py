@@ -88,9 +88,8 @@ class Routing(BaseModel):
         lo, hi = v
         if lo <= 0:
             raise ValueError(
-                f"the scale range [{lo}, {hi}] must be positive: a scale multiplies an MLP output that the next "
-                "layer's RMS normalisation rescales anyway, so only positive magnitudes mean anything "
-                "(0 deletes the MLP, a negative value flips it)"
+                f"the scale range [{lo}, {hi}] must be positive: a scale multiplies an MLP output before it joins "
+                "the residual stream, so 0 would delete that MLP and a negative value flip its sign"
             )
         if not lo < hi:
             raise ValueError(f"the scale range [{lo}, {hi}] is empty: the low end must be below the high end")

@@ -14,6 +14,7 @@ other hosts, a killed parent).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -29,7 +30,6 @@ from pathlib import Path
 import optuna
 import torch
 from mergekit.options import MergeOptions
-from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from rich.progress import Progress, TaskID
 
@@ -41,7 +41,7 @@ from mergekit_evolve.study.records import append_record, export_records
 from mergekit_evolve.study.search import (
     _best_text, _FailureGuard, _write_sampler_files, counted, open_study, optimize_until, search_progress,
 )
-from mergekit_evolve.study.storage import WORKER_KEY, tagged, worker_name
+from mergekit_evolve.study.storage import WORKER_KEY, RetryLost, tagged, worker_name
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -65,11 +65,8 @@ class WorkerPlan:
 
 def plan_workers(settings: EvolveSettings, workers: int | None, ray: str | None) -> WorkerPlan:
     """``--workers``/``--ray`` over ``evolve.workers``; checked before the run folder is touched."""
-    if ray is not None:
-        try:
-            import ray as _  # noqa: F401
-        except ImportError:
-            raise ParallelError("--ray needs Ray: pip install 'mergekit-evolve[ray]'") from None
+    if ray is not None and importlib.util.find_spec("ray") is None:
+        raise ParallelError("--ray needs Ray: pip install 'mergekit-evolve[ray]'")
     return WorkerPlan(workers or settings.workers, ray)
 
 
@@ -122,9 +119,11 @@ def stop_when(stop: Callable[[], bool]) -> Callable[[optuna.Study, FrozenTrial],
     return callback
 
 
-def reap(study: optuna.Study, name: str, why: str) -> list[int]:
-    """Fail the running trials of the dead worker ``name`` and re-queue each point once."""
-    retry = RetryFailedTrialCallback(max_retry=1)
+def reap(study: optuna.Study, name: str, why: str, quiet: bool = False) -> list[int]:
+    """Fail the running trials of the dead worker ``name`` and re-queue each point once.
+
+    ``why`` ends "worker NAME ..." in the warning; ``quiet`` logs nothing (a stop we asked for)."""
+    retry = RetryLost(max_retry=1)
     lost = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_KEY) != name:
@@ -132,10 +131,9 @@ def reap(study: optuna.Study, name: str, why: str) -> list[int]:
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         retry(study, trial)  # uses only its point and attrs
         lost.append(trial.number)
-    if lost:
-        LOG.warning("worker %s %s; its trial %s failed and was re-queued", name, why, ", ".join(map(str, lost)))
-    else:
-        LOG.warning("worker %s %s", name, why)
+    if not quiet:
+        requeued = f"; its trial {', '.join(map(str, lost))} failed and was re-queued" if lost else ""
+        LOG.warning("worker %s %s%s", name, why, requeued)
     return lost
 
 
@@ -261,7 +259,7 @@ def _run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.S
                     child_tripped.set()
                     stop_all.set()
                 elif proc.exitcode != 0:
-                    reap(monitor.study, f"{socket.gethostname()}:{proc.pid}", _exit_text(proc.exitcode))
+                    reap(monitor.study, f"{socket.gethostname()}:{proc.pid}", _exit_text(proc.exitcode), quiet=stop_all.is_set())
             alive = sum(p.exitcode is None for p in children) + (not parent_done.is_set())
             monitor.poll(alive)
             if not alive:

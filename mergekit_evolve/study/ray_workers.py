@@ -105,7 +105,7 @@ def run_ray(plan: WorkerPlan, job: WorkerJob, monitor: Monitor) -> _FailureGuard
             for actor in actors:
                 ray.kill(actor)
             for name in known.values():
-                reap(monitor.study, name, "was stopped")
+                reap(monitor.study, name, "was stopped", quiet=True)
             raise
     finally:
         ray.shutdown()

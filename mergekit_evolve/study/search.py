@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.study import MaxTrialsCallback
@@ -90,7 +92,8 @@ def search_progress(show_progress: bool) -> Progress:
 
 
 def optimize_until(
-    study: optuna.Study, objective, trials: int, guard: _FailureGuard, callbacks: list, timeout: float | None = None
+    study: optuna.Study, objective: Callable[[optuna.Trial], Any], trials: int, guard: _FailureGuard,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]], timeout: float | None = None,
 ) -> None:
     """Run trials until the study holds ``trials`` counted ones (from any worker), the guard trips, or time is up."""
     reached = MaxTrialsCallback(trials, states=COUNTED)  # other workers add trials too

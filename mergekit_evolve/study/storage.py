@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -23,6 +23,10 @@ GRACE_SECONDS = 120  # evolve.heartbeat_grace
 HEARTBEAT_ATTR = "mergekit_evolve:heartbeat"
 WORKER_ATTR = "mergekit_evolve:worker:"
 WORKER_KEY = "worker"  # trial user attr: "host:pid" of the process that ran it
+
+
+# Re-queues a lost trial's point once (Optuna 4.9 renamed the class; the old name warns).
+RetryLost = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
 
 class StorageError(ValueError):
@@ -42,22 +46,33 @@ def open_storage(url: str, grace_seconds: int = GRACE_SECONDS) -> optuna.storage
     interval = max(1, min(HEARTBEAT_SECONDS, grace_seconds // 4))
     if url.startswith("journal:"):
         return HeartbeatJournalStorage(
-            JournalFileBackend(url.removeprefix("journal:")), interval, grace_seconds, RetryFailedTrialCallback(max_retry=1)
+            JournalFileBackend(url.removeprefix("journal:")), interval, grace_seconds, RetryLost(max_retry=1)
         )
     return RDBStorage(
         url,
         heartbeat_interval=interval,
         grace_period=grace_seconds,
-        heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=RetryLost(max_retry=1),
     )
 
 
-def check_storage(url: str) -> None:
-    """Open a storage URL given by the user once, so a typo or an unreachable server stops the run before it starts."""
-    try:
-        open_storage(url).get_all_studies()
-    except Exception as e:  # sqlalchemy, a missing driver, OSError: all mean "cannot use this URL"
-        raise StorageError(f"cannot open the study storage '{url}': {type(e).__name__}: {e}") from None
+def check_storage(url: str, attempts: int = 3) -> None:
+    """Open a storage URL given by the user once, so a typo or an unreachable server stops the run before it starts.
+
+    Tried a few times: processes started together on an empty database race to create
+    Optuna's tables, and the loser sees a duplicate-key error once.
+    """
+    for attempt in range(attempts):
+        try:
+            open_storage(url).get_all_studies()
+            return
+        except ImportError as e:
+            raise StorageError(f"cannot open the study storage '{url}': {e} (PostgreSQL: pip install 'psycopg[binary]'; "
+                               "MySQL: pip install PyMySQL)") from None
+        except Exception as e:  # sqlalchemy, OSError: all mean "cannot use this URL"
+            if attempt == attempts - 1:
+                raise StorageError(f"cannot open the study storage '{url}': {type(e).__name__}: {e}") from None
+            time.sleep(1.0)
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
