@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mergekit_evolve.evaluate.lm_eval_suite import TaskSetupError
 from mergekit_evolve.merge.resident import ModelNotFoundError
 from mergekit_evolve.publish.card import write_card
@@ -42,6 +44,8 @@ def run_recipe(
     if storage:  # --storage: the same as evolve.storage
         recipe = dataclasses.replace(recipe, evolve=recipe.evolve.model_copy(update={"storage": storage}))
     options = merge_options(recipe, device, trust_remote_code)
+    if recipe.evolve.threads:
+        torch.set_num_threads(recipe.evolve.threads)
     try:
         # Everything that can be wrong with the input is found before the run folder is touched.
         recipe = prepare_recipe(recipe)  # checks the sampler fits; CycleQD adds its mutation

@@ -93,6 +93,10 @@ class EvolveSettings(BaseModel):
     storage: str | None = Field(
         default=None, description="Optuna storage URL (sqlite:///, postgresql://, journal:PATH); default SQLite in the run folder"
     )
+    threads: int | None = Field(
+        default=None, ge=1,
+        description="torch CPU threads per worker (default: the cores divided among the workers); 1 suits tiny models",
+    )
     workers: int = Field(default=1, ge=1, description="worker processes (or Ray actors), each with its own resident model")
     heartbeat_grace: int = Field(
         default=120, ge=2, description="seconds without a heartbeat after which a running trial is failed and its point retried once"

@@ -232,7 +232,7 @@ def _exit_text(code: int) -> str:
 def _run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Study, monitor: Monitor) -> _FailureGuard | None:
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's torch/lm-eval state (and its threads)
     stop_all = ctx.Event()
-    threads = max(1, (os.cpu_count() or 1) // plan.count)
+    threads = job.recipe.evolve.threads or max(1, (os.cpu_count() or 1) // plan.count)
     children, ready = [], []
     for index in range(1, plan.count):
         child_job = dataclasses.replace(job, options=_device(job.options, index), threads=threads)

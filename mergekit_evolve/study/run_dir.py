@@ -11,7 +11,7 @@ from mergekit_evolve.recipe.load import Recipe
 
 RUN_FILE = "run.json"
 # Settings that may change between a run and its resume without changing what is searched.
-RESUMABLE = {"trials", "device", "batch_size", "max_failures", "workers", "heartbeat_grace"}
+RESUMABLE = {"trials", "device", "batch_size", "max_failures", "workers", "heartbeat_grace", "threads"}
 
 
 class RunDirError(RuntimeError):

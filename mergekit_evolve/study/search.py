@@ -79,7 +79,7 @@ class _FailureGuard:
     def check(self, run_dir: Path) -> None:
         if self.tripped:
             raise TooManyFailures(
-                f"{self.limit} candidates failed in a row; the last error was: {self.last_error}. "
+                f"{self.limit} candidates failed in a row; the last error was: {(self.last_error or 'unknown').rstrip('.')}. "
                 f"Each failure is in {run_dir / 'trials.jsonl'}; fix the recipe and run again to resume."
             )
 
