@@ -1,7 +1,7 @@
 """Sampler comparison at an equal trial budget, over several seeds, on one recipe (the demo by default).
 
     python bench/samplers.py [--recipe recipes/demo.yml] [--trials 40] [--seeds 0 1 2]
-                             [--samplers random tpe cmaes cma cycleqd swarm] [--json OUT.json]
+                             [--samplers random tpe cmaes cma cycleqd swarm] [--json OUT.json] [--threads 1]
 
 Each (sampler, seed) is a full search through the real machinery (``prepare_recipe``,
 ``run_search`` with its SQLite study in a temporary run folder), all in this one process on the
@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)  # Optuna's notes on i
 warnings.filterwarnings("ignore", module="optuna")
 
 import optuna  # noqa: E402
+import torch  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from mergekit_evolve.recipe.load import Recipe, load_recipe  # noqa: E402
@@ -114,8 +115,11 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["random", "tpe", "cmaes", "cma", "cycleqd", "swarm"],
                         choices=list(OPTIONS))
     parser.add_argument("--json", type=Path, default=None, help="also write every run (incumbent curves) here")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     base = load_recipe(args.recipe)
     worker = Worker(base, merge_options(base, "cpu"))

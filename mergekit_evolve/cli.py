@@ -48,6 +48,19 @@ def _setup_logging(verbose: int) -> None:
     LOG.setLevel(logging.INFO if verbose == 0 else level)
     for noisy in ("optuna", "lm_eval", "lm-eval", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    if verbose < 2:
+        # Optuna logs every trial through its own handler and flags the heartbeat API as
+        # experimental; the progress bar and trials.jsonl already say all of it.
+        import warnings
+
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # mergekit passes transformers' deprecated torch_dtype
 
 
 @click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"]})
@@ -158,7 +171,7 @@ def _print_dry_run(recipe) -> None:
 
 def _print_report(report: dict) -> None:
     stage = f"stage {report['stage']}: " if "stage" in report else ""
-    table = Table(title=f"{stage}winner (trial {report['winner']['trial']}) vs sources — {report['objective']}")
+    table = Table(title=f"{stage}winner (trial {report['winner']['trial']}) vs sources", caption=f"objective: {report['objective']}")
     table.add_column("model")
     table.add_column("search", justify="right")
     table.add_column("held-out", justify="right")

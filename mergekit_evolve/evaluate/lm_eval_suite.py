@@ -38,8 +38,9 @@ class Scores:
 
 
 def _quiet_lm_eval() -> None:
+    # lm-eval warns on every HFLM over a model object that it ignores loading arguments: expected here
     for name in ("lm_eval", "lm-eval", "datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.ERROR))
 
 
 def _cache_compiled_templates() -> None:
@@ -115,6 +116,24 @@ def _leaf_tasks(tree: Any) -> list[Any]:
     return [] if tree is None else [tree]
 
 
+@functools.cache
+def _quiet_hflm() -> type:
+    """lm-eval's ``HFLM`` without its per-call progress bars (the search draws one bar of its own)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
 @dataclass
 class EvalPlan:
     """Which documents of which task an objective scores on one split, and how to aggregate them."""
@@ -148,11 +167,9 @@ class Evaluator:
         self._plans: dict[tuple[str, Split], EvalPlan] = {}
 
     def _lm(self, model: transformers.PreTrainedModel) -> Any:
-        from lm_eval.models.huggingface import HFLM
-
         lm = self._lms.get(id(model))
         if lm is None:
-            lm = HFLM(
+            lm = _quiet_hflm()(
                 pretrained=model,
                 tokenizer=self.tokenizer,
                 batch_size=self.suite.settings.batch_size,
