@@ -45,7 +45,7 @@ def main() -> None:
     import lm_eval
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     demo = args.demo.absolute()  # not resolve(): keep a symlinked demo/ in place
     models_dir = demo / "models"
@@ -114,7 +114,7 @@ def main() -> None:
 
     # Timing the per-trial call: one evaluate over the search tasks, model already resident.
     model.load_state_dict(base)
-    task_dict = get_task_dict(search, tm)  # built once, reusable: evaluate() rebuilds requests
+    task_dict = tm.load(search)  # built once, reusable: evaluate() rebuilds the requests
 
     def prebuilt() -> dict[str, float]:
         out = evaluate(lm, task_dict, bootstrap_iters=0, log_samples=False)
