@@ -64,6 +64,7 @@ def main() -> None:
     for seed in args.seeds:
         for mode in args.modes:
             worker.recipe = configure(load_recipe(args.recipe), mode, seed)
+            worker.suite.settings = worker.recipe.evolve  # same tasks; the objectives' anchors differ
             worker.anchors, worker.known = None, {}
             with tempfile.TemporaryDirectory() as tmp:
                 before = worker.evaluator.computed

@@ -1,7 +1,7 @@
 """Sampler comparison at an equal trial budget, over several seeds, on one recipe (the demo by default).
 
     python bench/samplers.py [--recipe recipes/demo.yml] [--trials 40] [--seeds 0 1 2]
-                             [--samplers random tpe cmaes cma cycleqd swarm] [--json OUT.json] [--threads 1]
+                             [--samplers random tpe cmaes cma cycleqd swarm] [--json OUT.json]
 
 Each (sampler, seed) is a full search through the real machinery (``prepare_recipe``,
 ``run_search`` with its SQLite study in a temporary run folder), all in this one process on the
@@ -9,9 +9,12 @@ same resident models and lm-eval tasks. For every run, each new incumbent (best 
 search split) is scored on the held-out split; reported per sampler:
 
 - held-out: the held-out weighted objective of the run's winner (mean and sd over seeds);
-- to 95%: trials until the incumbent's held-out score first reaches 95% of the winner's
-  (median and range over seeds);
+- to 95% own: trials until the incumbent's held-out score first reaches 95% of that run's
+  winner (median and range over seeds);
+- to 95% best: the same against one common target, 95% of the best winner of all runs
+  (median over the seeds that reached it, and how many did);
 - search: the winner's weighted objective on the search split.
+The source models are scored too, for reference.
 
 Identical configs are scored once (the worker's digest cache, shared by all runs): scores are
 deterministic, so this changes the wall time only, never a result.
@@ -42,7 +45,7 @@ from mergekit_evolve.recipe.load import Recipe, load_recipe  # noqa: E402
 from mergekit_evolve.report.winner import winner_config  # noqa: E402
 from mergekit_evolve.sampler.factory import SamplerSetupError, prepare_recipe  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
-from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
+from mergekit_evolve.study.worker import Worker, merge_options, source_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # Options that fit a budget of tens of trials; everything else is each sampler's default.
@@ -90,20 +93,32 @@ def one_run(worker: Worker, recipe: Recipe, trials: int, heldout_cache: dict[str
     return Run(recipe.evolve.sampler, recipe.evolve.seed, best, final, to_95, incumbents)
 
 
-def table(runs: list[Run], samplers: list[str], skipped: dict[str, str]) -> str:
-    lines = ["| sampler | held-out (mean ± sd) | to 95% (median [min-max]) | search (mean) |", "|---|---:|---:|---:|"]
+def trials_to(run: Run, target: float) -> int | None:
+    return next((count for count, _, heldout in run.incumbents if heldout >= target), None)
+
+
+def table(runs: list[Run], samplers: list[str], skipped: dict[str, str], sources: dict[str, tuple[float, float]]) -> str:
+    target = 0.95 * max(r.heldout for r in runs)
+    lines = [
+        f"| sampler | held-out (mean ± sd) | to 95% own (median [min-max]) | to 95% best = {target:.4f} (median, reached) | search (mean) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for s in samplers:
         if s in skipped:
-            lines.append(f"| {s} | n/a: {skipped[s]} | | |")
+            lines.append(f"| {s} | n/a: {skipped[s]} | | | |")
             continue
         rs = [r for r in runs if r.sampler == s]
         held = [r.heldout for r in rs]
         sd = statistics.stdev(held) if len(held) > 1 else 0.0
-        to95 = [r.trials_to_95 for r in rs]
+        own = [r.trials_to_95 for r in rs]
+        common = [n for n in (trials_to(r, target) for r in rs) if n is not None]
+        reached = f"{statistics.median(common):g}, {len(common)}/{len(rs)}" if common else f"-, 0/{len(rs)}"
         lines.append(
-            f"| {s} | {statistics.mean(held):.4f} ± {sd:.4f} | {statistics.median(to95):g} [{min(to95)}-{max(to95)}] "
-            f"| {statistics.mean(r.search for r in rs):.4f} |"
+            f"| {s} | {statistics.mean(held):.4f} ± {sd:.4f} | {statistics.median(own):g} [{min(own)}-{max(own)}] "
+            f"| {reached} | {statistics.mean(r.search for r in rs):.4f} |"
         )
+    for name, (search, heldout) in sources.items():
+        lines.append(f"| source {name} | {heldout:.4f} | | | {search:.4f} |")
     return "\n".join(lines)
 
 
@@ -115,13 +130,12 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["random", "tpe", "cmaes", "cma", "cycleqd", "swarm"],
                         choices=list(OPTIONS))
     parser.add_argument("--json", type=Path, default=None, help="also write every run (incumbent curves) here")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     base = load_recipe(args.recipe)
+    if base.evolve.threads:  # as the pipeline does
+        torch.set_num_threads(base.evolve.threads)
     worker = Worker(base, merge_options(base, "cpu"))
     runs: list[Run] = []
     skipped: dict[str, str] = {}
@@ -139,7 +153,12 @@ def main() -> None:
                   f"to 95% {run.trials_to_95:3d} trials", flush=True)
     print(f"\n== {args.trials} trials a run, seeds {args.seeds}, recipe {args.recipe.name}, "
           f"objective {' + '.join(f'{o.weight:g}*{o.name}' for o in base.evolve.objectives)} ==")
-    print(table(runs, args.samplers, skipped))
+    sources = {
+        Path(str(m)).name: tuple(worker.score_config(source_config(m, base.template.get("dtype")), split).weighted(worker.objectives)
+                                 for split in ("search", "heldout"))
+        for m in worker.sources
+    }
+    print(table(runs, args.samplers, skipped, sources))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2), encoding="utf-8")
 

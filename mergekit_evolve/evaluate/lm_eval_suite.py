@@ -199,24 +199,37 @@ class Evaluator:
 
     def rows(self, model: transformers.PreTrainedModel, digest: str, plan: EvalPlan, ids: list[int]) -> list[dict[str, Any]]:
         """Per-example metrics for ``ids``: from the store, else computed now and stored."""
+        return self.rows_many(model, digest, [(plan, ids)])[0]
+
+    def rows_many(
+        self, model: transformers.PreTrainedModel, digest: str, wanted: list[tuple[EvalPlan, list[int]]]
+    ) -> list[list[dict[str, Any]]]:
+        """``rows`` for several tasks at once: whatever the store lacks runs in ONE lm-eval call
+        (one request set, batched across tasks, one round of lm-eval's per-call overhead)."""
         from lm_eval.evaluator import evaluate
 
-        have = self.store.get(digest, plan.task, ids)
-        missing = [i for i in ids if i not in have]
+        have = {plan.task: self.store.get(digest, plan.task, ids) for plan, ids in wanted}
+        missing: dict[str, list[int]] = {}
+        for plan, ids in wanted:
+            need = [i for i in ids if i not in have[plan.task]]
+            if need:
+                missing[plan.task] = sorted(set(missing.get(plan.task, [])) | set(need))
         if missing:
+            tasks = {name: task for t in missing for name, task in self.suite.tasks[t].items()}
             out = evaluate(
-                self._lm(model), self.suite.tasks[plan.task], samples={plan.task: missing}, bootstrap_iters=0,
-                log_samples=True, apply_chat_template=self.suite.settings.apply_chat_template, verbosity="WARNING",
+                self._lm(model), tasks, samples=missing, bootstrap_iters=0, log_samples=True,
+                apply_chat_template=self.suite.settings.apply_chat_template, verbosity="WARNING",
             )
-            new: dict[int, dict[str, Any]] = {}
-            for sample in out["samples"][plan.task]:
-                row = new.setdefault(sample["doc_id"], {})
-                for m in sample["metrics"]:
-                    row[f"{m},{sample['filter']}"] = sample[m]
-            self.store.put(digest, plan.task, new)
-            self.computed += len(missing)
-            have.update(new)
-        return [have[i] for i in ids]
+            for task_name, ids in missing.items():
+                new: dict[int, dict[str, Any]] = {}
+                for sample in out["samples"][task_name]:
+                    row = new.setdefault(sample["doc_id"], {})
+                    for m in sample["metrics"]:
+                        row[f"{m},{sample['filter']}"] = sample[m]
+                self.store.put(digest, task_name, new)
+                self.computed += len(ids)
+                have[task_name].update(new)
+        return [[have[plan.task][i] for i in ids] for plan, ids in wanted]
 
     def _whole(self, model: transformers.PreTrainedModel, plan: EvalPlan, objective: Objective) -> float:
         from lm_eval.evaluator import evaluate
@@ -240,16 +253,25 @@ class Evaluator:
         ``anchors`` maps an objective name to an ``AnchorSet``; those objectives are estimated
         from their anchor examples instead.
         """
-        values: dict[str, float] = {}
-        for obj in self.suite.settings.objectives:
-            plan = self.plan(obj, split)
+        objectives = self.suite.settings.objectives
+        plans = [self.plan(obj, split) for obj in objectives]
+        wanted: dict[str, tuple[EvalPlan, list[int]]] = {}
+        for obj, plan in zip(objectives, plans):
             if plan.ids is None or digest is None:
+                continue
+            if anchors and obj.name in anchors:
+                wanted[obj.name] = (plan, anchors[obj.name].ids)
+            else:
+                wanted[obj.name] = (plan, self.order(plan)[: max(1, math.ceil(len(plan.ids) * fraction))])
+        rows = dict(zip(wanted, self.rows_many(model, digest, list(wanted.values())))) if wanted else {}
+        values: dict[str, float] = {}
+        for obj, plan in zip(objectives, plans):
+            if obj.name not in rows:
                 value = self._whole(model, plan, obj)
             elif anchors and obj.name in anchors:
-                value = anchors[obj.name].estimate(self.rows(model, digest, plan, anchors[obj.name].ids), plan)
+                value = anchors[obj.name].estimate(rows[obj.name], plan)
             else:
-                ids = self.order(plan)[: max(1, math.ceil(len(plan.ids) * fraction))]
-                value = plan.value(self.rows(model, digest, plan, ids))
+                value = plan.value(rows[obj.name])
             if math.isnan(value):
                 raise ValueError(f"task '{plan.task}' scored NaN for '{obj.metric}'")
             values[obj.name] = value

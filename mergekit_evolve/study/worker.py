@@ -59,7 +59,6 @@ class Worker:
     def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False):
         assert recipe.evolve is not None
         self.recipe = recipe
-        self.objectives = recipe.evolve.objectives
         self.merger = InMemoryMerger(options, allow_pickle=allow_pickle)
         self.sources = source_models(recipe)
         make_resident(self.sources, options, self.merger.storage_device, allow_pickle)
@@ -72,6 +71,10 @@ class Worker:
         self.evaluator = Evaluator(self.suite, self.tokenizer)
         self.anchors: dict | None = None  # chosen on first use, from the sources' results
         self.known: dict[str, tuple[int, float | list[float], dict[str, float]]] = {}
+
+    @property
+    def objectives(self):
+        return self.recipe.evolve.objectives
 
     def use_store(self, run_dir: Path) -> None:
         """Keep per-example results in the run folder (shared by resumes and other workers)."""
