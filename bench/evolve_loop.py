@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import optuna  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from mergekit.config import MergeConfiguration  # noqa: E402
@@ -54,6 +55,8 @@ def timed(fn, repeat: int = 3) -> float:
 
 def demo_search(trials: int) -> None:
     recipe = load_recipe(REPO / "recipes" / "demo.yml")
+    if recipe.evolve.threads:
+        torch.set_num_threads(recipe.evolve.threads)  # as the CLI does
     worker = Worker(recipe, merge_options(recipe, "cpu"))
     forward = {"seconds": 0.0}
 
@@ -176,6 +179,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--params", choices=["100M", "20M"], default="100M")
     args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.manual_seed(0)
     if (REPO / "recipes" / "demo.yml").exists():
         demo_search(args.trials)

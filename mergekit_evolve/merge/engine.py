@@ -27,6 +27,7 @@ from mergekit_evolve.merge.resident import make_resident
 from mergekit_evolve.plugins import register_plugins
 
 LOG = logging.getLogger(__name__)
+MAX_RESIDENT_SHAPES = 2
 
 
 class _ReturnTensor(ReturnTensor):
@@ -90,6 +91,11 @@ class InMemoryMerger:
         key = self._shape_key(cfg_out)
         model = self._models.get(key)
         if model is None:
+            if len(self._models) >= MAX_RESIDENT_SHAPES:
+                # DFS paths vary in length; keep memory bounded by the last few shapes only
+                evicted = next(iter(self._models))
+                del self._models[evicted]
+                self._complete.discard(evicted)
             dtype = self._dtype(config, cfg_out)
             LOG.info("instantiating the resident model (%s, %s) on %s", cfg_out.model_type, dtype, self.device)
             with no_init_weights():

@@ -44,7 +44,9 @@ def source_models(recipe: Recipe) -> list[ModelReference]:
     """Every model the recipe merges, base first, in recipe order."""
     config = compile_point(recipe, recipe.space.default_point())
     ordered: list[ModelReference] = [config.base_model] if config.base_model else []
-    for m in config.referenced_models():
+    # a routed recipe's default path may use only the first model: the others are sources too
+    routed = [ModelReference.model_validate(m) for m in (recipe.template.get("routing") or {}).get("models", [])]
+    for m in [*config.referenced_models(), *routed]:
         if m not in ordered:
             ordered.append(m)
     return ordered
