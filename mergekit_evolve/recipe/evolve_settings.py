@@ -118,6 +118,8 @@ class EvolveSettings(BaseModel):
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives repeat a task/metric pair: {names}")
+        if self.multi_objective and self.pruning.pruner != "none":
+            raise ValueError("multi_objective studies cannot be pruned (Optuna has no intermediate values there); set pruning.pruner: none")
         if self.multi_objective and len(names) < 2:
             raise ValueError(f"multi_objective needs at least two objectives; there is one ({names[0]})")
         for name in [self.select.objective, *self.select.at_least, *self.select.at_most]:
