@@ -89,7 +89,7 @@ def test_run_writes_a_complete_run_folder(workspace, tiny_llama):
 
 @pytest.mark.slow
 def test_interrupt_then_resume_keeps_finished_trials(workspace, tiny_llama):
-    path = recipe(workspace, tiny_llama, trials=40, name="resume")
+    path = recipe(workspace, tiny_llama, trials=5000, name="resume")  # never finishes before the Ctrl-C
     run_dir = workspace / "runs" / "resume"
     cmd = [sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
