@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from mergekit.graph import Task
 
+from mergekit_evolve.methods.common import weighted_task_vectors
+
 DEFAULT_CHUNK_BYTES = 1 << 20
 Kernel = Callable[[list[torch.Tensor], torch.Tensor], None]
 
@@ -48,19 +50,13 @@ def _task_arithmetic_kernel(task: Any, inputs: list[torch.Tensor]) -> tuple[Kern
     dtype = inputs[base_index].dtype
     weight_values = [task.input_parameters[task.model_order[i]]["weight"] for i in others]
     normalize, lam = task.parameters["normalize"], task.parameters["lambda"]
+    # mergekit's divisor: the weights summed over the stack (kept as a tensor: same rounding)
+    divisor = torch.tensor(weight_values, dtype=dtype).reshape(-1, *(1,) * inputs[base_index].ndim).sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
 
     def run(blocks: list[torch.Tensor], out: torch.Tensor) -> None:
         base = blocks[base_index]
-        deltas = base.new_empty((len(others), *base.shape))
-        for row, i in enumerate(others):
-            torch.sub(blocks[i], base, out=deltas[row])
-        weights = torch.tensor(weight_values, dtype=deltas.dtype)
-        while deltas.dim() > weights.dim():
-            weights.unsqueeze_(-1)
-        deltas.mul_(weights)
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        mixed = weighted_task_vectors(base, [blocks[i] for i in others], weight_values)
         if normalize:
             mixed /= divisor
         if lam != 1:

@@ -71,6 +71,7 @@ class InMemoryMerger:
         self.storage_device = self.device if on_gpu else "cpu"
         self._models: dict[str, transformers.PreTrainedModel] = {}
         self._complete: set[str] = set()
+        self._arch: dict[tuple, Any] = {}
 
     def _shape_key(self, cfg_out: transformers.PretrainedConfig) -> str:
         diff = {k: v for k, v in cfg_out.to_diff_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
@@ -86,7 +87,10 @@ class InMemoryMerger:
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     def resident_model(self, config: MergeConfiguration) -> tuple[transformers.PreTrainedModel, Any, Any]:
-        arch_info = get_architecture_info(config, self.options)
+        models = tuple(sorted(config.referenced_models(), key=str))
+        if models not in self._arch:  # it reads every model's config.json: once per model set, not per trial
+            self._arch[models] = get_architecture_info(config, self.options)
+        arch_info = self._arch[models]
         cfg_out = _model_out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
         key = self._shape_key(cfg_out)
         model = self._models.get(key)
@@ -139,15 +143,9 @@ class InMemoryMerger:
                 written.add(name)
         key = self._shape_key(cfg_out)
         if key not in self._complete:
-            missing = [n for n in state if n not in written and not _is_tied_copy(model, n, written)]
+            written_params = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in written}
+            missing = [n for n in state if n not in written and id(state[n]) not in written_params]
             if missing:
                 raise RuntimeError(f"the merge produced no value for {missing[:5]} (of {len(missing)} missing tensors)")
             self._complete.add(key)
         return model
-
-
-def _is_tied_copy(model: transformers.PreTrainedModel, name: str, written: set[str]) -> bool:
-    """A parameter tied to one that was written (e.g. lm_head tied to the embeddings)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    p = params.get(name)
-    return p is not None and any(params.get(w) is p for w in written)

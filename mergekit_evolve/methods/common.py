@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 from mergekit.merge_methods import PerInputValues, TensorGroup
 
 
-def task_vector_sum(group: TensorGroup, weight: PerInputValues[float]) -> torch.Tensor:
-    """``sum_j weight_j (theta_j - theta_base)``, computed as mergekit's task_arithmetic does (bit for bit)."""
+def weighted_task_vectors(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``sum_j weights_j (tensors_j - base)`` with the very operations of mergekit's task_arithmetic
+    (stacked deltas, multiplied in place, summed over the stack), so results match it bit for bit."""
+    deltas = base.new_empty((len(tensors), *base.shape))
+    for index, tensor in enumerate(tensors):
+        torch.sub(tensor, base, out=deltas[index])
+    factors = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
+    while deltas.dim() > factors.dim():
+        factors.unsqueeze_(-1)
+    return deltas.mul_(factors).sum(dim=0)
+
+
+def mutated_task_arithmetic(
+    group: TensorGroup, weight: PerInputValues[float], mutate: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor:
+    """Task arithmetic whose merged task vector of each weight matrix passes through ``mutate``."""
     base = group.base.tensor
-    entries = group.non_base
-    deltas = base.new_empty((len(entries), *base.shape))
-    for index, entry in enumerate(entries):
-        deltas[index] = entry.tensor - base
-    weights = torch.tensor([weight[e.id] for e in entries], dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > weights.dim():
-        weights.unsqueeze_(-1)
-    return deltas.mul_(weights).sum(dim=0)
+    if not group.non_base:
+        return base
+    delta = weighted_task_vectors(base, [e.tensor for e in group.non_base], [weight[e.id] for e in group.non_base])
+    if mutate is not None and delta.dim() == 2:
+        delta = mutate(delta)
+    return (base + delta).to(base.dtype)
 
 
 def tensor_generator(seed: int, tensor_name: str | None) -> torch.Generator:

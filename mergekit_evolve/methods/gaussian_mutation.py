@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from mergekit.merge_methods import BasePolicy, InputContract, PerNonBase, TensorGroup, merge_method
 
-from mergekit_evolve.methods.common import task_vector_sum, tensor_generator
+from mergekit_evolve.methods.common import mutated_task_arithmetic, tensor_generator
 
 
 @merge_method(
@@ -19,11 +19,8 @@ from mergekit_evolve.methods.common import task_vector_sum, tensor_generator
     contract=InputContract(base=BasePolicy.REQUIRED),
 )
 def gaussian_mutation(group: TensorGroup, weight: PerNonBase[float], seed: int = 0, noise: float = 0.0) -> torch.Tensor:
-    base = group.base.tensor
-    if not group.non_base:
-        return base
-    delta = task_vector_sum(group, weight)
-    if noise > 0 and delta.dim() == 2:
+    def mutate(delta: torch.Tensor) -> torch.Tensor:
         draw = torch.randn(delta.shape, generator=tensor_generator(seed, group.metadata.name), dtype=torch.float32)
-        delta = delta + (noise * delta.float().std() * draw.to(delta.device)).to(delta.dtype)
-    return (base + delta).to(base.dtype)
+        return delta + (noise * delta.float().std() * draw.to(delta.device)).to(delta.dtype)
+
+    return mutated_task_arithmetic(group, weight, mutate if noise > 0 else None)

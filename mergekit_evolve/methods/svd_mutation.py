@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from mergekit.merge_methods import BasePolicy, InputContract, PerNonBase, TensorGroup, merge_method
 
-from mergekit_evolve.methods.common import task_vector_sum, tensor_generator
+from mergekit_evolve.methods.common import mutated_task_arithmetic, tensor_generator
 
 
 def svd_mutate(delta: torch.Tensor, seed: int, w_max: float, tensor_name: str | None) -> torch.Tensor:
@@ -27,10 +27,5 @@ def svd_mutate(delta: torch.Tensor, seed: int, w_max: float, tensor_name: str | 
     contract=InputContract(base=BasePolicy.REQUIRED),
 )
 def svd_mutation(group: TensorGroup, weight: PerNonBase[float], seed: int = 0, w_max: float = 0.0) -> torch.Tensor:
-    base = group.base.tensor
-    if not group.non_base:
-        return base
-    delta = task_vector_sum(group, weight)
-    if w_max > 0 and delta.dim() == 2:
-        delta = svd_mutate(delta, seed, w_max, group.metadata.name)
-    return (base + delta).to(base.dtype)
+    mutate = (lambda delta: svd_mutate(delta, seed, w_max, group.metadata.name)) if w_max > 0 else None
+    return mutated_task_arithmetic(group, weight, mutate)
