@@ -15,6 +15,7 @@ from typing import Any, Literal
 import transformers
 
 from mergekit_evolve.evaluate.example_store import ExampleStore
+from mergekit_evolve.evaluate.requests import PreparedRequests
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings, Objective
 
 LOG = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class TaskSuite:
                     self.tasks[name] = get_task_dict([name], manager)
                 except Exception as e:
                     raise TaskSetupError(f"lm-eval could not load task '{name}': {e}") from e
+        unsafe = sorted(t.config.task for tree in self.tasks.values() for t in _leaf_tasks(tree) if getattr(t, "UNSAFE_CODE", False))
+        if unsafe:  # lm-eval runs these only when confirmed; a search would run them unattended
+            raise TaskSetupError(f"task(s) {unsafe} execute model-written code; mergekit-evolve does not run them")
         for obj in settings.objectives:
             if obj.num_fewshot is not None:
                 for task_name in filter(None, (obj.task, obj.heldout_task)):
@@ -122,6 +126,14 @@ def _quiet_hflm() -> type:
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(HFLM):
+        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+            # the same prompts are tokenised every trial: once per process is enough
+            memo = self.__dict__.setdefault("_pair_memo", {})
+            key = (context, continuation)
+            if key not in memo:
+                memo[key] = super()._encode_pair(context, continuation)
+            return memo[key]
+
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
 
@@ -165,6 +177,7 @@ class Evaluator:
         self._lms: dict[int, Any] = {}
         self.computed = 0  # examples actually run through the model (for the benchmark)
         self._plans: dict[tuple[str, Split], EvalPlan] = {}
+        self.requests = PreparedRequests(suite.settings.apply_chat_template)
 
     def _lm(self, model: transformers.PreTrainedModel) -> Any:
         lm = self._lms.get(id(model))
@@ -204,10 +217,8 @@ class Evaluator:
     def rows_many(
         self, model: transformers.PreTrainedModel, digest: str, wanted: list[tuple[EvalPlan, list[int]]]
     ) -> list[list[dict[str, Any]]]:
-        """``rows`` for several tasks at once: whatever the store lacks runs in ONE lm-eval call
-        (one request set, batched across tasks, one round of lm-eval's per-call overhead)."""
-        from lm_eval.evaluator import evaluate
-
+        """``rows`` for several tasks at once: whatever the store lacks runs as one request set,
+        batched across tasks (see ``PreparedRequests``)."""
         have = {plan.task: self.store.get(digest, plan.task, ids) for plan, ids in wanted}
         missing: dict[str, list[int]] = {}
         for plan, ids in wanted:
@@ -216,18 +227,10 @@ class Evaluator:
                 missing[plan.task] = sorted(set(missing.get(plan.task, [])) | set(need))
         if missing:
             tasks = {name: task for t in missing for name, task in self.suite.tasks[t].items()}
-            out = evaluate(
-                self._lm(model), tasks, samples=missing, bootstrap_iters=0, log_samples=True,
-                apply_chat_template=self.suite.settings.apply_chat_template, verbosity="WARNING",
-            )
-            for task_name, ids in missing.items():
-                new: dict[int, dict[str, Any]] = {}
-                for sample in out["samples"][task_name]:
-                    row = new.setdefault(sample["doc_id"], {})
-                    for m in sample["metrics"]:
-                        row[f"{m},{sample['filter']}"] = sample[m]
+            computed = self.requests.run(self._lm(model), tasks, missing)
+            for task_name, new in computed.items():
                 self.store.put(digest, task_name, new)
-                self.computed += len(ids)
+                self.computed += len(new)
                 have[task_name].update(new)
         return [[have[plan.task][i] for i in ids] for plan, ids in wanted]
 
