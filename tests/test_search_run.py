@@ -165,3 +165,36 @@ def test_unwritable_run_folder(workspace, tiny_llama):
     blocker.write_text("")
     result = run_cli(recipe(workspace, tiny_llama, name="unwritable"), "-o", blocker / "run")
     assert result.exit_code == 1 and "cannot write the run folder" in result.output
+
+
+def test_trial_budget_counts_the_trials_other_workers_finish():
+    from mergekit_evolve.study.search import _FailureGuard, counted, optimize_until
+
+    study = optuna.create_study(direction="maximize")
+    ran = []
+
+    def objective(trial):
+        ran.append(trial.number)
+        if len(ran) == 1:  # meanwhile another worker finishes three trials
+            for value in (0.1, 0.2, 0.3):
+                study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+        return 0.5
+
+    optimize_until(study, objective, 5, _FailureGuard(3), [])
+    assert len(ran) == 2 and counted(study) == 5
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_progress_shows_the_best_of_the_trials_just_counted(direction):
+    from mergekit_evolve.study.search import Reached, _best_text
+
+    study = optuna.create_study(direction=direction)
+    reached = Reached(10)
+    assert _best_text(study, reached.finished) == "no completed trial yet"
+    for value in (0.3, 0.9, 0.1):
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=optuna.trial.TrialState.PRUNED))
+    reached(study, study.trials[-1])
+    best = study.best_trial
+    assert _best_text(study, reached.finished) == _best_text(study) == f"best {best.value:.4f} (trial {best.number})"
+    assert len(reached.finished) == 4  # completed and pruned count

@@ -10,6 +10,7 @@ import optuna
 from mergekit_evolve.recipe.annotations import is_annotation
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.recipe.load import Recipe
+from mergekit_evolve.sampler.cmaes import CmaEsSampler
 from mergekit_evolve.sampler.coordinates import CoordinateError, ExpertWeights
 from mergekit_evolve.sampler.options import CycleQDOptions, PyCmaOptions, SwarmOptions
 from mergekit_evolve.space.search_space import SearchSpace
@@ -44,7 +45,7 @@ def make_sampler(settings: EvolveSettings, space: SearchSpace) -> optuna.sampler
     try:
         if name == "cmaes":
             # Sakana's setting: start from the middle of the box unless the recipe gives inits.
-            return optuna.samplers.CmaEsSampler(seed=seed, **opts)
+            return CmaEsSampler(seed=seed, **opts)
         if name == "cma":
             return _pycma(settings, space)
         if name == "tpe":

@@ -39,7 +39,7 @@ from mergekit_evolve.recipe.load import Recipe
 from mergekit_evolve.sampler.factory import make_sampler
 from mergekit_evolve.study.records import append_record, export_records
 from mergekit_evolve.study.search import (
-    _best_text, _FailureGuard, _write_sampler_files, counted, open_study, optimize_until, search_progress,
+    COUNTED, _best_text, _FailureGuard, _write_sampler_files, counted, open_study, optimize_until, search_progress,
 )
 from mergekit_evolve.study.storage import WORKER_KEY, RetryLost, tagged, worker_name
 from mergekit_evolve.study.worker import Worker
@@ -149,7 +149,8 @@ class Monitor:
         self.bar: TaskID = progress.add_task(_best_text(study), total=trials, completed=min(counted(study), trials))
 
     def poll(self, alive: int) -> None:
-        new = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in self.recorded]
+        trials = self.study.get_trials(deepcopy=False)  # one read of the storage for everything below
+        new = [t for t in trials if t.state.is_finished() and t.number not in self.recorded]
         for trial in sorted(new, key=lambda t: t.number):
             append_record(self.run_dir, trial)
             self.recorded.add(trial.number)
@@ -157,8 +158,9 @@ class Monitor:
                 LOG.warning("trial %d failed: %s", trial.number, trial.user_attrs["error"])
         if new:
             _write_sampler_files(self.study, self.run_dir)
-        done = counted(self.study)
-        self.progress.update(self.bar, completed=min(done, self.trials), description=f"{_best_text(self.study)}, {alive} workers")
+        done = [t for t in trials if t.state in COUNTED]
+        self.progress.update(self.bar, completed=min(len(done), self.trials),
+                             description=f"{_best_text(self.study, done)}, {alive} workers")
 
 
 def run_parallel(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.study import MaxTrialsCallback
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -54,6 +54,21 @@ def counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
+class Reached:
+    """Stops the study once it holds ``trials`` counted trials from any worker (as Optuna's
+    MaxTrialsCallback), and keeps the trials it read: the progress display shows them without
+    reading the study a second time (each read costs a few queries of the storage)."""
+
+    def __init__(self, trials: int):
+        self.trials = trials
+        self.finished: list[FrozenTrial] = []
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.finished = study.get_trials(deepcopy=False, states=COUNTED)  # other workers add trials too
+        if len(self.finished) >= self.trials:
+            study.stop()
+
+
 class _FailureGuard:
     """Stops the study after ``limit`` failed candidates in a row (a broken recipe, not bad luck)."""
 
@@ -94,9 +109,12 @@ def search_progress(show_progress: bool) -> Progress:
 def optimize_until(
     study: optuna.Study, objective: Callable[[optuna.Trial], Any], trials: int, guard: _FailureGuard,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]], timeout: float | None = None,
+    reached: Reached | None = None,
 ) -> None:
-    """Run trials until the study holds ``trials`` counted ones (from any worker), the guard trips, or time is up."""
-    reached = MaxTrialsCallback(trials, states=COUNTED)  # other workers add trials too
+    """Run trials until the study holds ``trials`` counted ones (from any worker), the guard trips, or time is up.
+
+    ``reached`` runs before ``callbacks``, so they may read the trials it counted."""
+    reached = reached or Reached(trials)
     deadline = time.monotonic() + timeout if timeout else None
     while counted(study) < trials and not guard.tripped:
         if deadline is not None and time.monotonic() >= deadline:
@@ -107,7 +125,7 @@ def optimize_until(
             n_trials=trials - counted(study),
             timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
             catch=(Exception,),
-            callbacks=[*callbacks, guard, reached],
+            callbacks=[reached, *callbacks, guard],
         )
 
 
@@ -123,6 +141,7 @@ def run_search(
     if done:
         LOG.info("resuming study '%s': %d of %d trials already done", study.study_name, done, trials)
     guard = _FailureGuard(recipe.evolve.max_failures)
+    reached = Reached(trials)
 
     with search_progress(show_progress) as progress:
         bar = progress.add_task(_best_text(study), total=trials, completed=min(done, trials))
@@ -130,9 +149,9 @@ def run_search(
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             append_record(run_dir, trial)
             _write_sampler_files(study, run_dir)
-            progress.update(bar, completed=min(counted(study), trials), description=_best_text(study))
+            progress.update(bar, completed=min(len(reached.finished), trials), description=_best_text(study, reached.finished))
 
-        optimize_until(study, tagged(worker.objective), trials, guard, [on_trial], timeout)
+        optimize_until(study, tagged(worker.objective), trials, guard, [on_trial], timeout, reached)
     guard.check(run_dir)
     export_records(run_dir, study)
     _write_sampler_files(study, run_dir)
@@ -146,11 +165,15 @@ def _write_sampler_files(study: optuna.Study, run_dir: Path) -> None:
         writer(run_dir, study)
 
 
-def _best_text(study: optuna.Study) -> str:
+def _best_text(study: optuna.Study, finished: list[FrozenTrial] | None = None) -> str:
+    """The best trial so far, among ``finished`` when the caller has just read them."""
     if len(study.directions) > 1:
         return f"Pareto front: {len(study.best_trials)} trials"
-    try:
-        best = study.best_trial
-    except ValueError:
+    if finished is None:
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    if not complete:
         return "no completed trial yet"
+    pick = max if study.direction == StudyDirection.MAXIMIZE else min
+    best = pick(complete, key=lambda t: t.value)
     return f"best {best.value:.4f} (trial {best.number})"
