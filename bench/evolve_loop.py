@@ -6,8 +6,9 @@
    and the share of each trial spent outside the model's forward passes.
 2. On a synthetic ~100M-parameter Llama family: in-memory materialisation of one candidate vs
    a disk round-trip (mergekit run_merge to disk + transformers from_pretrained).
-3. The same family: bytes moved per second by linear and task_arithmetic merges vs a plain
-   torch copy of the same tensors.
+3. The same family: bytes moved per second by linear and task_arithmetic merges (the merge
+   kernel the engine runs per tensor, and the whole materialize()) vs a plain torch copy of
+   the same tensors.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.graph import Executor  # noqa: E402
 from mergekit.merge import run_merge  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 
@@ -36,7 +38,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from tiny_models import make_family  # noqa: E402
 
-from mergekit_evolve.merge.engine import InMemoryMerger  # noqa: E402
+from mergekit_evolve.merge.chunked import ChunkedMerge  # noqa: E402
+from mergekit_evolve.merge.engine import InMemoryMerger, InMemoryPlanner  # noqa: E402
 from mergekit_evolve.recipe.load import load_recipe  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
 from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
@@ -144,6 +147,41 @@ def materialisation_vs_disk(paths: list[Path]) -> None:
     print(f"ratio          {disk / in_memory:8.1f}x  (target >= 5x)")
 
 
+DEFAULT_THREADS = torch.get_num_threads()  # before the demo search sets its recipe's
+
+
+def interleaved(fns: list, repeat: int = 3) -> list[float]:
+    """Best of ``repeat`` wall-clock runs of each (after one warm-up), the runs taken in turn so
+    that all see the same moments of a shared machine."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
+def merge_calls(merger: InMemoryMerger, config: MergeConfiguration) -> list[tuple[ChunkedMerge, dict, torch.Tensor]]:
+    """Every tensor's merge as the engine runs it: the ChunkedMerge task, its gathered resident
+    inputs, and a preallocated output (gathered once here: only the merge itself is timed)."""
+    merger.materialize(config)  # makes the sources resident
+    _, arch_info, cfg_out = merger.resident_model(config)
+    planner = InMemoryPlanner(config.model_copy(deep=True), arch_info, merger.options, cfg_out)
+    planner.chunk_bytes = merger.chunk_bytes
+    merges = [t.tensor_task for t in planner.plan_in_memory()]
+    assert all(isinstance(m, ChunkedMerge) for m in merges)
+    gathers = [m.inner.gather_tensors for m in merges]
+    gathered = dict(Executor(gathers, math_device="cpu", storage_device="cpu").run(quiet=True))
+    calls = []
+    for merge, gather in zip(merges, gathers):
+        tensors = gathered[gather]
+        calls.append((merge, tensors, torch.empty_like(next(iter(tensors.values())))))
+    return calls
+
+
 def bandwidth(paths: list[Path]) -> None:
     base, v1, v2 = (str(p) for p in paths)
     options = MergeOptions(quiet=True, device="cpu")
@@ -154,24 +192,34 @@ def bandwidth(paths: list[Path]) -> None:
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "float32", "models": [
             {"model": v1, "parameters": {"weight": 0.5}}, {"model": v2, "parameters": {"weight": 0.5}}]},
     }
-    model = merger.materialize(MergeConfiguration.model_validate(configs["linear"]))
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    src = {n: p.detach().clone() for n, p in model.named_parameters()}
-    dst = {n: torch.empty_like(t) for n, t in src.items()}
-
-    def copy_all() -> None:
-        for n, t in src.items():
-            dst[n].copy_(t)
-
-    copy_bw = 2 * model_bytes / timed(copy_all)
-    print(f"\n== bandwidth ({model_bytes / 1e6:.0f} MB a model) ==")
-    print(f"torch copy         {copy_bw / 1e9:7.2f} GB/s  (read + write of one model)")
+    threads_before = torch.get_num_threads()
+    print("\n== bandwidth (best of 3 after a warm-up, taken in turn) ==")
     for name, cfg in configs.items():
         config = MergeConfiguration.model_validate(cfg)
-        inputs = 2 if name == "linear" else 3
-        seconds = timed(lambda: merger.materialize(config))
-        bw = (inputs + 1) * model_bytes / seconds
-        print(f"{name:<18} {bw / 1e9:7.2f} GB/s  = {bw / copy_bw:6.1%} of copy (target >= 70%); {seconds:.3f} s")
+        calls = merge_calls(merger, config)
+        inputs = len(calls[0][1])
+        model_bytes = sum(out.numel() * out.element_size() for _, _, out in calls)
+        sources = [next(iter(tensors.values())) for _, tensors, _ in calls]
+
+        def copy_all() -> None:
+            for src, (_, _, dst) in zip(sources, calls):
+                dst.copy_(src)
+
+        def merge_all() -> None:
+            for merge, tensors, out in calls:
+                merge.run_into(tensors, out)
+
+        print(f"{name} ({inputs} inputs, {len(calls)} tensors, {model_bytes / 1e6:.0f} MB out):")
+        for threads in sorted({1, DEFAULT_THREADS}):  # one thread, as the demo recipe sets; all of torch's default
+            torch.set_num_threads(threads)
+            copy_s, merge_s, whole_s = interleaved([copy_all, merge_all, lambda: merger.materialize(config)])
+            copy_bw = 2 * model_bytes / copy_s
+            print(f"  {threads} torch thread(s): torch copy of the same tensors {copy_bw / 1e9:6.2f} GB/s (dst.copy_(src): read + write)")
+            for label, seconds in (("merge kernel (run_into)", merge_s), ("whole materialize()", whole_s)):
+                bw = (inputs + 1) * model_bytes / seconds
+                print(f"    {label:<25} {bw / 1e9:6.2f} GB/s = {bw / copy_bw:6.1%} of copy; {seconds:.3f} s")
+    torch.set_num_threads(threads_before)
+    print("  (target: merge kernel >= 70% of copy; materialize() adds mergekit's planning of every tensor)")
 
 
 def main() -> None:

@@ -6,14 +6,18 @@ so they are the ones ``run_merge`` would write; only the destination differs.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import transformers
 from mergekit.architecture import get_architecture_info
 from mergekit.common import dtype_from_name
+from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import ReturnTensor
@@ -22,7 +26,7 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from transformers.initialization import no_init_weights
 
-from mergekit_evolve.merge.chunked import DEFAULT_CHUNK_BYTES, chunk_if_possible
+from mergekit_evolve.merge.chunked import DEFAULT_CHUNK_BYTES, ChunkedMerge, chunk_if_possible
 from mergekit_evolve.merge.resident import make_resident
 from mergekit_evolve.plugins import register_plugins
 
@@ -51,6 +55,32 @@ class InMemoryPlanner(MergePlanner):
         ]
 
 
+@contextlib.contextmanager
+def cached_model_configs(cache: dict[tuple[ModelReference, bool], transformers.PretrainedConfig]) -> Iterator[None]:
+    """mergekit's planner re-reads every source's config.json several times per plan; within
+    this block each is read once per process (callers get copies: mergekit edits them)."""
+    original = ModelReference.config
+
+    def config(self: ModelReference, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+        key = (self, trust_remote_code)
+        if key not in cache:
+            cache[key] = original(self, trust_remote_code=trust_remote_code)
+        return copy.deepcopy(cache[key])
+
+    ModelReference.config = config  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ModelReference.config = original  # type: ignore[method-assign]
+
+
+def _evaluate(task: Task) -> Any:
+    """A task's value computed depth first: for the small, pure input graph of one merged
+    tensor (gather <- loads from resident memory) this is what the Executor computes, without
+    building and sorting a schedule of the whole model's graph."""
+    return task.execute(**{name: _evaluate(arg) for name, arg in task.arguments().items()})
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,6 +102,11 @@ class InMemoryMerger:
         self._models: dict[str, transformers.PreTrainedModel] = {}
         self._complete: set[str] = set()
         self._arch: dict[tuple, Any] = {}
+        self._configs: dict[tuple[ModelReference, bool], transformers.PretrainedConfig] = {}
+        # per resident model: its tensors by name, and the output buffers the fused kernels
+        # write into (owned here, so an in-place write never touches a source tensor)
+        self._state: dict[str, dict[str, torch.Tensor]] = {}
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {}
 
     def _shape_key(self, cfg_out: transformers.PretrainedConfig) -> str:
         diff = {k: v for k, v in cfg_out.to_diff_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
@@ -88,10 +123,11 @@ class InMemoryMerger:
 
     def resident_model(self, config: MergeConfiguration) -> tuple[transformers.PreTrainedModel, Any, Any]:
         models = tuple(sorted(config.referenced_models(), key=str))
-        if models not in self._arch:  # it reads every model's config.json: once per model set, not per trial
-            self._arch[models] = get_architecture_info(config, self.options)
-        arch_info = self._arch[models]
-        cfg_out = _model_out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
+        with cached_model_configs(self._configs):
+            if models not in self._arch:  # architecture detection: once per model set, not per trial
+                self._arch[models] = get_architecture_info(config, self.options)
+            arch_info = self._arch[models]
+            cfg_out = _model_out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
         key = self._shape_key(cfg_out)
         model = self._models.get(key)
         if model is None:
@@ -100,6 +136,8 @@ class InMemoryMerger:
                 evicted = next(iter(self._models))
                 del self._models[evicted]
                 self._complete.discard(evicted)
+                self._state.pop(evicted, None)
+                self._buffers.pop(evicted, None)
             dtype = self._dtype(config, cfg_out)
             LOG.info("instantiating the resident model (%s, %s) on %s", cfg_out.model_type, dtype, self.device)
             with no_init_weights():
@@ -115,33 +153,43 @@ class InMemoryMerger:
         """Compute ``config``'s merged tensors straight into the resident model and return it."""
         make_resident(config.referenced_models(), self.options, self.storage_device, self.allow_pickle)
         model, arch_info, cfg_out = self.resident_model(config)
+        key = self._shape_key(cfg_out)
         if self.options.random_seed is not None:
             transformers.trainer_utils.set_seed(self.options.random_seed)  # as run_merge does
         # The planner normalises the config in place; keep the caller's copy intact.
         planner = InMemoryPlanner(config.model_copy(deep=True), arch_info, self.options, cfg_out)
         planner.chunk_bytes = self.chunk_bytes
-        targets = planner.plan_in_memory()
-        state = model.state_dict(keep_vars=True)
+        with cached_model_configs(self._configs):
+            targets = planner.plan_in_memory()
+        if key not in self._state:
+            self._state[key] = model.state_dict(keep_vars=True)
+        state, buffers = self._state[key], self._buffers.setdefault(key, {})
         written: set[str] = set()
-        executor = Executor(targets, math_device=self.device, storage_device=self.storage_device)
+        # Merges the fused kernels compute go straight into owned buffers; only the rest (other
+        # methods, routing, GPU) pays for mergekit's scheduler.
+        direct = [t for t in targets if isinstance(t.tensor_task, ChunkedMerge)]
+        scheduled = [t for t in targets if not isinstance(t.tensor_task, ChunkedMerge)]
         with torch.no_grad():
-            for task, value in executor.run(quiet=True):
-                assert isinstance(task, ReturnTensor)
+            for task in direct:
+                target = self._target(state, task, cfg_out)
+                if target is None:
+                    continue
                 name = task.weight_info.name
-                target = state.get(name)
-                if target is None:
-                    target = next((state[a] for a in task.weight_info.aliases or () if a in state), None)
-                if target is None:
-                    if task.weight_info.optional:
-                        continue
-                    raise RuntimeError(f"merged tensor '{name}' has no place in the {cfg_out.model_type} model")
-                if target.shape != value.shape:
-                    raise RuntimeError(f"merged tensor '{name}' has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
-                # Rebind, never copy in place: saves a pass over memory, and a passthrough result
-                # may be a resident source tensor itself, which an in-place write would corrupt.
-                target.data = value.to(device=target.device, dtype=target.dtype).contiguous()
+                buffer = buffers.get(name)
+                if buffer is None:
+                    buffer = buffers[name] = torch.empty_like(target.data)
+                merged = task.tensor_task
+                value = task.execute(tensor=merged.run_into(_evaluate(merged.arguments()["tensors"]), buffer))
+                self._bind(target, value, name)
                 written.add(name)
-        key = self._shape_key(cfg_out)
+            if scheduled:
+                executor = Executor(scheduled, math_device=self.device, storage_device=self.storage_device)
+                for task, value in executor.run(quiet=True):
+                    assert isinstance(task, ReturnTensor)
+                    target = self._target(state, task, cfg_out)
+                    if target is not None:
+                        self._bind(target, value, task.weight_info.name)
+                        written.add(task.weight_info.name)
         if key not in self._complete:
             written_params = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in written}
             missing = [n for n in state if n not in written and id(state[n]) not in written_params]
@@ -149,3 +197,22 @@ class InMemoryMerger:
                 raise RuntimeError(f"the merge produced no value for {missing[:5]} (of {len(missing)} missing tensors)")
             self._complete.add(key)
         return model
+
+    @staticmethod
+    def _target(state: dict[str, torch.Tensor], task: ReturnTensor, cfg_out: Any) -> torch.Tensor | None:
+        """The resident tensor a merged tensor belongs in (None: an optional tensor the model lacks)."""
+        name = task.weight_info.name
+        target = state.get(name)
+        if target is None:
+            target = next((state[a] for a in task.weight_info.aliases or () if a in state), None)
+        if target is None and not task.weight_info.optional:
+            raise RuntimeError(f"merged tensor '{name}' has no place in the {cfg_out.model_type} model")
+        return target
+
+    @staticmethod
+    def _bind(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
+        if target.shape != value.shape:
+            raise RuntimeError(f"merged tensor '{name}' has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
+        # Rebind, never copy in place: saves a pass over memory, and a passthrough result
+        # may be a resident source tensor itself, which an in-place write would corrupt.
+        target.data = value.to(device=target.device, dtype=target.dtype).contiguous()
