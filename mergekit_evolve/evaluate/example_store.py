@@ -23,6 +23,9 @@ class ExampleStore:
         self._db = sqlite3.connect(str(path) if path else ":memory:", timeout=60, check_same_thread=False)
         if path:
             self._db.execute("PRAGMA journal_mode=WAL")
+            # no fsync a commit: a killed process still keeps every commit; power loss may lose
+            # the last few examples, which are then simply scored again
+            self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS examples (digest TEXT, task TEXT, doc_id INTEGER, metrics TEXT, "
             "PRIMARY KEY (digest, task, doc_id))"
@@ -42,11 +45,16 @@ class ExampleStore:
                 out.update({doc_id: json.loads(metrics) for doc_id, metrics in rows})
         return out
 
-    def put(self, digest: str, task: str, rows: dict[int, dict[str, Any]]) -> None:
+    def put(self, digest: str, rows_by_task: dict[str, dict[int, dict[str, Any]]]) -> None:
+        """Store one config's new rows of several tasks in one commit."""
         with self._lock:
             self._db.executemany(
                 "INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?)",
-                [(digest, task, doc_id, json.dumps(metrics)) for doc_id, metrics in rows.items()],
+                [
+                    (digest, task, doc_id, json.dumps(metrics))
+                    for task, rows in rows_by_task.items()
+                    for doc_id, metrics in rows.items()
+                ],
             )
             self._db.commit()
 

@@ -126,6 +126,12 @@ def _quiet_hflm() -> type:
     from lm_eval.models.huggingface import HFLM
 
     class QuietHFLM(HFLM):
+        @functools.cached_property
+        def max_length(self) -> int:
+            # HFLM re-derives it from the model config three times a request; the resident
+            # model's config never changes under one HFLM
+            return HFLM.max_length.fget(self)
+
         def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
             # the same prompts are tokenised every trial: once per process is enough
             memo = self.__dict__.setdefault("_pair_memo", {})
@@ -228,8 +234,8 @@ class Evaluator:
         if missing:
             tasks = {name: task for t in missing for name, task in self.suite.tasks[t].items()}
             computed = self.requests.run(self._lm(model), tasks, missing)
+            self.store.put(digest, computed)
             for task_name, new in computed.items():
-                self.store.put(digest, task_name, new)
                 self.computed += len(new)
                 have[task_name].update(new)
         return [[have[plan.task][i] for i in ids] for plan, ids in wanted]

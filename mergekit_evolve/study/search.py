@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -115,6 +116,9 @@ def optimize_until(
 
     ``reached`` runs before ``callbacks``, so they may read the trials it counted."""
     reached = reached or Reached(trials)
+    # Everything alive now (models, tasks, libraries) lives for the whole search: exempt it from
+    # the cyclic collector, whose full passes over it stalled random trials by ~0.3 s.
+    gc.freeze()
     deadline = time.monotonic() + timeout if timeout else None
     while counted(study) < trials and not guard.tripped:
         if deadline is not None and time.monotonic() >= deadline:
