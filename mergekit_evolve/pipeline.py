@@ -16,6 +16,7 @@ from mergekit_evolve.publish.errors import PublishError
 from mergekit_evolve.publish.hub import publish_run, resolve_token
 from mergekit_evolve.recipe.load import Recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
+from mergekit_evolve.report.finalists import best_of_finalists
 from mergekit_evolve.report.pareto import select_trial, weighted_target, write_pareto
 from mergekit_evolve.report.winner import plot_history, winner_config, write_best, write_report
 from mergekit_evolve.sampler.factory import SamplerSetupError, prepare_recipe
@@ -67,7 +68,7 @@ def run_recipe(
             study = run_search(recipe, run_dir, worker, trials or recipe.evolve.trials, show_progress, timeout=timeout)
     except (TooManyFailures, ParallelError) as e:
         raise RunFailed(str(e)) from None
-    best = select_trial(study, recipe.evolve)
+    best = select_trial(study, recipe.evolve) if recipe.evolve.multi_objective else best_of_finalists(study, worker)
     LOG.info("writing the winner (trial %d) to %s", best.number, run_dir / "best")
     write_best(run_dir, run_dir / "recipe.yml", winner_config(best), options)
     if recipe.evolve.multi_objective:

@@ -118,3 +118,22 @@ def test_anchor_objective_estimates_search_and_report_uses_full_split(workspace,
     config = config_for(tiny_llama, 0.11, 0.22)
     worker.score_config(config, "search")  # the report's path: whole split, no anchors
     assert worker.evaluator.computed - before == 24
+
+
+@pytest.mark.slow
+def test_anchor_winner_is_the_finalist_with_the_best_full_search_score(workspace, tiny_llama, tmp_path):
+    from mergekit_evolve.report.finalists import best_of_finalists
+    from mergekit_evolve.report.winner import winner_config
+
+    recipe = make_recipe(workspace, tiny_llama, objective_extra=", anchors: 2", metric="acc,none", goal="maximize")
+    worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
+    study = run_search(recipe, tmp_path, worker, trials=8, show_progress=False)
+    complete = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: (-t.value, t.number))
+    full = {t.number: worker.score_config(winner_config(t), "search").weighted(worker.objectives) for t in complete}
+    for k in (1, 3, 8):
+        worker.recipe.evolve.finalists = k
+        top: dict[str, object] = {}
+        for t in complete:
+            top.setdefault(t.user_attrs["config_digest"], t)
+        expected = max(list(top.values())[:k], key=lambda t: (full[t.number], -t.number))
+        assert best_of_finalists(study, worker).number == expected.number

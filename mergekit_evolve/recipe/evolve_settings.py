@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from mergekit_evolve.sampler.options import check_options
 
 Sampler = Literal["cmaes", "cma", "tpe", "gp", "random", "nsga2", "cycleqd", "swarm"]
+# Optuna's own samplers take pruned trials in stride; the population methods need every
+# member's full score
+PRUNABLE_SAMPLERS = ("cmaes", "tpe", "gp", "random")
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 
 
@@ -63,8 +66,10 @@ class PruningSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pruner: Literal["none", "median", "successive_halving", "hyperband", "wilcoxon"] = "none"
-    stages: list[float] = Field(default=[0.125, 0.25, 0.5, 1.0], description="fractions of the search split, ending at 1")
+    # auto: successive halving where it can apply (one objective, an Optuna sampler that takes
+    # trials one by one), none elsewhere; bench/cheap_fitness.py shows it the best pruner on the demo
+    pruner: Literal["auto", "none", "median", "successive_halving", "hyperband", "wilcoxon"] = "auto"
+    stages: list[float] = Field(default=[0.25, 0.5, 1.0], description="fractions of the search split, ending at 1")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the Optuna pruner")
 
     @model_validator(mode="after")
@@ -106,12 +111,24 @@ class EvolveSettings(BaseModel):
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     pruning: PruningSettings = Field(default_factory=PruningSettings)
     max_failures: int = Field(default=20, ge=1, description="stop after this many failed candidates in a row")
+    finalists: int = Field(
+        default=5, ge=1,
+        description="when objectives are estimated from anchors, the best N trials are scored on the whole search split "
+        "and the best of those wins (an estimate's noise would otherwise pick a lucky candidate)",
+    )
     apply_chat_template: bool = False
 
     @field_validator("sampler_options")
     @classmethod
     def _typed_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         return check_options(info.data.get("sampler", ""), options)
+
+    @model_validator(mode="after")
+    def _resolve_auto_pruner(self) -> "EvolveSettings":
+        if self.pruning.pruner == "auto":
+            prunable = not self.multi_objective and self.sampler in PRUNABLE_SAMPLERS
+            self.pruning = self.pruning.model_copy(update={"pruner": "successive_halving" if prunable else "none"})
+        return self
 
     @model_validator(mode="after")
     def _unique_objectives(self) -> "EvolveSettings":

@@ -1,0 +1,47 @@
+"""The winner of a search whose scores were estimated: the best estimates, re-scored in full.
+
+With anchor estimates the highest estimate is partly luck: the candidates the search ranks
+first are disproportionately the ones its few anchors flattered. The top ``evolve.finalists``
+distinct configs are therefore scored on the whole search split (examples they already ran
+are reused from the store) and the best full score wins. The held-out split stays unseen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mergekit_evolve.report.winner import winner_config
+
+if TYPE_CHECKING:
+    from mergekit_evolve.study.worker import Worker
+
+LOG = logging.getLogger(__name__)
+
+
+def estimated(worker: Worker) -> bool:
+    return any(o.anchors for o in worker.objectives)
+
+
+def best_of_finalists(study: optuna.Study, worker: Worker) -> FrozenTrial:
+    """The study's best trial, or, when its values are anchor estimates, the finalist whose
+    full search-split score is highest."""
+    if not estimated(worker):
+        return study.best_trial
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (-sign * t.value, t.number))
+    finalists: dict[str, FrozenTrial] = {}
+    for trial in ranked:
+        finalists.setdefault(trial.user_attrs.get("config_digest", str(trial.number)), trial)
+        if len(finalists) == worker.recipe.evolve.finalists:
+            break
+    full = {t.number: worker.score_config(winner_config(t), "search").weighted(worker.objectives) for t in finalists.values()}
+    best = max(finalists.values(), key=lambda t: (full[t.number], -t.number))
+    LOG.info(
+        "anchor estimates: re-scored the best %d trials on the whole search split; trial %d wins (%.4f; estimate %.4f)",
+        len(finalists), best.number, full[best.number], best.value,
+    )
+    return best
