@@ -77,6 +77,7 @@ def test_short_search(family, tmp_path):
           sampler: random
           trials: 3
           seed: 1
+          pruning: {{pruner: none}}    # every candidate scored in full: their values are compared below
           objectives:
             - {{task: tiny_copy, metric: "perplexity,none", goal: minimize, limit: 8, heldout_limit: 8}}
           task_paths: [tasks]

@@ -45,6 +45,7 @@ def recipe(workspace, tiny_llama, *, trials=3, sampler="random", extra_model="",
           sampler: {sampler}
           trials: {trials}
           seed: 3
+          pruning: {{pruner: none}}
           objectives:
             - {{task: {task}, metric: "acc,none", heldout_task: tiny_copy_heldout}}
           task_paths: [tasks]
