@@ -25,6 +25,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the kernels are measured at 1 and 2 threads: numba's pool must hold all cores (the package
+# otherwise sizes it to torch's thread count at the first merge, 1 for the demo)
+os.environ.setdefault("NUMBA_NUM_THREADS", str(os.cpu_count()))
 
 import optuna  # noqa: E402
 import torch  # noqa: E402

@@ -5,7 +5,8 @@
 Runs `mergekit-evolve RECIPE --workers N` on the demo recipe (recipes/demo.yml), or on tiny
 Llama models with a 96-example copy task while the demo's models are not built, each in a fresh run
 folder: 1 worker with torch's default threads (one per core), 1 worker with one thread, and
-2 workers (which split the cores: one thread each on 2 cores). Throughput is completed trials
+2 workers (which split the cores: one thread each on 2 cores). Throughput is finished trials
+(completed or pruned)
 per second between the first trial's start and the last one's end, read from the study (the
 workers start searching together, once all are loaded); the command's wall time, start-up and
 report included, is printed beside it, and the load average, since the machine may be shared.
@@ -44,7 +45,7 @@ def bench_recipe(folder: Path) -> tuple[Path, str]:
 
 
 def measure(recipe: Path, run_dir: Path, workers: int, trials: int, env: dict[str, str]) -> tuple[int, float, float]:
-    """(completed trials, trials per second while searching, wall seconds of the whole command)."""
+    """(finished trials, completed or pruned; trials per second while searching; wall seconds of the whole command)."""
     cmd = [sys.executable, "-m", "mergekit_evolve", str(recipe), "-o", str(run_dir), "--workers", str(workers),
            "--trials", str(trials), "--no-progress"]
     t0 = time.perf_counter()
@@ -52,7 +53,7 @@ def measure(recipe: Path, run_dir: Path, workers: int, trials: int, env: dict[st
     wall = time.perf_counter() - t0
     name = optuna.get_all_study_names(f"sqlite:///{run_dir / 'study.db'}")[0]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
-    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
     span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     return len(done), len(done) / span, wall
 
