@@ -11,13 +11,13 @@ import copy
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import transformers
 from mergekit.architecture import get_architecture_info
-from mergekit.common import dtype_from_name
-from mergekit.common import ModelReference
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import ReturnTensor
@@ -81,6 +81,17 @@ def _evaluate(task: Task) -> Any:
     return task.execute(**{name: _evaluate(arg) for name, arg in task.arguments().items()})
 
 
+@dataclass
+class _Resident:
+    """One output shape's resident model and what the engine keeps with it."""
+
+    model: transformers.PreTrainedModel
+    state: dict[str, torch.Tensor]  # its tensors by name
+    # outputs the fused kernels write into: owned here, so an in-place write never touches a source tensor
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    complete: bool = False  # a merge has written every tensor (checked once)
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,14 +110,9 @@ class InMemoryMerger:
         self.device = options.device or "cpu"
         on_gpu = torch.device(self.device).type != "cpu"
         self.storage_device = self.device if on_gpu else "cpu"
-        self._models: dict[str, transformers.PreTrainedModel] = {}
-        self._complete: set[str] = set()
+        self._resident: dict[str, _Resident] = {}  # by output shape
         self._arch: dict[tuple, Any] = {}
         self._configs: dict[tuple[ModelReference, bool], transformers.PretrainedConfig] = {}
-        # per resident model: its tensors by name, and the output buffers the fused kernels
-        # write into (owned here, so an in-place write never touches a source tensor)
-        self._state: dict[str, dict[str, torch.Tensor]] = {}
-        self._buffers: dict[str, dict[str, torch.Tensor]] = {}
 
     def _shape_key(self, cfg_out: transformers.PretrainedConfig) -> str:
         diff = {k: v for k, v in cfg_out.to_diff_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
@@ -122,6 +128,10 @@ class InMemoryMerger:
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     def resident_model(self, config: MergeConfiguration) -> tuple[transformers.PreTrainedModel, Any, Any]:
+        resident, arch_info, cfg_out = self._resident_for(config)
+        return resident.model, arch_info, cfg_out
+
+    def _resident_for(self, config: MergeConfiguration) -> tuple[_Resident, Any, Any]:
         models = tuple(sorted(config.referenced_models(), key=str))
         with cached_model_configs(self._configs):
             if models not in self._arch:  # architecture detection: once per model set, not per trial
@@ -129,15 +139,11 @@ class InMemoryMerger:
             arch_info = self._arch[models]
             cfg_out = _model_out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
         key = self._shape_key(cfg_out)
-        model = self._models.get(key)
-        if model is None:
-            if len(self._models) >= MAX_RESIDENT_SHAPES:
+        resident = self._resident.get(key)
+        if resident is None:
+            if len(self._resident) >= MAX_RESIDENT_SHAPES:
                 # DFS paths vary in length; keep memory bounded by the last few shapes only
-                evicted = next(iter(self._models))
-                del self._models[evicted]
-                self._complete.discard(evicted)
-                self._state.pop(evicted, None)
-                self._buffers.pop(evicted, None)
+                del self._resident[next(iter(self._resident))]
             dtype = self._dtype(config, cfg_out)
             LOG.info("instantiating the resident model (%s, %s) on %s", cfg_out.model_type, dtype, self.device)
             with no_init_weights():
@@ -146,14 +152,14 @@ class InMemoryMerger:
                 )
             model.tie_weights()  # no_init_weights also skips tying (transformers 5): lm_head would stay empty
             model = model.to(self.device).eval().requires_grad_(False)
-            self._models[key] = model
-        return model, arch_info, cfg_out
+            resident = self._resident[key] = _Resident(model, model.state_dict(keep_vars=True))
+        return resident, arch_info, cfg_out
 
     def materialize(self, config: MergeConfiguration) -> transformers.PreTrainedModel:
         """Compute ``config``'s merged tensors straight into the resident model and return it."""
         make_resident(config.referenced_models(), self.options, self.storage_device, self.allow_pickle)
-        model, arch_info, cfg_out = self.resident_model(config)
-        key = self._shape_key(cfg_out)
+        resident, arch_info, cfg_out = self._resident_for(config)
+        state, buffers = resident.state, resident.buffers
         if self.options.random_seed is not None:
             transformers.trainer_utils.set_seed(self.options.random_seed)  # as run_merge does
         # The planner normalises the config in place; keep the caller's copy intact.
@@ -161,9 +167,6 @@ class InMemoryMerger:
         planner.chunk_bytes = self.chunk_bytes
         with cached_model_configs(self._configs):
             targets = planner.plan_in_memory()
-        if key not in self._state:
-            self._state[key] = model.state_dict(keep_vars=True)
-        state, buffers = self._state[key], self._buffers.setdefault(key, {})
         written: set[str] = set()
         # Merges the fused kernels compute go straight into owned buffers; only the rest (other
         # methods, routing, GPU) pays for mergekit's scheduler.
@@ -190,13 +193,13 @@ class InMemoryMerger:
                     if target is not None:
                         self._bind(target, value, task.weight_info.name)
                         written.add(task.weight_info.name)
-        if key not in self._complete:
-            written_params = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in written}
+        if not resident.complete:
+            written_params = {id(p) for n, p in resident.model.named_parameters(remove_duplicate=False) if n in written}
             missing = [n for n in state if n not in written and id(state[n]) not in written_params]
             if missing:
                 raise RuntimeError(f"the merge produced no value for {missing[:5]} (of {len(missing)} missing tensors)")
-            self._complete.add(key)
-        return model
+            resident.complete = True
+        return resident.model
 
     @staticmethod
     def _target(state: dict[str, torch.Tensor], task: ReturnTensor, cfg_out: Any) -> torch.Tensor | None:
