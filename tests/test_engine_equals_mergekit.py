@@ -41,6 +41,17 @@ def configs(base, v1, v2):
     }
 
 
+def with_other_values(node):
+    """The same config with every parameter value changed (layer ranges kept)."""
+    if isinstance(node, dict):
+        return {k: v if k == "layer_range" else with_other_values(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [with_other_values(v) for v in node]
+    if isinstance(node, float):
+        return round(1 - node, 3) if 0 < node < 1 else node / 2
+    return node
+
+
 @pytest.mark.parametrize("chunk_bytes", [0, 512])  # 512 bytes: every tensor runs in many row blocks
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "linear_bf16", "task_arithmetic_bf16", "ties", "dare_ties", "slerp", "passthrough"])
 def test_in_memory_equals_run_merge(tiny_llama, tmp_path, method, chunk_bytes):
@@ -50,6 +61,10 @@ def test_in_memory_equals_run_merge(tiny_llama, tmp_path, method, chunk_bytes):
     on_disk = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
 
     merger = InMemoryMerger(options, chunk_bytes=chunk_bytes)
+    # a trial of the same recipe first: the planner reuses its tasks and must re-resolve every parameter
+    twin = MergeConfiguration.model_validate(with_other_values(configs(*tiny_llama)[method]))
+    assert twin != config
+    merger.materialize(twin)
     model = merger.materialize(config)
     state = model.state_dict()
     assert set(on_disk) == set(state)

@@ -90,3 +90,34 @@ def test_replayed_requests_equal_lm_eval_on_every_request_type(tasks, tiny_llama
     again = prepared.run(lm, loaded, first)
     assert again == lm_eval_rows(lm, loaded, first)
     assert again["tiny_loglik"] != results[0]["tiny_loglik"]
+
+
+@pytest.mark.parametrize("logits_cache", [True, False])
+def test_batched_loglikelihood_equals_hflm_bit_for_bit(tiny_llama, logits_cache):
+    from lm_eval.models.huggingface import HFLM
+
+    from mergekit_evolve.evaluate import loglikelihood
+
+    lm = lm_for(tiny_llama, 0)
+    lm.logits_cache = logits_cache
+    vocab = lm.model.config.vocab_size
+    rng = random.Random(1)
+    requests = []
+    for i in range(40):
+        context = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+        for _ in range(rng.choice([1, 1, 3])):  # several one-token choices share a context: grouped when cached
+            continuation = [rng.randrange(vocab) for _ in range(rng.choice([1, 1, 2, 5]))]
+            requests.append(((f"c{i}", str(continuation)), context, continuation))
+    requests.append((("long", "x"), list(range(vocab)) * 2, [1, 2]))  # longer than the model: truncated
+    requests.append(requests[3])  # a repeat
+    # the model's own greedy continuation, so that some greedy checks pass
+    context = requests[0][1]
+    with torch.no_grad():
+        greedy = int(lm.model(torch.tensor([context])).logits[0, -1].argmax())
+    requests.append((("greedy", ""), context, [greedy]))
+
+    assert loglikelihood.applies(lm, None)
+    ours = loglikelihood.loglikelihood_tokens(lm, requests)
+    theirs = HFLM._loglikelihood_tokens(lm, requests)
+    assert ours == theirs  # floats compared exactly
+    assert any(is_greedy for _, is_greedy in ours) and not all(is_greedy for _, is_greedy in ours)

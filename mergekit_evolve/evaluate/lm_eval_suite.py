@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import transformers
 
+from mergekit_evolve.evaluate import loglikelihood
 from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.evaluate.requests import PreparedRequests
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings, Objective
@@ -142,6 +143,11 @@ def _quiet_hflm() -> type:
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=True)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            if loglikelihood.applies(self, override_bs):
+                return loglikelihood.loglikelihood_tokens(self, requests)
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood_rolling(requests, disable_tqdm=True)

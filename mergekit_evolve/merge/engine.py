@@ -16,16 +16,20 @@ from typing import Any
 
 import torch
 import transformers
-from mergekit.architecture import get_architecture_info
+from mergekit.architecture import WeightInfo, get_architecture_info
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import ReturnTensor
 from mergekit.merge import _model_out_config
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
+from mergekit.parameter_resolver import resolve_parameters
 from mergekit.plan import MergePlanner
+from pydantic import TypeAdapter
 from transformers.initialization import no_init_weights
 
+from mergekit_evolve.merge.architecture_memo import memoised
 from mergekit_evolve.merge.chunked import DEFAULT_CHUNK_BYTES, ChunkedMerge, chunk_if_possible
 from mergekit_evolve.merge.resident import make_resident
 from mergekit_evolve.plugins import register_plugins
@@ -40,10 +44,57 @@ class _ReturnTensor(ReturnTensor):
     tensor_task: Task
 
 
+_PARAMETERS = TypeAdapter(ExecuteMergeMethodTask.model_fields["parameters"].annotation)
+_INPUT_PARAMETERS = TypeAdapter(ExecuteMergeMethodTask.model_fields["input_parameters"].annotation)
+MAX_TEMPLATES = 100_000
+
+
 class InMemoryPlanner(MergePlanner):
-    """``MergePlanner`` whose in-memory plan builds (working) ``ReturnTensor`` targets."""
+    """``MergePlanner`` whose in-memory plan builds (working) ``ReturnTensor`` targets.
+
+    With ``templates`` (a dict kept across plans), a tensor whose inputs were planned before
+    reuses that task and only re-resolves its parameters: building and validating each
+    tensor's pydantic task graph is half of a small model's planning, and between two trials
+    of one recipe only the parameter values differ.
+    """
 
     chunk_bytes: int = 0
+    templates: dict[tuple, ExecuteMergeMethodTask | None] | None = None
+
+    def plan_tensor(self, weight: WeightInfo, weights_in: list[WeightInfo], models: list[ModelReference], cfg_reader: Any) -> None:
+        if self.templates is None or self._tokenizer_task is not None:
+            return super().plan_tensor(weight, weights_in, models, cfg_reader)
+        # everything plan_tensor builds the task from, except the parameters (models by name:
+        # comparing pydantic ModelReferences field by field would cost what the template saves)
+        key = (
+            self._method.spec.name, self.config.dtype, self.options.read_to_gpu and self.options.device,
+            self.options.unsafe_truncate_embeddings, weight, tuple(weights_in), *map(str, (*models, cfg_reader.base_model)),
+        )
+        if key not in self.templates:
+            if len(self.templates) >= MAX_TEMPLATES:  # many DFS paths: keep memory bounded
+                self.templates.clear()
+            planned = len(self._tensors)
+            super().plan_tensor(weight, weights_in, models, cfg_reader)
+            # None: an optional weight no input has, skipped (that depends on the inputs only)
+            self.templates[key] = self._tensors[-1][1] if len(self._tensors) > planned else None
+            return
+        template = self.templates[key]
+        if template is None:
+            return
+        # the call plan_tensor makes, so filters, gradients and defaults resolve exactly as there
+        global_params, tensor_params = resolve_parameters(
+            self._method.spec,
+            tensor_name=weight.name,
+            inputs={model: w.name for model, w in zip(models, weights_in)},
+            sources=cfg_reader.parameter_sources,
+            base_model=cfg_reader.base_model,
+            t=cfg_reader.t,
+        )
+        task = template.model_copy(update={
+            "parameters": _PARAMETERS.validate_python(global_params),
+            "input_parameters": _INPUT_PARAMETERS.validate_python(tensor_params),
+        })
+        self._tensors.append((weight, task))
 
     def plan_in_memory(self) -> list[ReturnTensor]:
         self._plan()
@@ -113,6 +164,7 @@ class InMemoryMerger:
         self._resident: dict[str, _Resident] = {}  # by output shape
         self._arch: dict[tuple, Any] = {}
         self._configs: dict[tuple[ModelReference, bool], transformers.PretrainedConfig] = {}
+        self._templates: dict[tuple, Any] = {}  # tensor tasks by their inputs (see InMemoryPlanner)
 
     def _shape_key(self, cfg_out: transformers.PretrainedConfig) -> str:
         diff = {k: v for k, v in cfg_out.to_diff_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
@@ -135,7 +187,7 @@ class InMemoryMerger:
         models = tuple(sorted(config.referenced_models(), key=str))
         with cached_model_configs(self._configs):
             if models not in self._arch:  # architecture detection: once per model set, not per trial
-                self._arch[models] = get_architecture_info(config, self.options)
+                self._arch[models] = memoised(get_architecture_info(config, self.options))
             arch_info = self._arch[models]
             cfg_out = _model_out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
         key = self._shape_key(cfg_out)
@@ -164,7 +216,7 @@ class InMemoryMerger:
             transformers.trainer_utils.set_seed(self.options.random_seed)  # as run_merge does
         # The planner normalises the config in place; keep the caller's copy intact.
         planner = InMemoryPlanner(config.model_copy(deep=True), arch_info, self.options, cfg_out)
-        planner.chunk_bytes = self.chunk_bytes
+        planner.chunk_bytes, planner.templates = self.chunk_bytes, self._templates
         with cached_model_configs(self._configs):
             targets = planner.plan_in_memory()
         written: set[str] = set()

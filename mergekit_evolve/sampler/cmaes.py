@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cmaes  # noqa: F401  Optuna imports it (and scipy.stats, ~1 s) inside the first trial it samples
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.search_space import IntersectionSearchSpace

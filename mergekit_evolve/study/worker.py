@@ -71,6 +71,12 @@ class Worker:
             local_folder(donor, options), trust_remote_code=options.trust_remote_code
         )
         self.evaluator = Evaluator(self.suite, self.tokenizer)
+        # one-off costs (the resident model's instantiation, compiling the merge kernels) are
+        # setup, paid here rather than by whichever trial happens to come first
+        try:
+            self.merger.materialize(default)
+        except Exception:  # not fatal here: the trial that meets it fails with its reason
+            LOG.debug("warm-up merge of the recipe's default point failed", exc_info=True)
         self.anchors: dict | None = None  # chosen on first use, from the sources' results
         self.known: dict[str, tuple[int, float | list[float], dict[str, float]]] = {}
 
