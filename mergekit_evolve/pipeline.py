@@ -23,7 +23,7 @@ from mergekit_evolve.sampler.factory import SamplerSetupError, prepare_recipe
 from mergekit_evolve.study.parallel import ParallelError, WorkerJob, plan_workers, run_parallel
 from mergekit_evolve.study.run_dir import RunDirError, check_run_dir, prepare_run_dir
 from mergekit_evolve.study.search import TooManyFailures, run_search
-from mergekit_evolve.study.storage import StorageError, check_storage
+from mergekit_evolve.study.storage import StorageError, check_storage, close_storage
 from mergekit_evolve.study.worker import Worker, merge_options
 
 LOG = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ def run_recipe(
         plot_history(run_dir, study)
     report = write_report(run_dir, study, worker, best)
     write_card(run_dir)  # needs report.json; replaces mergekit's plain card
+    worker.evaluator.store.close()
+    close_storage(study)  # before a push: study.db must hold every trial, not leave some in its WAL
     if recipe.publish and recipe.publish.repo:
         try:
             publish_run(run_dir, recipe.publish)

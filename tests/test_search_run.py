@@ -69,6 +69,8 @@ def test_run_writes_a_complete_run_folder(workspace, tiny_llama):
     run_dir = workspace / "runs" / "full"
     result = run_cli(path, "-o", run_dir)
     assert result.exit_code == 0, result.output
+    # the databases were closed: no WAL left beside them, each file holds everything
+    assert sorted(p.name for p in run_dir.glob("*.db*")) == ["examples.db", "study.db"]
     lines = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
     assert [x["state"] for x in lines] == ["COMPLETE"] * 3
     assert all(x["config"].startswith("base_model:") and x["seconds"]["merge"] > 0 for x in lines)

@@ -63,3 +63,8 @@ class ExampleStore:
             if digest is None:
                 return self._db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
             return self._db.execute("SELECT COUNT(*) FROM examples WHERE digest = ?", (digest,)).fetchone()[0]
+
+    def close(self) -> None:
+        """Close the file: SQLite then folds the WAL back into it and removes the -wal/-shm files."""
+        with self._lock:
+            self._db.close()

@@ -134,6 +134,15 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._callback
 
 
+def close_storage(study: optuna.Study) -> None:
+    """Close an RDB storage's pooled connections: with the last one closed, SQLite folds the WAL
+    into study.db and removes study.db-wal/-shm, so the file alone is the whole study (for a
+    copy or a push). Connections open again on the next use."""
+    backend = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDB storages in a cache
+    if isinstance(backend, RDBStorage):
+        backend.engine.dispose()
+
+
 def register_worker(study: optuna.Study) -> int:
     """Join ``study`` as one more worker; returns this worker's index (0 for the first ever).
 
