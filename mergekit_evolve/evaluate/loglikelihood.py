@@ -19,11 +19,6 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.utils import Collator
 
-try:  # lm-eval 0.4.10 moved the HF helpers out of models.utils
-    from lm_eval.models.utils_hf import pad_and_concat
-except ImportError:
-    from lm_eval.models.utils import pad_and_concat
-
 LOG = logging.getLogger(__name__)
 Request = tuple[tuple[str, str], list[int], list[int]]
 # get_cache only reshapes the logits it is given; the positions are taken from the batch here
@@ -48,13 +43,12 @@ def loglikelihood_tokens(lm: Any, requests: list[Request]) -> list[tuple[float, 
         for _, context, continuation in chunk:
             if len(context) + len(continuation) > lm.max_length + 1:
                 LOG.warning("context + continuation exceed the model's %d tokens: truncated from the left", lm.max_length)
-            tokens = (context + continuation)[-(lm.max_length + 1) :][:-1]
-            inputs.append(torch.tensor(tokens, dtype=torch.long, device=lm.device))
-        lengths = [len(x) for x in inputs]  # before padding: pad_and_concat replaces the list's items
+            inputs.append((context + continuation)[-(lm.max_length + 1) :][:-1])
+        lengths = [len(x) for x in inputs]
         padded = max(lengths)
-        logits = F.log_softmax(
-            lm._model_call(pad_and_concat(padded, inputs, padding_side="right")), dim=-1, dtype=lm.softmax_dtype
-        )
+        # right-padded with zeros, as HFLM's pad_and_concat, in one tensor instead of one a row
+        batch = torch.tensor([x + [0] * (padded - len(x)) for x in inputs], dtype=torch.long, device=lm.device)
+        logits = F.log_softmax(lm._model_call(batch), dim=-1, dtype=lm.softmax_dtype)
         # per scored token: batch row, position of its log-prob, position of its greedy check, token
         rows: list[int] = []
         scored: list[int] = []
