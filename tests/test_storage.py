@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from mergekit_evolve.study.storage import default_storage_url, open_storage
@@ -34,6 +35,7 @@ def test_default_storage_writes_ahead_without_waiting_for_the_disk(tmp_path):
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the heartbeat thread's
 def test_in_memory_sqlite_is_left_as_it_is():
     study = optuna.create_study(storage=open_storage("sqlite://"))  # reopening its connection would lose the tables
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)

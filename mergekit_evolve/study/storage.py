@@ -44,7 +44,7 @@ def default_storage_url(run_dir: Path) -> str:
 def open_storage(url: str, grace_seconds: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
     """``sqlite:///``, ``postgresql://``, ``mysql://`` URLs are RDB storages; ``journal:PATH`` a journal file.
 
-    Both get heartbeats: a trial whose worker sent none for ``grace_seconds`` is failed, and its
+    Both get heartbeats (in-memory SQLite excepted): a trial whose worker sent none for ``grace_seconds`` is failed, and its
     point re-queued once, by the next worker that asks for a trial.
     """
     interval = max(1, min(HEARTBEAT_SECONDS, grace_seconds // 4))
@@ -52,13 +52,18 @@ def open_storage(url: str, grace_seconds: int = GRACE_SECONDS) -> optuna.storage
         return HeartbeatJournalStorage(
             JournalFileBackend(url.removeprefix("journal:")), interval, grace_seconds, RetryLost(max_retry=1)
         )
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        # one process's private database: no other worker to watch, and the heartbeat thread's
+        # own connection would open an empty database of its own (no tables: it fails each beat)
+        return RDBStorage(url)
     storage = RDBStorage(
         url,
         heartbeat_interval=interval,
         grace_period=grace_seconds,
         heartbeat_stale_trial_callback=RetryLost(max_retry=1),
     )
-    if storage.engine.dialect.name == "sqlite" and storage.engine.url.database not in (None, "", ":memory:"):
+    if storage.engine.dialect.name == "sqlite":
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
         storage.engine.dispose()  # the connection that created the tables predates the listener
     return storage
