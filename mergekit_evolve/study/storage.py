@@ -44,8 +44,9 @@ def default_storage_url(run_dir: Path) -> str:
 def open_storage(url: str, grace_seconds: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
     """``sqlite:///``, ``postgresql://``, ``mysql://`` URLs are RDB storages; ``journal:PATH`` a journal file.
 
-    Both get heartbeats (in-memory SQLite excepted): a trial whose worker sent none for ``grace_seconds`` is failed, and its
-    point re-queued once, by the next worker that asks for a trial.
+    Both get heartbeats (in-memory SQLite excepted): a trial whose worker sent none for
+    ``grace_seconds`` is failed, and its point re-queued once, by the next worker that asks
+    for a trial.
     """
     interval = max(1, min(HEARTBEAT_SECONDS, grace_seconds // 4))
     if url.startswith("journal:"):
