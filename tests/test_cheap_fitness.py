@@ -164,6 +164,16 @@ def test_rungs_put_anchors_first_only_under_a_pruner():
     assert rungs(settings("median"), {}) == (0, [Rung(0.5), Rung(1.0)])
 
 
+def test_percentile_pruner_needs_its_percentile():
+    from mergekit_evolve.recipe.evolve_settings import PruningSettings
+    from mergekit_evolve.study.pruning import make_pruner
+
+    pruner = make_pruner(PruningSettings(pruner="percentile", options={"percentile": 25, "n_startup_trials": 4}))
+    assert isinstance(pruner, optuna.pruners.PercentilePruner)
+    with pytest.raises(ValueError, match="do not fit pruner 'percentile'"):
+        make_pruner(PruningSettings(pruner="percentile"))
+
+
 def write_loglikelihood_task(workspace) -> str:
     """``tiny_copy`` scored by the mean log-likelihood of the answer: a mean-aggregated metric (anchors
     need one) that, unlike accuracy, differs between any two tiny merges (so a pruner has ranks to cut)."""

@@ -69,7 +69,7 @@ class PruningSettings(BaseModel):
 
     # auto: successive halving where it can apply (one objective, an Optuna sampler that takes
     # trials one by one), none elsewhere; bench/cheap_fitness.py shows it the best pruner on the demo
-    pruner: Literal["auto", "none", "median", "successive_halving", "hyperband", "wilcoxon"] = "auto"
+    pruner: Literal["auto", "none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"] = "auto"
     stages: list[float] = Field(
         default=[0.25, 0.5, 1.0],
         description="fractions of the search split, ending at 1; objectives with anchors climb their anchor estimate first",
