@@ -1,4 +1,4 @@
-"""Full evaluation vs cheaper fitness modes at an equal wall-clock budget, on the demo.
+"""Full evaluation vs cheaper fitness modes at an equal budget (wall-clock, or CPU with --clock cpu), on the demo.
 
     python bench/cheap_fitness.py [--recipe recipes/demo.yml] [--seconds 60] [--seeds 0 1 2] [--modes ...] [--clock cpu]
 
