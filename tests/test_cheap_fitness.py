@@ -6,11 +6,12 @@ import textwrap
 import numpy as np
 import optuna
 import pytest
+import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.compile import config_digest
-from mergekit_evolve.evaluate.anchors import choose_anchors
+from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
 from mergekit_evolve.recipe.load import load_recipe
 from mergekit_evolve.study.search import run_search
 from mergekit_evolve.study.worker import Worker
@@ -24,7 +25,9 @@ def workspace(tmp_path_factory):
     return root
 
 
-def make_recipe(workspace, tiny_llama, evolve_extra="", objective_extra="", metric="perplexity,none", goal="minimize"):
+def make_recipe(
+    workspace, tiny_llama, evolve_extra="", objective_extra="", metric="perplexity,none", goal="minimize", task="tiny_copy",
+):
     base, v1, v2 = tiny_llama
     path = workspace / "r.yml"
     path.write_text(textwrap.dedent(f"""
@@ -38,7 +41,7 @@ def make_recipe(workspace, tiny_llama, evolve_extra="", objective_extra="", metr
           sampler: random
           seed: 1
           objectives:
-            - {{task: tiny_copy, metric: "{metric}", goal: {goal}, heldout_task: tiny_copy_heldout{objective_extra}}}
+            - {{task: {task}, metric: "{metric}", goal: {goal}, heldout_task: tiny_copy_heldout{objective_extra}}}
           task_paths: [tasks]
         """).lstrip() + textwrap.indent(textwrap.dedent(evolve_extra), "  "))
     return load_recipe(path)
@@ -106,9 +109,13 @@ def test_anchor_choice_by_hand():
     assert anchors.estimate(rows, plan) == pytest.approx(1 / 6)
 
 
+# anchors without a pruner: trial values are anchor estimates (with one, anchors are its first rung)
+ESTIMATE_ONLY = "pruning: {pruner: none}\n"
+
+
 @pytest.mark.slow
 def test_anchor_objective_estimates_search_and_report_uses_full_split(workspace, tiny_llama, tmp_path):
-    recipe = make_recipe(workspace, tiny_llama, objective_extra=", anchors: 4", metric="acc,none", goal="maximize")
+    recipe = make_recipe(workspace, tiny_llama, ESTIMATE_ONLY, objective_extra=", anchors: 4", metric="acc,none", goal="maximize")
     worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     run_search(recipe, tmp_path, worker, trials=3, show_progress=False)
     (anchor,) = worker.anchors.values()
@@ -125,7 +132,8 @@ def test_anchor_winner_is_the_finalist_with_the_best_full_search_score(workspace
     from mergekit_evolve.report.finalists import best_of_finalists
     from mergekit_evolve.report.winner import winner_config
 
-    recipe = make_recipe(workspace, tiny_llama, objective_extra=", anchors: 2", metric="acc,none", goal="maximize")
+    recipe = make_recipe(workspace, tiny_llama, ESTIMATE_ONLY, objective_extra=", anchors: 2", metric="acc,none", goal="maximize")
+    assert recipe.evolve.estimated
     worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     study = run_search(recipe, tmp_path, worker, trials=8, show_progress=False)
     complete = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: (-t.value, t.number))
@@ -137,3 +145,80 @@ def test_anchor_winner_is_the_finalist_with_the_best_full_search_score(workspace
             top.setdefault(t.user_attrs["config_digest"], t)
         expected = max(list(top.values())[:k], key=lambda t: (full[t.number], -t.number))
         assert best_of_finalists(study, worker).number == expected.number
+
+
+def test_rungs_put_anchors_first_only_under_a_pruner():
+    from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+    from mergekit_evolve.study.pruning import Rung, rungs
+
+    anchors = {"t/acc,none": AnchorSet([3, 5], [0.5, 0.5])}
+
+    def settings(pruner):
+        return EvolveSettings(objectives=[{"task": "t", "anchors": 2}], pruning={"pruner": pruner, "stages": [0.5, 1.0]})
+
+    # no pruner: the anchor estimate is the value, and the winner comes from finalists
+    assert rungs(settings("none"), anchors) == (0, [Rung(1.0, anchors)]) and settings("none").estimated
+    # a pruner: anchors are step 1 (successive halving's first rung), then the slices to the whole split
+    assert rungs(settings("successive_halving"), anchors) == (1, [Rung(0.5, anchors), Rung(0.5), Rung(1.0)])
+    assert not settings("median").estimated
+    assert rungs(settings("median"), {}) == (0, [Rung(0.5), Rung(1.0)])
+
+
+def test_percentile_pruner_needs_its_percentile():
+    from mergekit_evolve.recipe.evolve_settings import PruningSettings
+    from mergekit_evolve.study.pruning import make_pruner
+
+    pruner = make_pruner(PruningSettings(pruner="percentile", options={"percentile": 25, "n_startup_trials": 4}))
+    assert isinstance(pruner, optuna.pruners.PercentilePruner)
+    with pytest.raises(ValueError, match="do not fit pruner 'percentile'"):
+        make_pruner(PruningSettings(pruner="percentile"))
+
+
+def write_loglikelihood_task(workspace) -> str:
+    """``tiny_copy`` scored by the mean log-likelihood of the answer: a mean-aggregated metric (anchors
+    need one) that, unlike accuracy, differs between any two tiny merges (so a pruner has ranks to cut)."""
+    text = (workspace / "tasks" / "tiny_copy.yaml").read_text()
+    text = text.replace("task: tiny_copy", "task: tiny_copy_ll").replace(
+        "aggregation: perplexity\n    higher_is_better: false", "aggregation: mean\n    higher_is_better: true"
+    )
+    (workspace / "tasks" / "tiny_copy_ll.yaml").write_text(text)
+    return "tiny_copy_ll"
+
+
+@pytest.mark.slow
+def test_anchors_as_first_rung_prune_there_and_completed_values_are_full_scores(workspace, tiny_llama, tmp_path):
+    from mergekit_evolve.report.finalists import best_of_finalists
+
+    task = write_loglikelihood_task(workspace)
+    # pruner auto: successive halving for the random sampler, so the anchors are its first rung
+    recipe = make_recipe(workspace, tiny_llama, objective_extra=", anchors: 4", metric="perplexity,none", goal="maximize", task=task)
+    assert recipe.evolve.pruning.pruner == "successive_halving" and not recipe.evolve.estimated
+    worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
+    study = run_search(recipe, tmp_path, worker, trials=10, show_progress=False)
+    (anchor,) = worker.anchors.values()
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert pruned and complete
+    for t in pruned:  # stopped on their anchor estimate: only the anchors ran
+        assert t.user_attrs["pruned_at"] == "anchors" and list(t.intermediate_values) == [1]
+        assert worker.evaluator.store.count(t.user_attrs["config_digest"]) == len(anchor.ids)
+    for t in complete:  # survivors: the whole split, the anchor examples reused rather than run twice
+        assert worker.evaluator.store.count(t.user_attrs["config_digest"]) == 24
+        model = worker.merger.materialize(MergeConfiguration.model_validate(yaml.safe_load(t.user_attrs["config"])))
+        whole = worker.evaluator.score(model, "search").values[f"{task}/perplexity,none"]  # lm-eval over the split
+        assert t.value == pytest.approx(whole, rel=1e-6)  # anchors ran in another batch: float32 rounding only
+    sources = 3 * 24  # choosing the anchors scores base and both experts on the whole split
+    assert worker.evaluator.computed == sources + len(anchor.ids) * len(pruned) + 24 * len(complete)
+    # completed values are full scores: the study's best trial wins, no finalists re-scored
+    computed = worker.evaluator.computed
+    assert best_of_finalists(study, worker).number == study.best_trial.number
+    assert worker.evaluator.computed == computed
+
+    # a resumed run proposing a pruned config again reruns nothing it already ran
+    again = pruned[0]
+    study.enqueue_trial(again.params)
+    resumed = Worker(recipe, MergeOptions(device="cpu", quiet=True))
+    study = run_search(recipe, tmp_path, resumed, trials=11, show_progress=False)
+    last = study.trials[-1]
+    assert last.params == again.params and resumed.anchors[f"{task}/perplexity,none"].ids == anchor.ids
+    assert resumed.evaluator.computed == (0 if last.state == optuna.trial.TrialState.PRUNED else 24 - len(anchor.ids))

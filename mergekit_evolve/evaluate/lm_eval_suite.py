@@ -274,10 +274,7 @@ class Evaluator:
         for obj, plan in zip(objectives, plans):
             if plan.ids is None or digest is None:
                 continue
-            if anchors and obj.name in anchors:
-                wanted[obj.name] = (plan, anchors[obj.name].ids)
-            else:
-                wanted[obj.name] = (plan, self.order(plan)[: max(1, math.ceil(len(plan.ids) * fraction))])
+            wanted[obj.name] = (plan, self.example_ids(obj, plan, fraction, anchors))
         rows = dict(zip(wanted, self.rows_many(model, digest, list(wanted.values())))) if wanted else {}
         values: dict[str, float] = {}
         for obj, plan in zip(objectives, plans):
@@ -291,6 +288,12 @@ class Evaluator:
                 raise ValueError(f"task '{plan.task}' scored NaN for '{obj.metric}'")
             values[obj.name] = value
         return Scores(values)
+
+    def example_ids(self, objective: Objective, plan: EvalPlan, fraction: float, anchors: dict[str, Any] | None) -> list[int]:
+        """The examples ``score`` runs for a plain task: its anchors, else the first ``fraction`` of the shuffle."""
+        if anchors and objective.name in anchors:
+            return anchors[objective.name].ids
+        return self.order(plan)[: max(1, math.ceil(len(plan.ids or []) * fraction))]
 
     def order(self, plan: EvalPlan) -> list[int]:
         """A fixed shuffle of the split, so every slice is a fair sample of it."""

@@ -32,7 +32,8 @@ class Objective(BaseModel):
     heldout_limit: int | float | None = None
     anchors: int | None = Field(
         default=None, ge=2,
-        description="estimate the search score from this many anchor examples chosen from the sources' results",
+        description="anchor examples chosen from the sources' results (tinyBenchmarks style); with a pruner their "
+        "estimate is the first rung (pruned there, or scored on the whole split), without one the trial's value",
     )
 
     @property
@@ -68,8 +69,11 @@ class PruningSettings(BaseModel):
 
     # auto: successive halving where it can apply (one objective, an Optuna sampler that takes
     # trials one by one), none elsewhere; bench/cheap_fitness.py shows it the best pruner on the demo
-    pruner: Literal["auto", "none", "median", "successive_halving", "hyperband", "wilcoxon"] = "auto"
-    stages: list[float] = Field(default=[0.25, 0.5, 1.0], description="fractions of the search split, ending at 1")
+    pruner: Literal["auto", "none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"] = "auto"
+    stages: list[float] = Field(
+        default=[0.25, 0.5, 1.0],
+        description="fractions of the search split, ending at 1; objectives with anchors climb their anchor estimate first",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the Optuna pruner")
 
     @model_validator(mode="after")
@@ -113,8 +117,8 @@ class EvolveSettings(BaseModel):
     max_failures: int = Field(default=20, ge=1, description="stop after this many failed candidates in a row")
     finalists: int = Field(
         default=5, ge=1,
-        description="when objectives are estimated from anchors, the best N trials are scored on the whole search split "
-        "and the best of those wins (an estimate's noise would otherwise pick a lucky candidate)",
+        description="when trial values are anchor estimates (anchors, pruner none), the best N trials are scored on the "
+        "whole search split and the best of those wins (an estimate's noise would otherwise pick a lucky candidate)",
     )
     apply_chat_template: bool = False
 
@@ -143,6 +147,11 @@ class EvolveSettings(BaseModel):
             if name is not None:
                 self.objective_named(name)
         return self
+
+    @property
+    def estimated(self) -> bool:
+        """Trial values are anchor estimates: with a pruner, anchors only decide who climbs on to the whole split."""
+        return self.pruning.pruner == "none" and any(o.anchors for o in self.objectives)
 
     def objective_named(self, name: str) -> Objective:
         """The objective called ``name`` (task/metric, or a task that has one objective)."""

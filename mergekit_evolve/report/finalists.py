@@ -1,9 +1,11 @@
-"""The winner of a search whose scores were estimated: the best estimates, re-scored in full.
+"""The winner of a search whose trial values are anchor estimates: the best estimates, re-scored in full.
 
 With anchor estimates the highest estimate is partly luck: the candidates the search ranks
 first are disproportionately the ones its few anchors flattered. The top ``evolve.finalists``
 distinct configs are therefore scored on the whole search split (examples they already ran
 are reused from the store) and the best full score wins. The held-out split stays unseen.
+With a pruner, anchors are only its first rung and completed trials hold full scores: the
+study's best trial wins as it is.
 """
 
 from __future__ import annotations
@@ -22,14 +24,10 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 
-def estimated(worker: Worker) -> bool:
-    return any(o.anchors for o in worker.objectives)
-
-
 def best_of_finalists(study: optuna.Study, worker: Worker) -> FrozenTrial:
     """The study's best trial, or, when its values are anchor estimates, the finalist whose
     full search-split score is highest."""
-    if not estimated(worker):
+    if not worker.recipe.evolve.estimated:
         return study.best_trial
     sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
     ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (-sign * t.value, t.number))

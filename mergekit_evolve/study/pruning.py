@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 PRUNERS = {
     "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
     "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
     "hyperband": optuna.pruners.HyperbandPruner,
     "wilcoxon": optuna.pruners.WilcoxonPruner,
@@ -32,11 +34,6 @@ def make_pruner(settings: PruningSettings) -> optuna.pruners.BasePruner:
         return PRUNERS[settings.pruner](**settings.options)
     except TypeError as e:
         raise ValueError(f"evolve.pruning.options do not fit pruner '{settings.pruner}': {e}") from None
-
-
-def _prunes(settings: EvolveSettings) -> bool:
-    # Optuna cannot prune multi-objective trials (no intermediate values there).
-    return settings.pruning.pruner != "none" and not getattr(settings, "multi_objective", False)
 
 
 def anchor_sets(worker: Worker) -> dict[str, AnchorSet]:
@@ -64,37 +61,61 @@ def anchor_sets(worker: Worker) -> dict[str, AnchorSet]:
     return worker.anchors
 
 
+@dataclass
+class Rung:
+    """One scoring step: the first ``fraction`` of the search split, or the anchors where given."""
+
+    fraction: float
+    anchors: dict[str, AnchorSet] | None = None
+
+    @property
+    def label(self) -> str:
+        return "the anchor examples" if self.anchors else f"{self.fraction:.0%} of the search split"
+
+
+def rungs(settings: EvolveSettings, anchors: dict[str, AnchorSet]) -> tuple[int, list[Rung]]:
+    """The first step number and the rungs a candidate climbs; the last one gives its value.
+
+    Without a pruner: one rung, the anchor estimate (when objectives have anchors) or the whole
+    split. With one, anchors are the first rung (objectives without anchors score the first
+    slice there), then the slices, ending with the whole split. That rung is step 1, not 0:
+    successive halving's first rung is at step ``min_resource`` >= 1 and never prunes at step 0.
+    """
+    if settings.pruning.pruner == "none":
+        return 0, [Rung(1.0, anchors or None)]
+    stages = [Rung(f) for f in settings.pruning.stages]
+    if not anchors:
+        return 0, stages
+    return 1, [Rung(stages[0].fraction, anchors), *stages]
+
+
 def staged_scores(worker: Worker, model: transformers.PreTrainedModel, digest: str, trial: optuna.Trial) -> Scores:
     settings = worker.recipe.evolve
-    anchors = anchor_sets(worker)
-    stages = settings.pruning.stages if _prunes(settings) else [1.0]
+    first, ladder = rungs(settings, anchor_sets(worker))
     wilcoxon = settings.pruning.pruner == "wilcoxon"
     reported: set[int] = set()
-    for step, fraction in enumerate(stages):
-        scores = worker.evaluator.score(model, "search", digest=digest, fraction=fraction, anchors=anchors)
-        if fraction == 1.0:
-            return scores
+    *climbed, last = ladder
+    for step, rung in enumerate(climbed, start=first):
+        scores = worker.evaluator.score(model, "search", digest=digest, fraction=rung.fraction, anchors=rung.anchors)
         if wilcoxon:
-            _report_examples(worker, model, digest, trial, fraction, reported)
+            _report_examples(worker, model, digest, trial, rung, reported)
         else:
             trial.report(scores.weighted(worker.objectives), step)
         if trial.should_prune():
             trial.set_user_attr("scores", scores.values)
-            trial.set_user_attr("pruned_at", fraction)
-            raise optuna.TrialPruned(f"pruned after {fraction:.0%} of the search split")
-    return scores
+            trial.set_user_attr("pruned_at", "anchors" if rung.anchors else rung.fraction)
+            raise optuna.TrialPruned(f"pruned after {rung.label}")
+    return worker.evaluator.score(model, "search", digest=digest, fraction=last.fraction, anchors=last.anchors)
 
 
-def _report_examples(worker: Worker, model: Any, digest: str, trial: optuna.Trial, fraction: float, reported: set[int]) -> None:
+def _report_examples(worker: Worker, model: Any, digest: str, trial: optuna.Trial, rung: Rung, reported: set[int]) -> None:
     """WilcoxonPruner compares per-example results: report each example's weighted value once."""
-    import math
-
     total = sum(o.weight for o in worker.objectives)
     for k, obj in enumerate(worker.objectives):
         plan = worker.evaluator.plan(obj, "search")
         if plan.ids is None:
             continue
-        ids = worker.evaluator.order(plan)[: max(1, math.ceil(len(plan.ids) * fraction))]
+        ids = worker.evaluator.example_ids(obj, plan, rung.fraction, rung.anchors)
         sign = 1 if obj.goal == "maximize" else -1
         for doc_id, row in zip(ids, worker.evaluator.rows(model, digest, plan, ids)):
             step = k * 10_000_000 + doc_id

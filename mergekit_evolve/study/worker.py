@@ -23,7 +23,7 @@ from mergekit_evolve.merge.engine import InMemoryMerger, resolve_device
 from mergekit_evolve.merge.resident import local_folder, make_resident
 from mergekit_evolve.recipe.load import Recipe
 from mergekit_evolve.space.suggest import suggest_point
-from mergekit_evolve.study.pruning import staged_scores
+from mergekit_evolve.study.pruning import anchor_sets, staged_scores
 from mergekit_evolve.study.objectives import study_values
 
 LOG = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class Worker:
                 trial.set_user_attr("reused_from", number)
                 trial.set_user_attr("scores", scores)
                 return value
+            anchor_sets(self)  # first: choosing anchors loads each source into the resident model
             t0 = time.perf_counter()
             model = self.merger.materialize(config)
             t1 = time.perf_counter()
