@@ -66,6 +66,8 @@ MODES = {
         "anchors": 16, "pruning": PruningSettings(pruner="median", stages=[1.0], options={"n_startup_trials": 4}),
     },
     "anchors_pct25": {"anchors": 16, "pruning": PCT25},
+    # what a recipe gets from `anchors: 16` and the default pruner (auto)
+    "anchors_auto": {"anchors": 16, "pruning": PruningSettings()},
     "anchors_pct25_pruned": {"anchors": 16, "pruning": PCT25, "sampler_options": {"consider_pruned_trials": True}},
     # anchors, half the split, the whole split: halving at each rung
     "anchors_sh_half": {
@@ -81,7 +83,7 @@ def configure(recipe, mode: str, seed: int):
     settings.sampler_options = {**settings.sampler_options, **MODES[mode].get("sampler_options", {})}
     for obj in settings.objectives:
         obj.anchors = MODES[mode].get("anchors")
-    recipe.evolve = settings
+    recipe.evolve = type(settings).model_validate(settings.model_dump())  # resolves an auto pruner as a recipe would
     return recipe
 
 

@@ -164,6 +164,21 @@ def test_rungs_put_anchors_first_only_under_a_pruner():
     assert rungs(settings("median"), {}) == (0, [Rung(0.5), Rung(1.0)])
 
 
+def test_auto_pruner_halves_slices_or_cuts_on_the_anchors():
+    from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+
+    plain = EvolveSettings(objectives=[{"task": "t"}])
+    assert plain.pruning.pruner == "successive_halving" and plain.pruning.stages == [0.25, 0.5, 1.0]
+    anchored = EvolveSettings(objectives=[{"task": "t", "anchors": 16}])
+    assert anchored.pruning.model_dump() == {
+        "pruner": "percentile", "stages": [1.0], "options": {"percentile": 25.0, "n_startup_trials": 4}}
+    # what the recipe sets is kept
+    own = EvolveSettings(objectives=[{"task": "t", "anchors": 16}], pruning={"stages": [0.5, 1.0], "options": {"percentile": 40}})
+    assert own.pruning.stages == [0.5, 1.0] and own.pruning.options == {"percentile": 40, "n_startup_trials": 4}
+    for other in ({"sampler": "cycleqd"}, {"multi_objective": True, "objectives": [{"task": "t"}, {"task": "u"}]}):
+        assert EvolveSettings(**{"objectives": [{"task": "t", "anchors": 16}], **other}).pruning.pruner == "none"
+
+
 def test_percentile_pruner_needs_its_percentile():
     from mergekit_evolve.recipe.evolve_settings import PruningSettings
     from mergekit_evolve.study.pruning import make_pruner
@@ -190,9 +205,9 @@ def test_anchors_as_first_rung_prune_there_and_completed_values_are_full_scores(
     from mergekit_evolve.report.finalists import best_of_finalists
 
     task = write_loglikelihood_task(workspace)
-    # pruner auto: successive halving for the random sampler, so the anchors are its first rung
+    # pruner auto with anchors: the percentile pruner on the anchor estimate, then the whole split
     recipe = make_recipe(workspace, tiny_llama, objective_extra=", anchors: 4", metric="perplexity,none", goal="maximize", task=task)
-    assert recipe.evolve.pruning.pruner == "successive_halving" and not recipe.evolve.estimated
+    assert recipe.evolve.pruning.pruner == "percentile" and not recipe.evolve.estimated
     worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     study = run_search(recipe, tmp_path, worker, trials=10, show_progress=False)
     (anchor,) = worker.anchors.values()

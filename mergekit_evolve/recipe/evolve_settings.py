@@ -67,8 +67,9 @@ class PruningSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # auto: successive halving where it can apply (one objective, an Optuna sampler that takes
-    # trials one by one), none elsewhere; bench/cheap_fitness.py shows it the best pruner on the demo
+    # auto: where pruning can apply (one objective, an Optuna sampler that takes trials one by
+    # one), successive halving over the stages, or with anchors the percentile pruner described
+    # in EvolveSettings; none elsewhere. bench/cheap_fitness.py measures the choices.
     pruner: Literal["auto", "none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"] = "auto"
     stages: list[float] = Field(
         default=[0.25, 0.5, 1.0],
@@ -129,9 +130,18 @@ class EvolveSettings(BaseModel):
 
     @model_validator(mode="after")
     def _resolve_auto_pruner(self) -> "EvolveSettings":
-        if self.pruning.pruner == "auto":
-            prunable = not self.multi_objective and self.sampler in PRUNABLE_SAMPLERS
-            self.pruning = self.pruning.model_copy(update={"pruner": "successive_halving" if prunable else "none"})
+        if self.pruning.pruner != "auto":
+            return self
+        update: dict[str, Any] = {"pruner": "none"}
+        if not self.multi_objective and self.sampler in PRUNABLE_SAMPLERS:
+            update = {"pruner": "successive_halving"}
+            if any(o.anchors for o in self.objectives):
+                # the anchor estimate as the first rung, keeping its top quarter for the whole split:
+                # bench/cheap_fitness.py's anchors_auto, ~2x full evaluation's trials at its held-out score
+                update = {"pruner": "percentile", "options": {"percentile": 25.0, "n_startup_trials": 4, **self.pruning.options}}
+                if "stages" not in self.pruning.model_fields_set:
+                    update["stages"] = [1.0]
+        self.pruning = self.pruning.model_copy(update=update)
         return self
 
     @model_validator(mode="after")
