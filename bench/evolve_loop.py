@@ -28,6 +28,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# read before the package's first merge sets it to the demo's torch threads in this process
+NUMBA_THREADS = os.environ.get("NUMBA_NUM_THREADS", str(os.cpu_count()))
 
 import optuna  # noqa: E402
 import torch  # noqa: E402
@@ -247,7 +249,7 @@ def main() -> None:
         # numba sizes its thread pool once, at import: the demo ran with the pool the CLI gives it
         # (torch's threads, 1), the kernels are measured at 1 and 2 threads, so they need a fresh
         # process whose pool holds every core
-        env = {**os.environ, "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS", str(os.cpu_count()))}
+        env = {**os.environ, "NUMBA_NUM_THREADS": NUMBA_THREADS}
         subprocess.run([sys.executable, __file__, "--section", "synthetic", "--params", args.params], env=env, check=True)
     elif args.section == "synthetic":
         with tempfile.TemporaryDirectory() as tmp:
