@@ -46,14 +46,6 @@ class MemoModuleArchitecture(ModuleArchitecture):
     def num_layers(self, config: Any) -> int:
         return self.inner.num_layers(config)
 
-    def __eq__(self, other: object) -> bool:
-        # mergekit compares architectures (e.g. before mixing models): compare what is wrapped
-        inner = other.inner if isinstance(other, MemoModuleArchitecture) else other
-        return self.inner == inner
-
-    def __hash__(self) -> int:
-        return hash(self.inner)
-
 
 def memoised(arch: ModelArchitecture) -> ModelArchitecture:
     """``arch`` with each JSON module's weight lists memoised."""
