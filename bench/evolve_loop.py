@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from tiny_models import make_family  # noqa: E402
 
 from mergekit_evolve.merge.chunked import ChunkedMerge  # noqa: E402
-from mergekit_evolve.merge.engine import InMemoryMerger, InMemoryPlanner  # noqa: E402
+from mergekit_evolve.merge.engine import InMemoryMerger  # noqa: E402
 from mergekit_evolve.recipe.evolve_settings import PruningSettings  # noqa: E402
 from mergekit_evolve.recipe.load import load_recipe  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
@@ -181,10 +181,7 @@ def merge_calls(merger: InMemoryMerger, config: MergeConfiguration) -> list[tupl
     """Every tensor's merge as the engine runs it: the ChunkedMerge task, its gathered resident
     inputs, and a preallocated output (gathered once here: only the merge itself is timed)."""
     merger.materialize(config)  # makes the sources resident
-    _, arch_info, cfg_out = merger.resident_model(config)
-    planner = InMemoryPlanner(config.model_copy(deep=True), arch_info, merger.options, cfg_out)
-    planner.chunk_bytes = merger.chunk_bytes
-    merges = [t.tensor_task for t in planner.plan_in_memory()]
+    merges = [t.tensor_task for t in merger.plan(config)[2]]
     assert all(isinstance(m, ChunkedMerge) for m in merges)
     gathers = [m.inner.gather_tensors for m in merges]
     gathered = dict(Executor(gathers, math_device="cpu", storage_device="cpu").run(quiet=True))

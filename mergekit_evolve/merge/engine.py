@@ -179,10 +179,6 @@ class InMemoryMerger:
             return dtype_from_name(dtype)
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
-    def resident_model(self, config: MergeConfiguration) -> tuple[transformers.PreTrainedModel, Any, Any]:
-        resident, arch_info, cfg_out = self._resident_for(config)
-        return resident.model, arch_info, cfg_out
-
     def _resident_for(self, config: MergeConfiguration) -> tuple[_Resident, Any, Any]:
         models = tuple(sorted(config.referenced_models(), key=str))
         with cached_model_configs(self._configs):
@@ -207,18 +203,23 @@ class InMemoryMerger:
             resident = self._resident[key] = _Resident(model, model.state_dict(keep_vars=True))
         return resident, arch_info, cfg_out
 
-    def materialize(self, config: MergeConfiguration) -> transformers.PreTrainedModel:
-        """Compute ``config``'s merged tensors straight into the resident model and return it."""
-        make_resident(config.referenced_models(), self.options, self.storage_device, self.allow_pickle)
+    def plan(self, config: MergeConfiguration) -> tuple[_Resident, Any, list[ReturnTensor]]:
+        """The resident model of ``config``'s output shape, its output config, and mergekit's
+        plan of every merged tensor (the sources must be resident already)."""
         resident, arch_info, cfg_out = self._resident_for(config)
-        state, buffers = resident.state, resident.buffers
-        if self.options.random_seed is not None:
-            transformers.trainer_utils.set_seed(self.options.random_seed)  # as run_merge does
         # The planner normalises the config in place; keep the caller's copy intact.
         planner = InMemoryPlanner(config.model_copy(deep=True), arch_info, self.options, cfg_out)
         planner.chunk_bytes, planner.templates = self.chunk_bytes, self._templates
         with cached_model_configs(self._configs):
-            targets = planner.plan_in_memory()
+            return resident, cfg_out, planner.plan_in_memory()
+
+    def materialize(self, config: MergeConfiguration) -> transformers.PreTrainedModel:
+        """Compute ``config``'s merged tensors straight into the resident model and return it."""
+        make_resident(config.referenced_models(), self.options, self.storage_device, self.allow_pickle)
+        resident, cfg_out, targets = self.plan(config)
+        state, buffers = resident.state, resident.buffers
+        if self.options.random_seed is not None:
+            transformers.trainer_utils.set_seed(self.options.random_seed)  # as run_merge does
         written: set[str] = set()
         # Merges the fused kernels compute go straight into owned buffers; only the rest (other
         # methods, routing, GPU) pays for mergekit's scheduler.
