@@ -77,13 +77,15 @@ MODES = {
 
 
 def configure(recipe, mode: str, seed: int):
-    settings = recipe.evolve.model_copy(deep=True)
-    settings.seed = seed
-    settings.pruning = MODES[mode].get("pruning", PruningSettings(pruner="none"))
-    settings.sampler_options = {**settings.sampler_options, **MODES[mode].get("sampler_options", {})}
-    for obj in settings.objectives:
-        obj.anchors = MODES[mode].get("anchors")
-    recipe.evolve = type(settings).model_validate(settings.model_dump())  # resolves an auto pruner as a recipe would
+    """The recipe with the mode's settings, validated as a recipe's YAML is: only what the recipe
+    and the mode set counts as set, so an auto pruner resolves exactly as for a user."""
+    spec = MODES[mode]
+    settings = recipe.evolve.model_dump(exclude_unset=True)
+    settings["seed"] = seed
+    settings["pruning"] = spec.get("pruning", PruningSettings(pruner="none")).model_dump(exclude_unset=True)
+    settings["sampler_options"] = {**recipe.evolve.sampler_options, **spec.get("sampler_options", {})}
+    settings["objectives"] = [{**o, "anchors": spec.get("anchors")} for o in settings["objectives"]]
+    recipe.evolve = type(recipe.evolve).model_validate(settings)
     return recipe
 
 
