@@ -38,7 +38,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 
 from mergekit_evolve.recipe.evolve_settings import PruningSettings  # noqa: E402
-from mergekit_evolve.recipe.load import load_recipe  # noqa: E402
+from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
 from mergekit_evolve.report.finalists import best_of_finalists  # noqa: E402
 from mergekit_evolve.report.winner import winner_config  # noqa: E402
 import mergekit_evolve.study.search as search_module  # noqa: E402
@@ -83,7 +83,7 @@ def configure(recipe, mode: str, seed: int):
     settings = recipe.evolve.model_dump(exclude_unset=True)
     settings["seed"] = seed
     settings["pruning"] = spec.get("pruning", PruningSettings(pruner="none")).model_dump(exclude_unset=True)
-    settings["sampler_options"] = {**recipe.evolve.sampler_options, **spec.get("sampler_options", {})}
+    settings["sampler_options"] = {**recipe.evolve.sampler_options.given(), **spec.get("sampler_options", {})}
     settings["objectives"] = [{**o, "anchors": spec.get("anchors")} for o in settings["objectives"]]
     recipe.evolve = type(recipe.evolve).model_validate(settings)
     return recipe
@@ -116,13 +116,11 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     if recipe.evolve.threads:
         torch.set_num_threads(recipe.evolve.threads)  # as the CLI does (two threads on a shared core mostly wait)
-    worker = Worker(recipe, merge_options(recipe, "cpu"))
+    worker = Worker(recipe, merge_options(recipe))
     rows: dict[str, list[tuple[float, float, float]]] = {m: [] for m in args.modes}
     for seed in args.seeds:
         for mode in args.modes:
-            worker.recipe = configure(load_recipe(args.recipe), mode, seed)
-            worker.suite.settings = worker.recipe.evolve  # same tasks; the objectives' anchors differ
-            worker.anchors, worker.known = None, {}
+            worker.use_recipe(configure(load_recipe(args.recipe), mode, seed))  # same tasks; the anchors differ
             with tempfile.TemporaryDirectory() as tmp:
                 before = worker.evaluator.computed
                 start = clock()

@@ -47,7 +47,7 @@ from tiny_models import make_family  # noqa: E402
 from mergekit_evolve.merge.chunked import ChunkedMerge  # noqa: E402
 from mergekit_evolve.merge.engine import InMemoryMerger  # noqa: E402
 from mergekit_evolve.recipe.evolve_settings import PruningSettings  # noqa: E402
-from mergekit_evolve.recipe.load import load_recipe  # noqa: E402
+from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
 from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
 
@@ -69,7 +69,7 @@ def demo_search(trials: int) -> None:
     recipe.evolve.pruning = PruningSettings(pruner="none")
     if recipe.evolve.threads:
         torch.set_num_threads(recipe.evolve.threads)  # as the CLI does
-    worker = Worker(recipe, merge_options(recipe, "cpu"))
+    worker = Worker(recipe, merge_options(recipe))
     forward = {"seconds": 0.0}
 
     def pre(module, args, kwargs):

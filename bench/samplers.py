@@ -28,6 +28,7 @@ import os
 import statistics
 import tempfile
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,9 +42,11 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from mergekit_evolve.recipe.load import Recipe, load_recipe  # noqa: E402
+from mergekit_evolve.recipe.evolve_settings import EvolveSettings  # noqa: E402
+from mergekit_evolve.recipe.parse import Recipe  # noqa: E402
+from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
 from mergekit_evolve.report.winner import winner_config  # noqa: E402
-from mergekit_evolve.sampler.factory import SamplerSetupError, prepare_recipe  # noqa: E402
+from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
 from mergekit_evolve.study.worker import Worker, merge_options, source_config  # noqa: E402
 
@@ -67,15 +70,15 @@ class Run:
 
 def variant(path: Path, sampler: str, seed: int) -> Recipe:
     recipe = load_recipe(path)
-    recipe.evolve = recipe.evolve.model_copy(
-        update={"sampler": sampler, "seed": seed, "sampler_options": OPTIONS[sampler], "multi_objective": False}
-    )
-    return prepare_recipe(recipe)
+    # validated from the recipe's own section, so settings derived from the sampler (the auto pruner) are this one's
+    settings = {**recipe.doc.data["evolve"], "sampler": sampler, "seed": seed, "sampler_options": OPTIONS[sampler],
+                "multi_objective": False}
+    return prepare_recipe(dataclasses.replace(recipe, evolve=EvolveSettings.model_validate(settings)))
 
 
 def one_run(worker: Worker, recipe: Recipe, trials: int, heldout_cache: dict[str, float]) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
-        worker.recipe = recipe  # the same resident models and tasks; this run's space and sampler
+        worker.use_recipe(recipe)  # the same resident models and tasks; this run's space and sampler
         study = run_search(recipe, Path(tmp), worker, trials, show_progress=False)
     finished = [t for t in study.trials if t.state.is_finished()]
     incumbents: list[tuple[int, float, float]] = []
@@ -136,7 +139,7 @@ def main() -> None:
     base = load_recipe(args.recipe)
     if base.evolve.threads:  # as the pipeline does
         torch.set_num_threads(base.evolve.threads)
-    worker = Worker(base, merge_options(base, "cpu"))
+    worker = Worker(base, merge_options(base))
     runs: list[Run] = []
     skipped: dict[str, str] = {}
     heldout_cache: dict[str, float] = {}

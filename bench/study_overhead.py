@@ -33,9 +33,10 @@ import optuna  # noqa: E402
 import sqlalchemy  # noqa: E402
 
 import mergekit_evolve.study.worker as worker_module  # noqa: E402
-from mergekit_evolve.evaluate.lm_eval_suite import Scores  # noqa: E402
-from mergekit_evolve.recipe.load import Recipe, load_recipe  # noqa: E402
-from mergekit_evolve.sampler.factory import make_sampler  # noqa: E402
+from mergekit_evolve.evaluate.scores import Scores  # noqa: E402
+from mergekit_evolve.recipe.parse import Recipe  # noqa: E402
+from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
+from mergekit_evolve.samplers.registry import make_sampler  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
 from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
 
@@ -44,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def no_op_worker(recipe: Recipe) -> Worker:
     """The demo's Worker whose merge and scoring cost nothing (a smooth function of the point)."""
-    worker = Worker(recipe, merge_options(recipe, "cpu"))
+    worker = Worker(recipe, merge_options(recipe))
     worker.merger.materialize = lambda config: config
 
     def scores(w: Worker, config, digest: str, trial: optuna.Trial) -> Scores:

@@ -8,7 +8,7 @@ import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
-from mergekit_evolve.study.objectives import directions, study_values
+from mergekit_evolve.evaluate.scores import directions, study_values
 
 Scorer = Callable[[dict[str, Any]], dict[str, float]]
 
@@ -49,7 +49,7 @@ def run_study(sampler, distributions, scorer: Scorer, evolve: EvolveSettings, tr
 
 def expert_space(n: int, low: float = 0.0, high: float = 1.0, extra: tuple = ()):
     """A space like a task_arithmetic recipe's: ``models[i].parameters.weight`` searched for n experts."""
-    from mergekit_evolve.space.search_space import Dimension, Placement, SearchSpace
+    from mergekit_evolve.recipe.search_space import Dimension, Placement, SearchSpace
 
     space = SearchSpace()
     for i in range(1, n + 1):

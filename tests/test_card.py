@@ -200,7 +200,7 @@ def test_card_embeds_the_pareto_plot_of_a_multi_objective_run(tmp_path, tiny_lla
 
 
 def test_card_of_a_plugin_method_says_how_to_merge_it_again(tmp_path, tiny_llama):
-    from mergekit_evolve.plugins import register_plugins
+    from mergekit_evolve.methods.registry import register_plugins
 
     method = register_plugins()[0]  # one of the merge methods this package adds to mergekit
     run_dir = build_run(tmp_path / "run", tiny_llama)

@@ -10,9 +10,9 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_evolve.compile import config_digest
+from mergekit_evolve.recipe.compile import config_digest
 from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.study.search import run_search
 from mergekit_evolve.study.worker import Worker
 from tiny_models import write_copy_task
@@ -118,7 +118,7 @@ def test_anchor_objective_estimates_search_and_report_uses_full_split(workspace,
     recipe = make_recipe(workspace, tiny_llama, ESTIMATE_ONLY, objective_extra=", anchors: 4", metric="acc,none", goal="maximize")
     worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     run_search(recipe, tmp_path, worker, trials=3, show_progress=False)
-    (anchor,) = worker.anchors.values()
+    (anchor,) = worker.anchor_sets().values()
     assert 1 <= len(anchor.ids) <= 4 and sum(anchor.weights) == pytest.approx(1.0)
     # sources were scored on the whole search split to choose anchors; trials then only on anchors
     before = worker.evaluator.computed
@@ -210,7 +210,7 @@ def test_anchors_as_first_rung_prune_there_and_completed_values_are_full_scores(
     assert recipe.evolve.pruning.pruner == "percentile" and not recipe.evolve.estimated
     worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     study = run_search(recipe, tmp_path, worker, trials=10, show_progress=False)
-    (anchor,) = worker.anchors.values()
+    (anchor,) = worker.anchor_sets().values()
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert pruned and complete

@@ -8,9 +8,8 @@ from mergekit.architecture import get_architecture_info
 from mergekit.merge import _model_out_config
 from mergekit.options import MergeOptions
 
-from mergekit_evolve.compile import compile_point
 from mergekit_evolve.merge.engine import InMemoryPlanner
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.document import load_recipe
 
 EVOLVE = "evolve:\n  objectives: [{task: tiny_copy}]\n"
 
@@ -72,7 +71,7 @@ def make_test(key):
         path = tmp_path / f"{key}.yml"
         path.write_text(textwrap.dedent(RECIPES[key].format(base=base, v1=v1, v2=v2)).lstrip() + EVOLVE)
         recipe = load_recipe(path)
-        config = compile_point(recipe, draw_point(data, recipe))
+        config = recipe.compile(draw_point(data, recipe))
         options = MergeOptions()
         arch = get_architecture_info(config, options)
         planned = InMemoryPlanner(config, arch, options, _model_out_config(config, arch)).plan_in_memory()

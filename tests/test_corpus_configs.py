@@ -17,11 +17,10 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.compile import compile_point
 from mergekit_evolve.merge.engine import InMemoryMerger
-from mergekit_evolve.plugins import register_plugins
+from mergekit_evolve.methods.registry import register_plugins
 from mergekit_evolve.recipe.genome import is_genome
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "mergekit-examples"
@@ -270,7 +269,7 @@ def _write(tmp_path: Path, name: str, text: str, **names: str) -> Path:
 def _assert_compiles_as_mergekit_parses(path: Path) -> None:
     recipe = load_recipe(path)
     assert len(recipe.space) == 0 and recipe.evolve is None
-    compiled = compile_point(recipe, {})
+    compiled = recipe.compile({})
     assert compiled.model_dump() == MergeConfiguration.model_validate(yaml.safe_load(path.read_text())).model_dump()
 
 
@@ -318,7 +317,7 @@ def test_written_config_compiles_as_mergekit_parses(tmp_path, caplog, name):
 def test_local_model_folders_become_absolute(tmp_path):
     (tmp_path / "models" / "a").mkdir(parents=True)
     path = _write(tmp_path, "local", METHODS["linear"], a="models/a", b="org/expert-b")
-    config = compile_point(load_recipe(path), {})
+    config = load_recipe(path).compile({})
     assert [m.model.model.path for m in config.models] == [str((tmp_path / "models" / "a").resolve()), "org/expert-b"]
 
 
@@ -337,7 +336,7 @@ def test_annotations_inside_modules_and_slices(tmp_path):
     recipe = load_recipe(path)
     assert len(recipe.space) == 3
     point = {name: (3 if dim.kind == "int" else 0.25) for name, dim in recipe.space.dimensions.items()}
-    config = compile_point(recipe, point)
+    config = recipe.compile(point)
     sources = config.modules["default"].slices[0].sources
     assert sources[0].layer_range == (0, 3) and sources[0].parameters["weight"] == 0.25
     assert sources[1].parameters["weight"][0].value == 0.25
@@ -350,7 +349,7 @@ def test_real_parameter_of_another_method_is_ignored_with_a_warning(tmp_path, ca
                     "parameters:\n  int8_mask: true\n")
     with caplog.at_level(logging.WARNING):
         recipe = load_recipe(path)
-    assert compile_point(recipe, {}).models[0].parameters["density"] == 0.5
+    assert recipe.compile({}).models[0].parameters["density"] == 0.5
     assert f"{path.resolve()}:6: merge method linear ignores parameter 'density'" in caplog.text
     assert ":8: merge method linear ignores parameter 'int8_mask'" in caplog.text
 
@@ -369,7 +368,7 @@ def test_parameter_no_method_takes_is_an_error_with_a_suggestion(tmp_path):
 def test_every_method_merges_in_memory_as_run_merge_writes(tiny_llama, tmp_path, name):
     base, a, b = tiny_llama
     path = _write(tmp_path, name, {**METHODS, **FEATURES}[name], base=str(base), a=str(a), b=str(b))
-    config = compile_point(load_recipe(path), {})
+    config = load_recipe(path).compile({})
     options = MergeOptions(random_seed=7, quiet=True)
     run_merge(config, str(tmp_path / "out"), options=options)
     on_disk = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")

@@ -10,12 +10,13 @@ import torch
 from mergekit.merge_methods import TensorGroup, get
 
 from mergekit_evolve.methods.common import tensor_generator
-from mergekit_evolve.plugins import register_plugins
-from mergekit_evolve.sampler.archive import Archive, Elite, bin_index, elite_probabilities
-from mergekit_evolve.sampler.cycleqd import ARCHIVES_FILE, crossover
-from mergekit_evolve.sampler.factory import SamplerSetupError, make_sampler
-from mergekit_evolve.sampler.generations import MEMBER_ATTR
-from mergekit_evolve.space.search_space import Dimension
+from mergekit_evolve.methods.registry import register_plugins
+from mergekit_evolve.samplers.archive import Archive, Elite, bin_index, elite_probabilities
+from mergekit_evolve.runfolder import RunFolder
+from mergekit_evolve.samplers.cycleqd import crossover
+from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
+from mergekit_evolve.samplers.generations import MEMBER_ATTR
+from mergekit_evolve.recipe.search_space import Dimension
 from sampler_harness import expert_space, run_study, settings
 
 MUTATION = (Dimension("mutation.seed", "int", low=0, high=2**31 - 1), Dimension("mutation.w_max", "float", low=0.0, high=2.0))
@@ -172,7 +173,7 @@ def test_cycleqd_on_a_study_fills_archives_writes_them_and_resumes(tmp_path):
     assert len(merged) == 2 and all(t.params["mutation.w_max"] == 0.0 for t in merged)
 
     sampler.write_run_files(tmp_path, study)
-    data = json.loads((tmp_path / ARCHIVES_FILE).read_text())
+    data = json.loads(RunFolder(tmp_path).archives.read_text())
     assert data["generations"] == 5 and data["merged_elites_trials"] == [t.number for t in merged]
     assert [a["task"] for a in data["archives"]] == ["a/acc,none", "b/acc,none"]
     best_a = max(t.user_attrs["scores"]["a/acc,none"] for t in trials)
@@ -183,7 +184,7 @@ def test_cycleqd_on_a_study_fills_archives_writes_them_and_resumes(tmp_path):
 
     again, _, _ = _sampler(children=3, seed=4)  # a resumed run replays the study to the same archives
     again.write_run_files(tmp_path, study)
-    assert json.loads((tmp_path / ARCHIVES_FILE).read_text()) == data
+    assert json.loads(RunFolder(tmp_path).archives.read_text()) == data
 
 
 def test_cycleqd_needs_two_tasks():

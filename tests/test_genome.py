@@ -14,10 +14,9 @@ from mergekit.evo.genome import ModelGenome
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.commands.migrate import RecipeOverrides
-from mergekit_evolve.compile import compile_point
+from mergekit_evolve.recipe.overrides import Overrides
 from mergekit_evolve.merge.engine import InMemoryMerger
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 from tiny_models import write_copy_task
 
@@ -45,7 +44,7 @@ def test_bert_genome_translation_by_hand():
         assert dim.init == (1 / 12 if name.endswith(".weight") else 1.0)  # mergekit-evolve's x0
     assert not any(pl.gradient for pl in recipe.space.placements)  # smooth: false
 
-    config = compile_point(recipe, recipe.space.default_point())
+    config = recipe.compile(recipe.space.default_point())
     assert config.merge_method == "dare_ties" and config.dtype == "bfloat16"
     assert config.base_model.model.path == "neuralmind/bert-large-portuguese-cased"
     assert config.base_model.override_architecture == "BertModel"
@@ -72,7 +71,7 @@ def test_migrate_writes_a_recipe_that_loads_to_the_same_search(tmp_path):
     assert "weight: {search: [0.0, 1.0], init: 0.08333333333333333}" in text
     written, direct = load_recipe(out), load_recipe(BERT_GENOME)
     assert written.space.dimensions == direct.space.dimensions
-    assert compile_point(written, written.space.default_point()) == compile_point(direct, direct.space.default_point())
+    assert written.compile(written.space.default_point()) == direct.compile(direct.space.default_point())
     assert written.evolve == direct.evolve
 
     again = CliRunner().invoke(cli, ["migrate", str(BERT_GENOME), "-o", str(out)])
@@ -138,7 +137,7 @@ def test_translation_merges_what_mergekit_evolve_merges(tiny_llama, tmp_path, na
     genotype = torch.rand(genome.initial_genotype().shape)
     if GENOMES[name].get("allow_negative_weights"):
         genotype[..., 0] = genotype[..., 0] * 2 - 1  # weights in [-1, 1]
-    ours = compile_point(recipe, genotype_point(recipe, genome, genotype))
+    ours = recipe.compile(genotype_point(recipe, genome, genotype))
     theirs = genome.genotype_merge_config(genotype)
 
     options = MergeOptions(random_seed=5, quiet=True)
@@ -154,14 +153,14 @@ def test_translation_merges_what_mergekit_evolve_merges(tiny_llama, tmp_path, na
 
 def test_translation_shapes(tiny_llama, tmp_path):
     groups = load_recipe(genome_file(tmp_path, tiny_llama, "g", merge_method="ties", layer_granularity=2, filters=["mlp"]))
-    config = compile_point(groups, groups.space.default_point())
+    config = groups.compile(groups.space.default_point())
     assert [[s.layer_range for s in piece.sources] for piece in config.slices] == [[(0, 2)] * 3, [(2, 4)] * 3]
     assert config.slices[0].sources[0].parameters["weight"][0].filter == "mlp"
     assert len(groups.space) == 2 * 2 * 2 * 2  # groups x models x filter sets x (weight, density)
 
     smooth = load_recipe(genome_file(tmp_path, tiny_llama, "s", top={"random_init": True}, merge_method="linear",
                                      base_model=None, layer_granularity=1, smooth=True))
-    config = compile_point(smooth, smooth.space.default_point())
+    config = smooth.compile(smooth.space.default_point())
     assert config.models[0].parameters["weight"] == [0.5] * 4  # a gradient of num_layers points, mid-range
     assert all(d.init is None for d in smooth.space.dimensions.values())  # random_init: no x0
     assert config.parameters == {"normalize": True}  # linear takes no int8_mask
@@ -225,15 +224,15 @@ def test_tasks_and_what_is_not_carried_over(tiny_llama, tmp_path, caplog):
 def test_mergekit_evolve_options_map_onto_the_recipe(tiny_llama, tmp_path, monkeypatch):
     recipe = load_recipe(genome_file(tmp_path, tiny_llama, merge_method="linear", base_model=None))
     monkeypatch.chdir(tmp_path)
-    changed = RecipeOverrides(sigma0=0.1, task_search_path=("tasks",), random_seed=9, batch_size=4).apply(recipe)
+    changed = Overrides(sigma0=0.1, task_paths=("tasks",), seed=9, batch_size=4).apply(recipe)
     assert changed.evolve.seed == 9 and changed.evolve.batch_size == 4
     assert changed.evolve.task_paths == [str(tmp_path / "tasks")]
-    assert changed.evolve.sampler_options == {"sigma0": 0.1}
+    assert changed.evolve.sampler_options.given() == {"sigma0": 0.1}
     assert recipe.evolve.seed == 0  # the loaded recipe itself is untouched
 
     tpe = dataclasses.replace(recipe, evolve=recipe.evolve.model_copy(update={"sampler": "tpe"}))
     with pytest.raises(Exception, match="--sigma0 is CMA-ES's initial step size, but the recipe's sampler is 'tpe'"):
-        RecipeOverrides(sigma0=0.1).apply(tpe)
+        Overrides(sigma0=0.1).apply(tpe)
 
 
 def test_conflicting_old_and_new_options(tmp_path):

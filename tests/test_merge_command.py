@@ -14,7 +14,7 @@ from mergekit.merge import run_merge
 from mergekit.merge_methods import registry
 from mergekit.options import MergeOptions
 
-from mergekit_evolve import plugins
+from mergekit_evolve.methods import registry as plugins
 from mergekit_evolve.cli import cli
 from mergekit_evolve.commands.merge import trial_config
 from mergekit_evolve.merge.engine import InMemoryMerger

@@ -9,11 +9,12 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
-from mergekit_evolve.report.pareto import PARETO_FILE, PARETO_PLOT, select_trial, write_pareto
-from mergekit_evolve.sampler.factory import SamplerSetupError, make_sampler
-from mergekit_evolve.study.objectives import directions, study_values
+from mergekit_evolve.report.pareto import select_trial, write_pareto
+from mergekit_evolve.runfolder import RunFolder
+from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
+from mergekit_evolve.evaluate.scores import directions, study_values
 from mergekit_evolve.study.records import trial_record
 from sampler_harness import expert_space, settings, write_recipe
 from tiny_models import write_copy_task
@@ -75,11 +76,11 @@ def test_pareto_files_and_records(tmp_path):
     ev = evolve(objective="a")
     study = study_of(ev, ROWS)
     data = write_pareto(tmp_path, study, ev, select_trial(study, ev))
-    assert json.loads((tmp_path / PARETO_FILE).read_text()) == data
+    assert json.loads(RunFolder(tmp_path).pareto.read_text()) == data
     assert [r["trial"] for r in data["front"]] == [0, 1, 2] and data["selected"] == 0
     assert data["front"][1]["scores"] == {A: 0.5, B: 0.6} and data["front"][1]["weighted"] == pytest.approx(0.55)
     assert data["rule"] == "highest a"
-    assert (tmp_path / PARETO_PLOT).stat().st_size > 1000
+    assert RunFolder(tmp_path).plots["pareto"].stat().st_size > 1000
     assert trial_record(study.trials[1])["value"] == [0.5, 0.6]
 
 
@@ -118,7 +119,7 @@ def test_multi_objective_run_pareto_best_and_export(tmp_path, tiny_llama):
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{run_dir / 'study.db'}")
     assert len(study.directions) == 2
-    pareto = json.loads((run_dir / PARETO_FILE).read_text())
+    pareto = json.loads(RunFolder(run_dir).pareto.read_text())
     front = {r["trial"]: r for r in pareto["front"]}
     assert set(front) == {t.number for t in study.best_trials}
     chosen = min(front, key=lambda n: (front[n]["scores"]["tiny_copy/perplexity,none"], n))
@@ -126,7 +127,7 @@ def test_multi_objective_run_pareto_best_and_export(tmp_path, tiny_llama):
     assert json.loads((run_dir / "report.json").read_text())["winner"]["trial"] == chosen
     config = study.trials[chosen].user_attrs["config"]
     assert (run_dir / "best" / "mergekit_config.yml").read_text().strip() == config.strip()
-    assert (run_dir / PARETO_PLOT).exists() and (run_dir / "plots" / "history.png").exists()
+    assert RunFolder(run_dir).plots["pareto"].exists() and (run_dir / "plots" / "history.png").exists()
 
     other = next(iter(sorted(front)))
     out = tmp_path / "exported"

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from mergekit_evolve.cli import cli
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
-from mergekit_evolve.study.parallel import ParallelError, plan_workers, reap
+from mergekit_evolve.study.jobs import ParallelError, plan_workers, reap
 from mergekit_evolve.study.storage import WORKER_KEY, StorageError, check_storage, open_storage, register_worker
 from tiny_models import write_copy_task
 
@@ -68,16 +68,15 @@ def finished(study: optuna.Study, state: TrialState) -> list[optuna.trial.Frozen
 
 
 def test_worker_plan_prefers_the_command_line():
-    assert plan_workers(settings(workers=3), None, None).count == 3
-    assert plan_workers(settings(workers=3), 2, None).count == 2
-    assert not plan_workers(settings(), None, None).parallel
-    assert plan_workers(settings(), None, "auto").parallel  # Ray with one actor is still a Ray run
+    assert plan_workers(settings(workers=3), None).count == 3
+    assert not plan_workers(settings(), None).parallel
+    assert plan_workers(settings(), "auto").parallel  # Ray with one actor is still a Ray run
 
 
 def test_ray_option_without_ray_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ParallelError, match=r"pip install 'mergekit-evolve\[ray\]'"):
-        plan_workers(settings(), None, "auto")
+        plan_workers(settings(), "auto")
 
 
 def test_each_worker_that_joins_a_study_gets_its_own_index(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from mergekit_evolve.evaluate.lm_eval_suite import _quiet_hflm
+from mergekit_evolve.evaluate.suite import _quiet_hflm
 from mergekit_evolve.evaluate.requests import PreparedRequests
 
 TASKS = {

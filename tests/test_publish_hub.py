@@ -102,7 +102,7 @@ def test_publish_uploads_model_and_space_in_one_commit_each(hub, finished_run, l
     assert space.sdk == "gradio" and len(space.commits) == 2
     assert {"app.py", "requirements.txt", "README.md", "space_config.json", "history.png", "report.json",
             "mergekit_config.yml", "recipe.yml"} <= set(space.files)
-    assert space.files["app.py"] == Path(__file__).parents[1].joinpath("spaces", "app.py").read_bytes()
+    assert space.files["app.py"] == Path(__file__).parents[1].joinpath("mergekit_evolve", "publish", "gradio_template", "app.py").read_bytes()
     front = yaml.safe_load(space.files["README.md"].decode().split("---")[1])
     assert (front["sdk"], front["app_file"], front["models"][0]) == ("gradio", "app.py", "alice/tiny-merge")
     assert space.variables["MODEL_ID"]["value"] == "alice/tiny-merge"
@@ -259,8 +259,8 @@ def test_bad_repo_names_and_missing_repo(hub, finished_run):
 def test_a_run_with_a_publish_section_writes_its_card_and_pushes_at_the_end(hub, tiny_llama, tmp_path, logs):
     from tiny_models import write_copy_task
 
-    from mergekit_evolve.pipeline import run_recipe
-    from mergekit_evolve.recipe.load import load_recipe
+    from mergekit_evolve.pipeline import RunOptions, run_recipe
+    from mergekit_evolve.recipe.document import load_recipe
 
     write_copy_task(tmp_path)
     base, v1, v2 = tiny_llama
@@ -274,7 +274,7 @@ def test_a_run_with_a_publish_section_writes_its_card_and_pushes_at_the_end(hub,
         "publish:\n  repo: alice/searched\n  space: alice/searched-demo\n  license: mit\n"
     )
     run_dir = tmp_path / "run"
-    report = run_recipe(load_recipe(recipe_path), run_dir, show_progress=False)
+    report = run_recipe(load_recipe(recipe_path), run_dir, RunOptions(show_progress=False))
 
     card = (run_dir / "best" / "README.md").read_text()
     assert "mergekit-evolve" in card and "model-index" in card and (run_dir / "best" / "history.png").is_file()

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 from huggingface_hub import constants
 
-from mergekit_evolve.pipeline import RunFailed, run_recipe
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.pipeline import RunFailed, RunOptions, run_recipe
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 
 
@@ -52,10 +52,10 @@ def test_a_run_that_must_publish_checks_the_token_before_searching(tmp_path, tin
     recipe = load_recipe(write_recipe(tmp_path, tiny_llama, "publish:\n  repo: me/m\n"))
     run_dir = tmp_path / "run"
     with pytest.raises(RunFailed, match="HF_HUB_OFFLINE is set"):  # the tests' offline mode
-        run_recipe(recipe, run_dir, show_progress=False)
+        run_recipe(recipe, run_dir, RunOptions(show_progress=False))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RunFailed, match="no Hugging Face token"):
-        run_recipe(recipe, run_dir, show_progress=False)
+        run_recipe(recipe, run_dir, RunOptions(show_progress=False))
     assert not run_dir.exists()  # refused before the run folder was made

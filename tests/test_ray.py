@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.study.ray_workers import plan_actors
+from mergekit_evolve.study.ray_actors import plan_actors
 from mergekit_evolve.study.storage import WORKER_KEY
 from test_parallel import write_recipe
 from tiny_models import write_copy_task

@@ -4,8 +4,7 @@ import textwrap
 
 import pytest
 
-from mergekit_evolve.compile import compile_point
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 
 EVOLVE = """
@@ -51,7 +50,7 @@ def test_annotations_become_dimensions(tmp_path, tiny_llama):
     assert dims["v1.density[self_attn]"].log
     assert dims["v2.density"].kind == "int"
     point = {**recipe.space.default_point(), "w": 0.7, "v1.density[*]@1": 0.2, "merge_method": "dare_ties"}
-    config = compile_point(recipe, point)
+    config = recipe.compile(point)
     assert config.merge_method == "dare_ties"
     m1, m2 = config.models
     assert m1.parameters["weight"] == 0.7 and m2.parameters["weight"] == 0.7  # tied by name
@@ -70,7 +69,7 @@ def test_plain_config_has_no_dimensions(tmp_path, tiny_llama):
         """, evolve="")
     recipe = load_recipe(path)
     assert len(recipe.space) == 0 and recipe.evolve is None
-    assert compile_point(recipe, {}).models[1].parameters["weight"] == 0.5
+    assert recipe.compile({}).models[1].parameters["weight"] == 0.5
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import yaml
 from click.testing import CliRunner
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.recipe.load import load_recipe
-from mergekit_evolve.stages import load_stages
+from mergekit_evolve.recipe.document import load_recipe
+from mergekit_evolve.recipe.document import load_document
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yml"))
@@ -34,7 +34,7 @@ def builtin_lm_eval_tasks() -> set[str]:
 def test_paper_recipes_keep_the_paper_settings(tmp_path):
     ps = load_recipe(REPO / "recipes" / "evollm-jp-ps.yml")
     dfs = load_recipe(REPO / "recipes" / "evollm-jp-dfs.yml")
-    staged_ps, staged_dfs = (s.recipe for s in load_stages(REPO / "recipes" / "evollm-jp-ps-dfs.yml", tmp_path))
+    staged_ps, staged_dfs = (s.recipe for s in load_document(REPO / "recipes" / "evollm-jp-ps-dfs.yml").stages(tmp_path))
     sources = {"augmxnt/shisa-gamma-7b-v1", "WizardLM/WizardMath-7B-V1.1", "GAIR/Abel-7B-002"}
     for recipe in (ps, staged_ps):
         assert recipe.template["merge_method"] == "dare_ties" and recipe.template["base_model"] == "mistralai/Mistral-7B-v0.1"
@@ -46,7 +46,7 @@ def test_paper_recipes_keep_the_paper_settings(tmp_path):
         block = recipe.template["routing"]
         assert block["repeats"] == 3 and len(block["models"]) == 2 and block["models"][1] == "augmxnt/shisa-gamma-7b-v1"
         assert len(recipe.space) == 64 * 3 * 2 + 1  # T = M x r = 192 indicators, 192 slot scales, the last hop
-        assert (recipe.evolve.sampler, recipe.evolve.sampler_options, recipe.evolve.trials) == ("cmaes", {"popsize": 128}, 12800)
+        assert (recipe.evolve.sampler, recipe.evolve.sampler_options.given(), recipe.evolve.trials) == ("cmaes", {"popsize": 128}, 12800)
         assert recipe.evolve.objectives[0].limit == 200
     assert staged_dfs.template["routing"]["models"][0] == str((tmp_path / "ps" / "best").resolve())
     known = builtin_lm_eval_tasks()

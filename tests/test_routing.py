@@ -3,10 +3,9 @@
 import pytest
 import transformers
 
-from mergekit_evolve.compile import compile_point
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
-from mergekit_evolve.space.routing import Routing, open_slots
+from mergekit_evolve.recipe.routing import Routing, open_slots
 
 EVOLVE = "evolve:\n  objectives: [{task: unused}]\n"
 
@@ -41,7 +40,7 @@ def test_dimensions_and_init_is_model_a(tiny_llama, tmp_path):
     assert len(recipe.space) == 2 * 24 + 1  # indicator, a scale per slot, the hop into the forced last layer
     assert all(recipe.space.dimensions[n].low == -1.0 and recipe.space.dimensions[n].high == 1.0 for n in names)
     # the init point (first trial, dry-run config) is model A unchanged
-    config = compile_point(recipe, recipe.space.default_point())
+    config = recipe.compile(recipe.space.default_point())
     assert [(str(s.sources[0].model), s.sources[0].layer_range) for s in config.slices] == [(str(v1), (i, i + 1)) for i in range(4)]
     assert all(s.sources[0].parameters is None for s in config.slices)
     assert str(config.base_model) == str(v1)
@@ -72,7 +71,7 @@ def test_compiled_config_pinned(tiny_llama, tmp_path):
         "dtype": "float32",
         "slices": [hop(v1, 0, 0.6), hop(v1, 2, 1.5), hop(v2, 1, 0.8), hop(v1, 1, 1.2), hop(v2, 0, 1.75), hop(v1, 3)],
     }
-    got = compile_point(recipe, point).model_dump(mode="json", exclude_none=True)
+    got = recipe.compile(point).model_dump(mode="json", exclude_none=True)
     assert got == expected
 
 

@@ -7,9 +7,8 @@ import torch
 import transformers
 from mergekit.options import MergeOptions
 
-from mergekit_evolve.compile import compile_point
 from mergekit_evolve.merge.engine import InMemoryMerger
-from mergekit_evolve.recipe.load import load_recipe
+from mergekit_evolve.recipe.document import load_recipe
 
 
 def write_recipe(tmp_path, models, repeats=2):
@@ -67,7 +66,7 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, seed):
     hop_scales = [1.0] + [slot_scales[i] for i in used] + [last_scale]  # hop k's scale ...
     mlp_scales = hop_scales[1:] + [1.0]  # ... multiplies hop k-1's MLP output
 
-    config = compile_point(recipe, point)
+    config = recipe.compile(point)
     assert len(config.slices) == len(path)
     merged = InMemoryMerger(MergeOptions(quiet=True)).materialize(config)
     sources = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (v1, v2, base)]

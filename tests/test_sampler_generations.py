@@ -7,9 +7,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mergekit_evolve.sampler import generations
-from mergekit_evolve.sampler.factory import make_sampler
-from mergekit_evolve.sampler.generations import MEMBER_ATTR
+from mergekit_evolve.samplers import generations
+from mergekit_evolve.samplers.registry import make_sampler
+from mergekit_evolve.samplers.generations import MEMBER_ATTR
 from sampler_harness import expert_space, new_study, settings
 
 SPACE = expert_space(2)

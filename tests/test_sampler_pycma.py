@@ -4,10 +4,10 @@ import cma
 import numpy as np
 import pytest
 
-from mergekit_evolve.sampler.factory import SamplerSetupError, make_sampler
-from mergekit_evolve.sampler.generations import MEMBER_ATTR
-from mergekit_evolve.sampler.pycma_sampler import PyCmaSampler
-from mergekit_evolve.space.search_space import Dimension, SearchSpace
+from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
+from mergekit_evolve.samplers.generations import MEMBER_ATTR
+from mergekit_evolve.samplers.pycma import PyCmaSampler
+from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
 from sampler_harness import new_study, run_study, settings
 
 

@@ -12,10 +12,9 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.compile import compile_point
 from mergekit_evolve.merge.engine import InMemoryMerger
-from mergekit_evolve.recipe.load import load_recipe
-from mergekit_evolve.sampler.factory import SamplerSetupError, prepare_recipe
+from mergekit_evolve.recipe.document import load_recipe
+from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe
 from sampler_harness import write_recipe
 from tiny_models import make_family, write_copy_task
 
@@ -64,7 +63,7 @@ def test_cycleqd_candidates_are_reproducible_mergekit_configs(ws, family, tmp_pa
     recipe = prepare_recipe(load_recipe(write_recipe(ws, family, sampler="cycleqd", name="cqd_compile")))
     assert prepare_recipe(recipe) is recipe  # idempotent: a resumed stage may prepare twice
     point = {"v1.weight": 0.6, "v2.weight": 0.3, "v3.weight": 0.8, "mutation.seed": 1234, "mutation.w_max": 2.0}
-    config = compile_point(recipe, point)
+    config = recipe.compile(point)
     assert config.merge_method == "svd_mutation"
     assert config.parameters == {"seed": 1234, "w_max": 2.0}
     options = MergeOptions(random_seed=3, quiet=True)
@@ -74,9 +73,9 @@ def test_cycleqd_candidates_are_reproducible_mergekit_configs(ws, family, tmp_pa
     state = {k: v.clone() for k, v in merger.materialize(config).state_dict().items()}
     assert all(torch.equal(state[k], v) for k, v in on_disk.items())
 
-    unmutated = compile_point(recipe, {**point, "mutation.w_max": 0.0})
-    plain = compile_point(load_recipe(write_recipe(ws, family, sampler="tpe", name="ta")),
-                          {"v1.weight": 0.6, "v2.weight": 0.3, "v3.weight": 0.8})
+    unmutated = recipe.compile({**point, "mutation.w_max": 0.0})
+    plain = load_recipe(write_recipe(ws, family, sampler="tpe", name="ta")).compile(
+        {"v1.weight": 0.6, "v2.weight": 0.3, "v3.weight": 0.8})
     assert plain.merge_method == "task_arithmetic"
     a = merger.materialize(unmutated).state_dict()
     a = {k: v.clone() for k, v in a.items()}

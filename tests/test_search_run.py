@@ -171,7 +171,7 @@ def test_unwritable_run_folder(workspace, tiny_llama):
 
 
 def test_trial_budget_counts_the_trials_other_workers_finish():
-    from mergekit_evolve.study.search import _FailureGuard, counted, optimize_until
+    from mergekit_evolve.study.search import FailureGuard, counted, optimize_until
 
     study = optuna.create_study(direction="maximize")
     ran = []
@@ -183,21 +183,21 @@ def test_trial_budget_counts_the_trials_other_workers_finish():
                 study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
         return 0.5
 
-    optimize_until(study, objective, 5, _FailureGuard(3), [])
+    optimize_until(study, objective, 5, FailureGuard(3), [])
     assert len(ran) == 2 and counted(study) == 5
 
 
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_progress_shows_the_best_of_the_trials_just_counted(direction):
-    from mergekit_evolve.study.search import Reached, _best_text
+    from mergekit_evolve.study.search import Reached, best_text
 
     study = optuna.create_study(direction=direction)
     reached = Reached(10)
-    assert _best_text(study, reached.finished) == "no completed trial yet"
+    assert best_text(study, reached.finished) == "no completed trial yet"
     for value in (0.3, 0.9, 0.1):
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=optuna.trial.TrialState.PRUNED))
     reached(study, study.trials[-1])
     best = study.best_trial
-    assert _best_text(study, reached.finished) == _best_text(study) == f"best {best.value:.4f} (trial {best.number})"
+    assert best_text(study, reached.finished) == best_text(study) == f"best {best.value:.4f} (trial {best.number})"
     assert len(reached.finished) == 4  # completed and pruned count

@@ -1,4 +1,4 @@
-"""The demo Space (spaces/app.py): its settings, and the app itself driven in a headless Chromium."""
+"""The demo Space (mergekit_evolve/publish/gradio_template/app.py): its settings, and the app itself driven in a headless Chromium."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from test_card import build_run
 from mergekit_evolve.cli import cli
 from mergekit_evolve.publish.hub import plan_publish, write_plan
 from mergekit_evolve.publish.run_files import RunFiles
-from mergekit_evolve.publish.space import TEMPLATE_DIR, local_settings, space_files
+from mergekit_evolve.publish.gradio_app import TEMPLATE_DIR, local_settings, space_files
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from mergekit_evolve.cli import cli
 from mergekit_evolve.recipe.yaml_lines import RecipeError
-from mergekit_evolve.stages import load_stages
+from mergekit_evolve.recipe.document import load_document
 from tiny_models import write_copy_task
 
 
@@ -51,7 +51,7 @@ def staged(tmp_path, tiny_llama, *, ps_trials=2, dfs_trials=2):
 
 def test_stages_parse_with_a_previewed_winner(tiny_llama, tmp_path):
     path = staged(tmp_path, tiny_llama)
-    ps, dfs = load_stages(path, tmp_path / "runs")
+    ps, dfs = load_document(path).stages(tmp_path / "runs")
     assert (ps.name, dfs.name) == ("ps", "dfs") and dfs.uses == ("ps",)
     assert ps.run_dir == tmp_path / "runs" / "ps"
     assert ps.recipe.evolve.study_name == "staged-ps" and dfs.recipe.evolve.study_name == "staged-dfs"
@@ -66,7 +66,7 @@ def test_stages_parse_with_a_previewed_winner(tiny_llama, tmp_path):
 def test_num_layers_can_name_a_stage(tiny_llama, tmp_path):
     path = staged(tmp_path, tiny_llama)
     path.write_text(path.read_text().replace("max_layers: 8", "max_layers: 8\n      num_layers: {stage:ps: 6}"))
-    _, dfs = load_stages(path, tmp_path / "runs")
+    _, dfs = load_document(path).stages(tmp_path / "runs")
     assert len([n for n in dfs.recipe.space.dimensions if not n.endswith(".scale")]) == (6 + 4) * 2
 
 
@@ -86,7 +86,7 @@ def test_bad_staged_recipe_names_the_line(tiny_llama, tmp_path, mutate, line, me
     path = staged(tmp_path, tiny_llama)
     path.write_text(mutate(path.read_text()))
     with pytest.raises(RecipeError) as e:
-        load_stages(path, tmp_path / "runs")
+        load_document(path).stages(tmp_path / "runs")
     assert (e.value.line, message in e.value.message) == (line, True), e.value
 
 

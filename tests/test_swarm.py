@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mergekit_evolve.sampler.factory import SamplerSetupError, make_sampler
-from mergekit_evolve.sampler.generations import MEMBER_ATTR, Outcome
-from mergekit_evolve.sampler.swarm import Swarm, initial_swarm, velocity
+from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
+from mergekit_evolve.samplers.generations import MEMBER_ATTR, Outcome
+from mergekit_evolve.samplers.swarm import Swarm, initial_swarm, velocity
 from sampler_harness import expert_space, run_study, settings
 
 PHI = (0.4, 0.3, 0.3, 0.3)

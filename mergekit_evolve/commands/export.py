@@ -12,18 +12,21 @@ import logging
 from pathlib import Path
 
 import click
+from mergekit.options import MergeOptions
 
+from mergekit_evolve.commands.merge import run_seed, trial_config
+from mergekit_evolve.methods.registry import register_plugins
 from mergekit_evolve.recipe.yaml_lines import RecipeError
+from mergekit_evolve.report.winner import write_best
+from mergekit_evolve.runfolder import RunFolder
 
 LOG = logging.getLogger("mergekit_evolve")
 
 
 def _pareto_trials(run_dir: Path) -> list[int]:
-    from mergekit_evolve.report.pareto import PARETO_FILE
-
-    path = run_dir / PARETO_FILE
+    path = RunFolder(run_dir).pareto
     if not path.is_file():
-        raise click.ClickException(f"{run_dir} has no {PARETO_FILE}: --pareto needs a finished multi-objective run")
+        raise click.ClickException(f"{run_dir} has no {path.name}: --pareto needs a finished multi-objective run")
     return [row["trial"] for row in json.loads(path.read_text(encoding="utf-8"))["front"]]
 
 
@@ -37,12 +40,6 @@ def _pareto_trials(run_dir: Path) -> list[int]:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from model repos to run (as in mergekit).")
 def export(run_dir: Path, trials: tuple[int, ...], pareto: bool, out: Path, device: str, trust_remote_code: bool) -> None:
     """Merge trials of RUN_DIR into model folders, as best/ is written."""
-    from mergekit.options import MergeOptions
-
-    from mergekit_evolve.commands.merge import run_seed, trial_config
-    from mergekit_evolve.plugins import register_plugins
-    from mergekit_evolve.report.winner import write_best
-
     numbers = list(dict.fromkeys([*trials, *(_pareto_trials(run_dir) if pareto else [])]))
     if not numbers:
         raise click.UsageError("name the trials to export: --trial N (repeatable) or --pareto")
@@ -55,5 +52,5 @@ def export(run_dir: Path, trials: tuple[int, ...], pareto: bool, out: Path, devi
             raise click.ClickException(str(e)) from None
         target = out / f"trial-{number}" if pareto or len(numbers) > 1 else out
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_best(run_dir, run_dir / "recipe.yml", config, options, out=target)
+        write_best(run_dir, RunFolder(run_dir).recipe, config, options, out=target)
         click.echo(f"trial {number} -> {target}")

@@ -7,20 +7,23 @@ merge methods (DARE, DELLA, ...) unless ``--random-seed`` says otherwise.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
+from mergekit_evolve.methods.registry import register_plugins
+from mergekit_evolve.recipe.document import load_document
+from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from mergekit_evolve.recipe.genome import DEFAULT_SEED, is_genome
 from mergekit_evolve.recipe.yaml_lines import RecipeError
-
-if TYPE_CHECKING:
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
+from mergekit_evolve.runfolder import RunFolder
 
 LOG = logging.getLogger("mergekit_evolve")
 USAGE = """Merge a concrete mergekit config into OUT_PATH, as mergekit-yaml does, with this
@@ -34,18 +37,14 @@ mergekit-evolve merge --trial N --run RUN OUT_PATH  the config stored with trial
 
 def config_from_file(path: Path) -> MergeConfiguration:
     """A concrete config (a recipe without search annotations); relative model folders are the file's."""
-    from mergekit_evolve.compile import compile_point
-    from mergekit_evolve.recipe.genome import is_genome
-    from mergekit_evolve.recipe.load import load_recipe
-    from mergekit_evolve.recipe.yaml_lines import load_located_file
-
-    if is_genome(load_located_file(path).data):
+    document = load_document(path)
+    if document.genome:
         raise RecipeError(
             "a mergekit-evolve genome file describes a search, not one merge: run it with "
             f"`mergekit-evolve {path}`, then merge a trial with --trial N --run RUN_DIR",
             str(path),
         )
-    recipe = load_recipe(path)
+    recipe = document.recipe()
     if recipe.space:
         first = recipe.space.placements[0].loc
         raise recipe.error(
@@ -53,15 +52,13 @@ def config_from_file(path: Path) -> MergeConfiguration:
             f"the config has {len(recipe.space)} search dimensions ({', '.join(list(recipe.space.dimensions)[:3])}...); "
             "`merge` needs a concrete config: search it with `mergekit-evolve run`, then merge a trial with --trial N --run RUN_DIR",
         )
-    return compile_point(recipe, {})
+    return recipe.compile({})
 
 
 def _trial_record(run_dir: Path, trial: int) -> dict[str, Any]:
-    from mergekit_evolve.study.records import TRIALS_FILE
-
-    path = run_dir / TRIALS_FILE
+    path = RunFolder(run_dir).trials
     if not path.is_file():
-        raise RecipeError(f"no {TRIALS_FILE}: not a mergekit-evolve run folder, or no trial has finished yet", str(run_dir))
+        raise RecipeError(f"no {path.name}: not a mergekit-evolve run folder, or no trial has finished yet", str(run_dir))
     records = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -83,10 +80,7 @@ def _trial_record(run_dir: Path, trial: int) -> dict[str, Any]:
 
 def run_seed(run_dir: Path) -> int | None:
     """The seed the run's workers merged with (its recipe copy's ``evolve.seed``)."""
-    from mergekit_evolve.recipe.evolve_settings import EvolveSettings
-    from mergekit_evolve.recipe.genome import DEFAULT_SEED, is_genome
-
-    copy = run_dir / "recipe.yml"
+    copy = RunFolder(run_dir).recipe
     data = yaml.safe_load(copy.read_text(encoding="utf-8")) if copy.is_file() else None
     if is_genome(data):
         return DEFAULT_SEED
@@ -97,16 +91,10 @@ def run_seed(run_dir: Path) -> int | None:
 
 
 def trial_config(run_dir: Path, trial: int) -> MergeConfiguration:
-    from mergekit.config import MergeConfiguration
-
     return MergeConfiguration.model_validate(yaml.safe_load(_trial_record(run_dir, trial)["config"]))
 
 
 def _merge(merge_options: MergeOptions, paths: tuple[str, ...], trial: int | None, run_dir: Path | None) -> None:
-    from mergekit.merge import run_merge
-
-    from mergekit_evolve.plugins import register_plugins
-
     if (trial is None) != (run_dir is None):
         raise click.UsageError("--trial and --run go together: --trial N --run RUN_DIR")
     expected = 1 if trial is not None else 2
@@ -132,28 +120,11 @@ def _merge(merge_options: MergeOptions, paths: tuple[str, ...], trial: int | Non
     click.echo(f"merged into {out_path}")
 
 
-@functools.cache
-def _merge_command() -> click.Command:
-    """The real command; built on first use, since mergekit's option list costs a torch import."""
-    from mergekit.options import PrettyPrintHelp, add_merge_options
-
-    @click.command("merge", cls=PrettyPrintHelp, help=USAGE)
-    @click.argument("paths", nargs=-1, required=True, metavar="[CONFIG] OUT_PATH")
-    @click.option("--trial", type=int, default=None, help="Merge the stored config of this trial of --run (instead of CONFIG).")
-    @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-                  help="The run folder --trial refers to.")
-    @add_merge_options
-    def command(merge_options: MergeOptions, paths: tuple[str, ...], trial: int | None, run_dir: Path | None) -> None:
-        _merge(merge_options, paths, trial, run_dir)
-
-    return command
-
-
-@click.command("merge", help=USAGE, add_help_option=False,
-               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def merge(ctx: click.Context, args: tuple[str, ...]) -> None:
-    inner = _merge_command()
-    with inner.make_context("merge", list(args), parent=ctx.parent) as sub:
-        inner.invoke(sub)
+@click.command("merge", cls=PrettyPrintHelp, help=USAGE)
+@click.argument("paths", nargs=-1, required=True, metavar="[CONFIG] OUT_PATH")
+@click.option("--trial", type=int, default=None, help="Merge the stored config of this trial of --run (instead of CONFIG).")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="The run folder --trial refers to.")
+@add_merge_options
+def merge(merge_options: MergeOptions, paths: tuple[str, ...], trial: int | None, run_dir: Path | None) -> None:
+    _merge(merge_options, paths, trial, run_dir)

@@ -6,6 +6,18 @@ from pathlib import Path
 
 import click
 
+from mergekit_evolve.commands.common import setup_logging
+from mergekit_evolve.publish.errors import PublishError
+from mergekit_evolve.publish.hub import (
+    describe,
+    plan_publish,
+    push,
+    resolve_token,
+    write_plan,
+)
+from mergekit_evolve.publish.run_files import RunFiles
+from mergekit_evolve.recipe.publish_settings import check_repo_id
+
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
@@ -24,13 +36,7 @@ def publish(run_dir: Path, repo: str | None, space: str | None, private: bool | 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or written.
     Re-running updates the repos: changed files are replaced, files the winner no longer has are removed.
     """
-    from mergekit_evolve.cli import _setup_logging
-    from mergekit_evolve.publish.errors import PublishError
-    from mergekit_evolve.publish.hub import describe, plan_publish, push, resolve_token, write_plan
-    from mergekit_evolve.publish.run_files import RunFiles
-    from mergekit_evolve.recipe.publish_settings import check_repo_id
-
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         settings = RunFiles(run_dir).publish
         repo = repo or settings.repo

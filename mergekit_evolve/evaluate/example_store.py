@@ -13,8 +13,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-EXAMPLES_FILE = "examples.db"
-
 
 class ExampleStore:
     def __init__(self, path: Path | None = None):

@@ -30,9 +30,13 @@ from pydantic import TypeAdapter
 from transformers.initialization import no_init_weights
 
 from mergekit_evolve.merge.architecture_memo import memoised
-from mergekit_evolve.merge.chunked import DEFAULT_CHUNK_BYTES, ChunkedMerge, chunk_if_possible
+from mergekit_evolve.merge.chunked import (
+    DEFAULT_CHUNK_BYTES,
+    ChunkedMerge,
+    chunk_if_possible,
+)
 from mergekit_evolve.merge.resident import make_resident
-from mergekit_evolve.plugins import register_plugins
+from mergekit_evolve.methods.registry import register_plugins
 
 LOG = logging.getLogger(__name__)
 MAX_RESIDENT_SHAPES = 2

@@ -1,4 +1,4 @@
-"""This package's merge methods; importing it registers them with mergekit (see ``plugins.py``)."""
+"""This package's merge methods; importing it registers them with mergekit (see ``registry.py``)."""
 
 from mergekit.merge_methods import register
 

@@ -7,7 +7,13 @@ matrix, drawn from a stream seeded by (``seed``, tensor name); ``noise: 0`` appl
 from __future__ import annotations
 
 import torch
-from mergekit.merge_methods import BasePolicy, InputContract, PerNonBase, TensorGroup, merge_method
+from mergekit.merge_methods import (
+    BasePolicy,
+    InputContract,
+    PerNonBase,
+    TensorGroup,
+    merge_method,
+)
 
 from mergekit_evolve.methods.common import mutated_task_arithmetic, tensor_generator
 

@@ -9,7 +9,13 @@ applies no mutation, so the config then merges exactly what ``task_arithmetic`` 
 from __future__ import annotations
 
 import torch
-from mergekit.merge_methods import BasePolicy, InputContract, PerNonBase, TensorGroup, merge_method
+from mergekit.merge_methods import (
+    BasePolicy,
+    InputContract,
+    PerNonBase,
+    TensorGroup,
+    merge_method,
+)
 
 from mergekit_evolve.methods.common import mutated_task_arithmetic, tensor_generator
 

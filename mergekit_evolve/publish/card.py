@@ -14,12 +14,17 @@ from mergekit.card import method_md
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
-from mergekit_evolve.publish.run_files import CONFIG_FILE, RECIPE_FILE, RunFiles, hub_id
+from mergekit_evolve.publish.run_files import RunFiles, hub_id
 from mergekit_evolve.recipe.evolve_settings import Objective
-from mergekit_evolve.report.winner import BEST_DIR, REPORT_FILE
+from mergekit_evolve.runfolder import (
+    BEST_DIR,
+    CARD_FILE,
+    CONFIG_FILE,
+    RECIPE_FILE,
+    RunFolder,
+)
 
 LOG = logging.getLogger(__name__)
-CARD_FILE = "README.md"
 PROJECT = "mergekit-evolve"
 LINEAGE_DEPTH = 4
 
@@ -203,7 +208,7 @@ PLOT_CAPTIONS = {
 def _search_md(run: RunFiles) -> str:
     ev = run.evolve
     lines = [
-        f"Sampler `{ev.sampler}` (seed {ev.seed}{', options ' + json.dumps(ev.sampler_options) if ev.sampler_options else ''}), "
+        f"Sampler `{ev.sampler}` (seed {ev.seed}{', options ' + json.dumps(ev.sampler_options.given()) if ev.sampler_options.given() else ''}), "
         f"{run.report['trials']} trials in study `{run.report.get('study', run.name)}`. Objectives:",
         "",
     ]
@@ -230,7 +235,7 @@ def _lineage_md(run: RunFiles) -> str:
         found_by = ""
         if (folder / RECIPE_FILE).is_file():
             found_by = f" found by {PROJECT}"
-            report = folder.parent / REPORT_FILE
+            report = RunFolder(folder.parent).report
             if report.is_file():
                 winner = json.loads(report.read_text(encoding="utf-8"))["winner"]
                 found_by += f" (trial {winner['trial']}, search {winner['search']:.4f}, held-out {winner['heldout']:.4f})"
@@ -246,7 +251,7 @@ def _lineage_md(run: RunFiles) -> str:
 
 def _reproduce(method: str) -> str:
     """The command that merges the config again: mergekit's own, unless the method is one this package adds."""
-    from mergekit_evolve.plugins import register_plugins
+    from mergekit_evolve.methods.registry import register_plugins
 
     if method in register_plugins():
         return f"`mergekit-evolve merge mergekit_config.yml OUT` (`{method}` is a merge method {PROJECT} registers with mergekit)"

@@ -14,14 +14,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    constants,
+    get_token,
+)
 from huggingface_hub.errors import HfHubHTTPError
 
-from mergekit_evolve.publish.card import CARD_FILE, build_card
+from mergekit_evolve.publish.card import build_card
 from mergekit_evolve.publish.errors import PublishError
+from mergekit_evolve.publish.gradio_app import MODEL_VARIABLE, space_files
 from mergekit_evolve.publish.run_files import RunFiles
-from mergekit_evolve.publish.space import MODEL_VARIABLE, space_files
 from mergekit_evolve.recipe.publish_settings import PublishSettings
+from mergekit_evolve.runfolder import CARD_FILE
 
 try:  # the HTTP client huggingface_hub 2.x uses; 1.x used httpx
     from httpx2 import TransportError

@@ -17,15 +17,9 @@ from mergekit.config import MergeConfiguration
 from mergekit_evolve.publish.errors import PublishError
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.recipe.publish_settings import PublishSettings
-from mergekit_evolve.report.pareto import PARETO_PLOT
-from mergekit_evolve.report.winner import BEST_DIR, HISTORY_PLOT, REPORT_FILE
-
-CONFIG_FILE = "mergekit_config.yml"
-RECIPE_FILE = "recipe.yml"
-# Plots by their name inside best/ (and the Space), where the card embeds them by relative path,
-# and where the run writes them; the Pareto plot exists for multi-objective runs only.
-PLOTS = {"history": ("history.png", HISTORY_PLOT), "pareto": ("pareto.png", PARETO_PLOT)}
-STAGES_KEY = "stages"  # a staged recipe (mergekit_evolve.stages) has only this key at the top
+from mergekit_evolve.recipe.stages import KEY as STAGES_KEY
+from mergekit_evolve.recipe.stages import stage_body
+from mergekit_evolve.runfolder import RunFolder
 
 
 def hub_id(model: str) -> str | None:
@@ -48,14 +42,20 @@ class RunFiles:
     run_dir: Path
 
     @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+    @property
     def best(self) -> Path:
-        return self.run_dir / BEST_DIR
+        return self.folder.best
 
     def plots(self) -> dict[str, tuple[str, Path]]:
-        """The plots this run has: kind -> (name in best/, file), from plots/ or else best/."""
+        """The plots this run has: kind -> (name in best/, file), from plots/ or else best/, where the
+        card (and the Space) embed them under their file name."""
         found = {}
-        for kind, (name, rel) in PLOTS.items():
-            for path in (self.run_dir / rel, self.best / name):
+        for kind, written in self.folder.plots.items():
+            name = written.name
+            for path in (written, self.best / name):
                 if path.is_file():
                     found[kind] = (name, path)
                     break
@@ -63,7 +63,7 @@ class RunFiles:
 
     @cached_property
     def report(self) -> dict[str, Any]:
-        path = self.run_dir / REPORT_FILE
+        path = self.folder.report
         try:
             return json.loads(self._read(path))
         except json.JSONDecodeError as e:
@@ -71,7 +71,7 @@ class RunFiles:
 
     @cached_property
     def config_text(self) -> str:
-        return self._read(self.best / CONFIG_FILE)
+        return self._read(self.folder.best_config)
 
     @cached_property
     def config(self) -> MergeConfiguration:
@@ -79,7 +79,7 @@ class RunFiles:
 
     @cached_property
     def recipe_text(self) -> str:
-        return self._read(self.best / RECIPE_FILE)
+        return self._read(self.folder.best_recipe)
 
     @cached_property
     def _recipe_file_data(self) -> Any:
@@ -93,10 +93,7 @@ class RunFiles:
 
     @cached_property
     def _recipe_data(self) -> dict[str, Any]:
-        data = self._recipe_file_data
-        if self.stage:
-            data = next((s for s in data[STAGES_KEY] if isinstance(s, dict) and s.get("name") == self.stage), {})
-        return data if isinstance(data, dict) else {}
+        return stage_body(self._recipe_file_data, self.stage)
 
     @cached_property
     def evolve(self) -> EvolveSettings:
@@ -117,7 +114,7 @@ class RunFiles:
 
     def check(self) -> None:
         """Fail early, naming the missing piece, if this is not a finished run folder."""
-        stages = sorted(p.parents[1].name for p in self.run_dir.glob(f"*/{BEST_DIR}/config.json"))
+        stages = self.folder.stages()
         if not self.best.is_dir() and stages:
             raise PublishError(
                 f"{self.run_dir} is a staged run; give one stage's folder: "
@@ -134,7 +131,7 @@ class RunFiles:
         try:
             return model.model_validate(self._recipe_data.get(key) or {})
         except pydantic.ValidationError as e:
-            raise PublishError(f"{self.best / RECIPE_FILE}: '{key}' section: {e.errors()[0]['msg']}") from None
+            raise PublishError(f"{self.folder.best_recipe}: '{key}' section: {e.errors()[0]['msg']}") from None
 
     def _read(self, path: Path) -> str:
         try:

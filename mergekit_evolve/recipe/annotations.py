@@ -10,9 +10,12 @@ Any annotation may carry ``name:`` so several places share one search dimension.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mergekit_evolve.recipe.yaml_lines import Loc
 
 Scalar = Union[bool, int, float, str]
 
@@ -88,3 +91,26 @@ def parse_annotation(value: dict[str, Any]) -> Annotation:
     if "choice" in value:
         return ChoiceAnnotation.model_validate(value)
     return VarAnnotation.model_validate(value)
+
+
+def walk(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, Any]]:
+    """Every location of a recipe tree and its value, not descending into annotations."""
+    yield loc, value
+    if is_annotation(value):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from walk(v, loc + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from walk(v, loc + (i,))
+
+
+def get_at(tree: Any, loc: Loc) -> Any:
+    for k in loc:
+        tree = tree[k]
+    return tree
+
+
+def set_at(tree: Any, loc: Loc, value: Any) -> None:
+    get_at(tree, loc[:-1])[loc[-1]] = value

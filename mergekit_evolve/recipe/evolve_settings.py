@@ -4,15 +4,28 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from mergekit_evolve.sampler.options import check_options
+from mergekit_evolve.recipe.sampler_options import (
+    OptunaOptions,
+    SamplerOptions,
+    options_for,
+)
 
 Sampler = Literal["cmaes", "cma", "tpe", "gp", "random", "nsga2", "cycleqd", "swarm"]
 # Optuna's own samplers take pruned trials in stride; the population methods need every
 # member's full score
 PRUNABLE_SAMPLERS = ("cmaes", "tpe", "gp", "random")
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
+# Settings that may change between a run and its resume without changing what is searched.
+RESUMABLE = {"trials", "device", "batch_size", "max_failures", "workers", "heartbeat_grace", "threads"}
 
 
 class Objective(BaseModel):
@@ -39,6 +52,11 @@ class Objective(BaseModel):
     @property
     def name(self) -> str:
         return f"{self.task}/{self.metric}"
+
+    @property
+    def sign(self) -> int:
+        """The one place the goal becomes a sign: a score times ``sign`` is higher-is-better."""
+        return 1 if self.goal == "maximize" else -1
 
 
 class SelectRule(BaseModel):
@@ -88,9 +106,9 @@ class EvolveSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sampler: Sampler = "cmaes"
-    sampler_options: dict[str, Any] = Field(
-        default_factory=dict,
-        description="keyword arguments for Optuna's sampler; for cma, cycleqd and swarm see mergekit_evolve.sampler.options",
+    sampler_options: SamplerOptions = Field(
+        default_factory=OptunaOptions, validate_default=True,  # the default too becomes the sampler's model
+        description="keyword arguments for Optuna's sampler; for cma, cycleqd and swarm see mergekit_evolve.recipe.sampler_options",
     )
     multi_objective: bool = Field(
         default=False, description="one study direction per objective (a Pareto front) instead of their weighted mean"
@@ -123,10 +141,11 @@ class EvolveSettings(BaseModel):
     )
     apply_chat_template: bool = False
 
-    @field_validator("sampler_options")
+    @field_validator("sampler_options", mode="before")
     @classmethod
-    def _typed_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return check_options(info.data.get("sampler", ""), options)
+    def _typed_options(cls, options: Any, info: ValidationInfo) -> Any:
+        # the union is discriminated by the sibling field `sampler` (validated first: declared first)
+        return options_for(info.data.get("sampler", "cmaes"), options)
 
     @model_validator(mode="after")
     def _resolve_auto_pruner(self) -> "EvolveSettings":

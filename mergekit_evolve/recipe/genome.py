@@ -38,6 +38,7 @@ import pydantic
 import yaml
 
 from mergekit_evolve.recipe.annotations import is_annotation
+from mergekit_evolve.recipe.model_paths import resolve_model_path
 from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml
 
 LOG = logging.getLogger(__name__)
@@ -81,8 +82,6 @@ def _validate(doc: LocatedYaml) -> Any:
 
 def _num_layers(doc: LocatedYaml, genome: Any, base_dir: Path) -> int:
     """mergekit-evolve reads the layer count from the first model's config."""
-    from mergekit_evolve.recipe.load import resolve_model_path
-
     ref = genome.models[0]
     local = ref.model_copy(update={"model": ref.model.model_copy(update={"path": resolve_model_path(ref.model.path, base_dir)})})
     try:
@@ -290,8 +289,6 @@ def translate_genome(doc: LocatedYaml, base_dir: Path, rebase: Callable[[str], s
 
 def translate_genome_file(doc: LocatedYaml, base_dir: Path) -> GenomeTranslation:
     """``translate_genome`` for loading a genome as a recipe: what is not carried over is logged."""
-    from mergekit_evolve.recipe.load import resolve_model_path
-
     # absolute local paths, so the translation is also valid as a copy in the run folder
     translation = translate_genome(doc, base_dir, lambda m: resolve_model_path(m, base_dir))
     for note in translation.notes:

@@ -10,12 +10,11 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial
 
+from mergekit_evolve.evaluate.scores import weighted
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
-from mergekit_evolve.study.objectives import weighted
+from mergekit_evolve.runfolder import RunFolder
 
 LOG = logging.getLogger(__name__)
-PARETO_FILE = "pareto.json"
-PARETO_PLOT = "plots/pareto.png"
 
 
 def weighted_target(settings: EvolveSettings) -> Callable[[FrozenTrial], float]:
@@ -34,8 +33,7 @@ def _meets(trial: FrozenTrial, settings: EvolveSettings) -> bool:
 def _rank(trial: FrozenTrial, settings: EvolveSettings) -> float:
     if settings.select.objective:
         objective = settings.objective_named(settings.select.objective)
-        sign = 1 if objective.goal == "maximize" else -1
-        return sign * trial.user_attrs["scores"][objective.name]
+        return objective.sign * trial.user_attrs["scores"][objective.name]
     return weighted(trial, settings.objectives)  # type: ignore[return-value]
 
 
@@ -79,7 +77,7 @@ def write_pareto(run_dir: Path, study: optuna.Study, settings: EvolveSettings, s
         "selected": selected.number,
         "front": rows,
     }
-    (run_dir / PARETO_FILE).write_text(json.dumps(data, indent=2), encoding="utf-8")
+    RunFolder(run_dir).pareto.write_text(json.dumps(data, indent=2), encoding="utf-8")
     plot_pareto(run_dir, study, settings)
     return data
 
@@ -97,7 +95,7 @@ def plot_pareto(run_dir: Path, study: optuna.Study, settings: EvolveSettings) ->
         ax = plot_pareto_front(study, targets=lambda t: tuple(t.values[:3]), target_names=names[:3])
     else:
         ax = plot_pareto_front(study, target_names=names)
-    out = run_dir / PARETO_PLOT
+    out = RunFolder(run_dir).plots["pareto"]
     out.parent.mkdir(parents=True, exist_ok=True)
     ax.figure.set_size_inches(7, 5.5)
     ax.figure.tight_layout()

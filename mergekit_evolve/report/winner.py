@@ -14,14 +14,11 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-from mergekit_evolve.evaluate.lm_eval_suite import Scores
+from mergekit_evolve.evaluate.scores import Scores
+from mergekit_evolve.runfolder import RECIPE_FILE, RunFolder
 from mergekit_evolve.study.worker import Worker, source_config
 
 LOG = logging.getLogger(__name__)
-
-BEST_DIR = "best"
-REPORT_FILE = "report.json"
-HISTORY_PLOT = "plots/history.png"
 
 
 def winner_config(trial: optuna.trial.FrozenTrial) -> MergeConfiguration:
@@ -32,7 +29,7 @@ def write_best(
     run_dir: Path, recipe_file: Path, config: MergeConfiguration, options: MergeOptions, out: Path | None = None
 ) -> Path:
     """A plain mergekit merge of ``config``, written beside and then swapped in for ``out`` (default ``best/``)."""
-    target = out or run_dir / BEST_DIR
+    target = out or RunFolder(run_dir).best
     staging = target.with_name(target.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
@@ -41,7 +38,7 @@ def write_best(
         config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
         options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}),
     )
-    shutil.copyfile(recipe_file, staging / "recipe.yml")
+    shutil.copyfile(recipe_file, staging / RECIPE_FILE)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
@@ -81,7 +78,7 @@ def write_report(run_dir: Path, study: optuna.Study, worker: Worker, best: optun
         "trials": len(study.trials),
         "study": study.study_name,
     }
-    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    RunFolder(run_dir).report.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
 
 
@@ -95,7 +92,7 @@ def plot_history(
     import matplotlib.pyplot as plt
     from optuna.visualization.matplotlib import plot_optimization_history
 
-    out = run_dir / HISTORY_PLOT
+    out = RunFolder(run_dir).plots["history"]
     out.parent.mkdir(parents=True, exist_ok=True)
     ax = plot_optimization_history(study, target=target, target_name="weighted objective (search split)")
     ax.figure.set_size_inches(8, 4.5)

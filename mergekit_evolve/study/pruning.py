@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import optuna
 import transformers
 
-from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
-from mergekit_evolve.evaluate.lm_eval_suite import Scores, TaskSetupError
+from mergekit_evolve.evaluate.anchors import AnchorSet
+from mergekit_evolve.evaluate.scores import Scores
+from mergekit_evolve.evaluate.suite import Evaluator
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings, PruningSettings
-
-if TYPE_CHECKING:
-    from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
 PRUNERS = {
@@ -34,31 +31,6 @@ def make_pruner(settings: PruningSettings) -> optuna.pruners.BasePruner:
         return PRUNERS[settings.pruner](**settings.options)
     except TypeError as e:
         raise ValueError(f"evolve.pruning.options do not fit pruner '{settings.pruner}': {e}") from None
-
-
-def anchor_sets(worker: Worker) -> dict[str, AnchorSet]:
-    """Anchors per objective that asks for them, chosen once from the sources' per-example results."""
-    if worker.anchors is not None:
-        return worker.anchors
-    from mergekit_evolve.compile import config_digest
-    from mergekit_evolve.study.worker import source_config
-
-    worker.anchors = {}
-    for obj in worker.objectives:
-        if not obj.anchors:
-            continue
-        plan = worker.evaluator.plan(obj, "search")
-        if plan.ids is None or getattr(plan.aggregate, "__name__", "") != "mean":
-            raise TaskSetupError(f"objective {obj.name}: anchors need a plain task with a mean-aggregated metric")
-        key = f"{plan.metric},{plan.filter}"
-        table = []
-        for model in worker.sources:
-            config = source_config(model, None)
-            rows = worker.evaluator.rows(worker.merger.materialize(config), config_digest(config), plan, plan.ids)
-            table.append([float(r[key]) for r in rows])
-        worker.anchors[obj.name] = choose_anchors(np.array(table), plan.ids, obj.anchors, worker.recipe.evolve.seed)
-        LOG.info("objective %s: %d anchor examples of %d", obj.name, len(worker.anchors[obj.name].ids), len(plan.ids))
-    return worker.anchors
 
 
 @dataclass
@@ -89,36 +61,37 @@ def rungs(settings: EvolveSettings, anchors: dict[str, AnchorSet]) -> tuple[int,
     return 1, [Rung(stages[0].fraction, anchors), *stages]
 
 
-def staged_scores(worker: Worker, model: transformers.PreTrainedModel, digest: str, trial: optuna.Trial) -> Scores:
-    settings = worker.recipe.evolve
-    first, ladder = rungs(settings, anchor_sets(worker))
+def staged_scores(settings: EvolveSettings, evaluator: Evaluator, anchors: dict[str, AnchorSet],
+                  model: transformers.PreTrainedModel, digest: str, trial: optuna.Trial) -> Scores:
+    """The candidate's search score, climbing the rungs; raises TrialPruned where the pruner stops it."""
+    first, ladder = rungs(settings, anchors)
     wilcoxon = settings.pruning.pruner == "wilcoxon"
     reported: set[int] = set()
     *climbed, last = ladder
     for step, rung in enumerate(climbed, start=first):
-        scores = worker.evaluator.score(model, "search", digest=digest, fraction=rung.fraction, anchors=rung.anchors)
+        scores = evaluator.score(model, "search", digest=digest, fraction=rung.fraction, anchors=rung.anchors)
         if wilcoxon:
-            _report_examples(worker, model, digest, trial, rung, reported)
+            _report_examples(settings, evaluator, model, digest, trial, rung, reported)
         else:
-            trial.report(scores.weighted(worker.objectives), step)
+            trial.report(scores.weighted(settings.objectives), step)
         if trial.should_prune():
             trial.set_user_attr("scores", scores.values)
             trial.set_user_attr("pruned_at", "anchors" if rung.anchors else rung.fraction)
             raise optuna.TrialPruned(f"pruned after {rung.label}")
-    return worker.evaluator.score(model, "search", digest=digest, fraction=last.fraction, anchors=last.anchors)
+    return evaluator.score(model, "search", digest=digest, fraction=last.fraction, anchors=last.anchors)
 
 
-def _report_examples(worker: Worker, model: Any, digest: str, trial: optuna.Trial, rung: Rung, reported: set[int]) -> None:
+def _report_examples(settings: EvolveSettings, evaluator: Evaluator, model: Any, digest: str, trial: optuna.Trial,
+                     rung: Rung, reported: set[int]) -> None:
     """WilcoxonPruner compares per-example results: report each example's weighted value once."""
-    total = sum(o.weight for o in worker.objectives)
-    for k, obj in enumerate(worker.objectives):
-        plan = worker.evaluator.plan(obj, "search")
+    total = sum(o.weight for o in settings.objectives)
+    for k, obj in enumerate(settings.objectives):
+        plan = evaluator.plan(obj, "search")
         if plan.ids is None:
             continue
-        ids = worker.evaluator.example_ids(obj, plan, rung.fraction, rung.anchors)
-        sign = 1 if obj.goal == "maximize" else -1
-        for doc_id, row in zip(ids, worker.evaluator.rows(model, digest, plan, ids)):
+        ids = evaluator.example_ids(obj, plan, rung.fraction, rung.anchors)
+        for doc_id, row in zip(ids, evaluator.rows(model, digest, plan, ids)):
             step = k * 10_000_000 + doc_id
             if step not in reported:
-                trial.report(sign * obj.weight / total * float(row[f"{plan.metric},{plan.filter}"]), step)
+                trial.report(obj.sign * obj.weight / total * float(row[f"{plan.metric},{plan.filter}"]), step)
                 reported.add(step)

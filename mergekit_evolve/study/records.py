@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-TRIALS_FILE = "trials.jsonl"
+from mergekit_evolve.runfolder import RunFolder
 
 
 def trial_record(trial: FrozenTrial) -> dict[str, Any]:
@@ -37,15 +37,16 @@ def trial_record(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def append_record(run_dir: Path, trial: FrozenTrial) -> None:
-    with open(run_dir / TRIALS_FILE, "a", encoding="utf-8") as fp:
+    with open(RunFolder(run_dir).trials, "a", encoding="utf-8") as fp:
         fp.write(json.dumps(trial_record(trial)) + "\n")
 
 
 def export_records(run_dir: Path, study: optuna.Study) -> None:
     """Rewrite the file from the study, so a resumed run holds each trial exactly once."""
-    tmp = run_dir / (TRIALS_FILE + ".tmp")
+    path = RunFolder(run_dir).trials
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fp:
         for trial in study.get_trials(deepcopy=False):
             if trial.state.is_finished():
                 fp.write(json.dumps(trial_record(trial)) + "\n")
-    tmp.replace(run_dir / TRIALS_FILE)
+    tmp.replace(path)

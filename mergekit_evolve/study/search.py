@@ -12,15 +12,27 @@ from typing import Any
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from mergekit_evolve.recipe.load import Recipe
-from mergekit_evolve.sampler.factory import make_sampler
-from mergekit_evolve.sampler.generations import GenerationalSampler
-from mergekit_evolve.study.objectives import directions
+from mergekit_evolve.evaluate.scores import directions
+from mergekit_evolve.recipe.parse import Recipe
+from mergekit_evolve.runfolder import RunFolder
+from mergekit_evolve.samplers.generations import GenerationalSampler
+from mergekit_evolve.samplers.registry import make_sampler
 from mergekit_evolve.study.pruning import make_pruner
 from mergekit_evolve.study.records import append_record, export_records
-from mergekit_evolve.study.storage import default_storage_url, open_storage, register_worker, tagged
+from mergekit_evolve.study.storage import (
+    default_storage_url,
+    open_storage,
+    register_worker,
+    tagged,
+)
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -47,7 +59,7 @@ def open_study(recipe: Recipe, run_dir: Path) -> optuna.Study:
         study.enqueue_trial(recipe.space.init_point(), skip_if_exists=True)
     index = register_worker(study)
     if index and not isinstance(study.sampler, GenerationalSampler):  # those replay one shared seed on purpose
-        study.sampler = make_sampler(settings.model_copy(update={"seed": settings.seed + index}), recipe.space)
+        study.sampler = make_sampler(settings, recipe.space, seed_offset=index)
     return study
 
 
@@ -70,7 +82,7 @@ class Reached:
             study.stop()
 
 
-class _FailureGuard:
+class FailureGuard:
     """Stops the study after ``limit`` failed candidates in a row (a broken recipe, not bad luck)."""
 
     def __init__(self, limit: int):
@@ -96,7 +108,7 @@ class _FailureGuard:
         if self.tripped:
             raise TooManyFailures(
                 f"{self.limit} candidates failed in a row; the last error was: {(self.last_error or 'unknown').rstrip('.')}. "
-                f"Each failure is in {run_dir / 'trials.jsonl'}; fix the recipe and run again to resume."
+                f"Each failure is in {RunFolder(run_dir).trials}; fix the recipe and run again to resume."
             )
 
 
@@ -108,7 +120,7 @@ def search_progress(show_progress: bool) -> Progress:
 
 
 def optimize_until(
-    study: optuna.Study, objective: Callable[[optuna.Trial], Any], trials: int, guard: _FailureGuard,
+    study: optuna.Study, objective: Callable[[optuna.Trial], Any], trials: int, guard: FailureGuard,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]], timeout: float | None = None,
     reached: Reached | None = None,
 ) -> None:
@@ -144,32 +156,32 @@ def run_search(
     done = counted(study)
     if done:
         LOG.info("resuming study '%s': %d of %d trials already done", study.study_name, done, trials)
-    guard = _FailureGuard(recipe.evolve.max_failures)
+    guard = FailureGuard(recipe.evolve.max_failures)
     reached = Reached(trials)
 
     with search_progress(show_progress) as progress:
-        bar = progress.add_task(_best_text(study), total=trials, completed=min(done, trials))
+        bar = progress.add_task(best_text(study), total=trials, completed=min(done, trials))
 
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             append_record(run_dir, trial)
-            _write_sampler_files(study, run_dir)
-            progress.update(bar, completed=min(len(reached.finished), trials), description=_best_text(study, reached.finished))
+            write_sampler_files(study, run_dir)
+            progress.update(bar, completed=min(len(reached.finished), trials), description=best_text(study, reached.finished))
 
         optimize_until(study, tagged(worker.objective), trials, guard, [on_trial], timeout, reached)
     guard.check(run_dir)
     export_records(run_dir, study)
-    _write_sampler_files(study, run_dir)
+    write_sampler_files(study, run_dir)
     return study
 
 
-def _write_sampler_files(study: optuna.Study, run_dir: Path) -> None:
+def write_sampler_files(study: optuna.Study, run_dir: Path) -> None:
     """Samplers with state worth keeping in the run folder (CycleQD's archives.json) write it."""
     writer = getattr(study.sampler, "write_run_files", None)
     if writer is not None:
         writer(run_dir, study)
 
 
-def _best_text(study: optuna.Study, finished: list[FrozenTrial] | None = None) -> str:
+def best_text(study: optuna.Study, finished: list[FrozenTrial] | None = None) -> str:
     """The best trial so far, among ``finished`` when the caller has just read them."""
     if len(study.directions) > 1:
         return f"Pareto front: {len(study.best_trials)} trials"

@@ -19,6 +19,8 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from mergekit_evolve.runfolder import RunFolder
+
 LOG = logging.getLogger(__name__)
 # A worker that dies mid-trial stops its heartbeat; after the grace period the next ask marks
 # that trial failed (and re-queues its point once), so nothing stays RUNNING forever.
@@ -38,7 +40,7 @@ class StorageError(ValueError):
 
 
 def default_storage_url(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    return f"sqlite:///{RunFolder(run_dir).study_db.resolve()}"
 
 
 def open_storage(url: str, grace_seconds: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:

@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 import transformers
@@ -16,22 +17,24 @@ from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_evolve.compile import compile_point, config_digest
-from mergekit_evolve.evaluate.example_store import EXAMPLES_FILE, ExampleStore
-from mergekit_evolve.evaluate.lm_eval_suite import Evaluator, Scores, Split, TaskSuite
+from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
+from mergekit_evolve.evaluate.example_store import ExampleStore
+from mergekit_evolve.evaluate.scores import Scores, study_values
+from mergekit_evolve.evaluate.suite import Evaluator, Split, TaskSetupError, TaskSuite
 from mergekit_evolve.merge.engine import InMemoryMerger, resolve_device
 from mergekit_evolve.merge.resident import local_folder, make_resident
-from mergekit_evolve.recipe.load import Recipe
-from mergekit_evolve.space.suggest import suggest_point
-from mergekit_evolve.study.pruning import anchor_sets, staged_scores
-from mergekit_evolve.study.objectives import study_values
+from mergekit_evolve.recipe.compile import config_digest
+from mergekit_evolve.recipe.parse import Recipe
+from mergekit_evolve.runfolder import RunFolder
+from mergekit_evolve.study.pruning import staged_scores
+from mergekit_evolve.study.suggest import suggest_point
 
 LOG = logging.getLogger(__name__)
 
 
-def merge_options(recipe: Recipe, device: str | None = None, trust_remote_code: bool = False) -> MergeOptions:
+def merge_options(recipe: Recipe, trust_remote_code: bool = False) -> MergeOptions:
     settings = recipe.evolve
-    dev = resolve_device(device or (settings.device if settings else "auto"))
+    dev = resolve_device(settings.device if settings else "auto")
     return MergeOptions(
         device=dev,
         random_seed=settings.seed if settings else None,
@@ -42,7 +45,7 @@ def merge_options(recipe: Recipe, device: str | None = None, trust_remote_code: 
 
 def source_models(recipe: Recipe) -> list[ModelReference]:
     """Every model the recipe merges, base first, in recipe order."""
-    config = compile_point(recipe, recipe.space.default_point())
+    config = recipe.compile(recipe.space.default_point())
     ordered: list[ModelReference] = [config.base_model] if config.base_model else []
     # a routed recipe's default path may use only the first model: the others are sources too
     routed = [ModelReference.model_validate(m) for m in (recipe.template.get("routing") or {}).get("models", [])]
@@ -65,7 +68,7 @@ class Worker:
         self.sources = source_models(recipe)
         make_resident(self.sources, options, self.merger.storage_device, allow_pickle)
         self.suite = TaskSuite(recipe.evolve, recipe.base_dir)
-        default = compile_point(recipe, recipe.space.default_point())
+        default = recipe.compile(recipe.space.default_point())
         donor = default.base_model or default.referenced_models()[0]
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
             local_folder(donor, options), trust_remote_code=options.trust_remote_code
@@ -77,16 +80,43 @@ class Worker:
             self.merger.materialize(default)
         except Exception:  # not fatal here: the trial that meets it fails with its reason
             LOG.debug("warm-up merge of the recipe's default point failed", exc_info=True)
-        self.anchors: dict | None = None  # chosen on first use, from the sources' results
+        self._anchors: dict[str, AnchorSet] | None = None  # chosen on first use, from the sources' results
         self.known: dict[str, tuple[int, float | list[float], dict[str, float]]] = {}
 
     @property
     def objectives(self):
         return self.recipe.evolve.objectives
 
+    def use_recipe(self, recipe: Recipe) -> None:
+        """Search ``recipe`` next: the same sources and tasks under other settings (benchmarks compare them)."""
+        self.recipe = recipe
+        self.suite.settings = recipe.evolve
+        self._anchors, self.known = None, {}
+
+    def anchor_sets(self) -> dict[str, AnchorSet]:
+        """Anchors per objective that asks for them, chosen once from the sources' per-example results."""
+        if self._anchors is not None:
+            return self._anchors
+        self._anchors = {}
+        for obj in self.objectives:
+            if not obj.anchors:
+                continue
+            plan = self.evaluator.plan(obj, "search")
+            if plan.ids is None or getattr(plan.aggregate, "__name__", "") != "mean":
+                raise TaskSetupError(f"objective {obj.name}: anchors need a plain task with a mean-aggregated metric")
+            key = f"{plan.metric},{plan.filter}"
+            table = []
+            for model in self.sources:
+                config = source_config(model, None)
+                rows = self.evaluator.rows(self.merger.materialize(config), config_digest(config), plan, plan.ids)
+                table.append([float(r[key]) for r in rows])
+            self._anchors[obj.name] = choose_anchors(np.array(table), plan.ids, obj.anchors, self.recipe.evolve.seed)
+            LOG.info("objective %s: %d anchor examples of %d", obj.name, len(self._anchors[obj.name].ids), len(plan.ids))
+        return self._anchors
+
     def use_store(self, run_dir: Path) -> None:
         """Keep per-example results in the run folder (shared by resumes and other workers)."""
-        self.evaluator.store = ExampleStore(run_dir / EXAMPLES_FILE)
+        self.evaluator.store = ExampleStore(RunFolder(run_dir).examples_db)
 
     def score_config(self, config: MergeConfiguration, split: Split) -> Scores:
         return self.evaluator.score(self.merger.materialize(config), split, digest=config_digest(config))
@@ -101,7 +131,7 @@ class Worker:
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         try:
             point = suggest_point(trial, self.recipe.space)
-            config = compile_point(self.recipe, point)
+            config = self.recipe.compile(point)
             digest = config_digest(config)
             trial.set_user_attr("config", config.to_yaml())
             trial.set_user_attr("config_digest", digest)
@@ -110,11 +140,11 @@ class Worker:
                 trial.set_user_attr("reused_from", number)
                 trial.set_user_attr("scores", scores)
                 return value
-            anchor_sets(self)  # first: choosing anchors loads each source into the resident model
+            anchors = self.anchor_sets()  # first: choosing anchors loads each source into the resident model
             t0 = time.perf_counter()
             model = self.merger.materialize(config)
             t1 = time.perf_counter()
-            scores = staged_scores(self, model, digest, trial)
+            scores = staged_scores(self.recipe.evolve, self.evaluator, anchors, model, digest, trial)
             t2 = time.perf_counter()
             value = study_values(self.recipe.evolve, scores.values)  # weighted, or one per objective
             trial.set_user_attr("scores", scores.values)

@@ -1,55 +1,60 @@
-"""Read a recipe: a mergekit YAML whose values may be search annotations, plus ``evolve:``."""
+"""One search's recipe body -> a ``Recipe``: its mergekit template, search space and settings.
+
+A body is a mergekit config whose values may be search annotations, plus ``evolve:``,
+``publish:`` and ``routing:``. ``recipe.document`` reads files; this module only parses.
+"""
 
 from __future__ import annotations
 
-import copy
 import difflib
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import pydantic
+from mergekit import merge_methods
 from mergekit.config import MergeConfiguration
 
-from mergekit_evolve.plugins import register_plugins
+from mergekit_evolve.methods.registry import register_plugins
+from mergekit_evolve.recipe import routing
 from mergekit_evolve.recipe.annotations import (
     ChoiceAnnotation,
     RangeAnnotation,
     VarAnnotation,
+    get_at,
     is_annotation,
     parse_annotation,
+    walk,
 )
-from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from mergekit_evolve.recipe.compile import compile_template
+from mergekit_evolve.recipe.evolve_settings import RESUMABLE, EvolveSettings
+from mergekit_evolve.recipe.model_paths import resolve_model_path, resolve_model_paths
 from mergekit_evolve.recipe.publish_settings import PublishSettings
-from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml, RecipeError, load_located_file
-from mergekit_evolve.space import routing
-from mergekit_evolve.space.search_space import Dimension, Placement, SearchSpace
+from mergekit_evolve.recipe.search_space import Dimension, Placement, SearchSpace
+from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml, RecipeError
 
 LOG = logging.getLogger(__name__)
 MERGEKIT_KEYS = set(MergeConfiguration.model_fields)
 SettingsT = TypeVar("SettingsT", bound=pydantic.BaseModel)
 SETTINGS_KEYS = {"evolve", "publish"}  # sections of this package, not part of the mergekit config
 RECIPE_KEYS = MERGEKIT_KEYS | SETTINGS_KEYS | {routing.KEY}
-# Keys whose string values name models; local folders are resolved against the recipe's folder.
-MODEL_KEYS = {"model", "base_model", "tokenizer_source", "source"}
 
 
 @dataclass
 class Recipe:
+    """One search, parsed once: everything later steps derive from the recipe comes from here."""
+
     path: Path
     doc: LocatedYaml
     template: dict[str, Any]
     evolve: EvolveSettings | None
     space: SearchSpace
+    text: str  # the recipe as run folders keep it: the file, or the translation of a genome file
     publish: PublishSettings | None = None
-    translated: str | None = None  # for a mergekit-evolve genome file: the recipe text it stands for
-
-    @property
-    def text(self) -> str:
-        """The recipe as run folders should keep it: the file, or the translation of a genome file."""
-        return self.translated if self.translated is not None else self.path.read_text(encoding="utf-8")
 
     @property
     def base_dir(self) -> Path:
@@ -62,34 +67,22 @@ class Recipe:
     def error(self, loc: Loc, message: str) -> RecipeError:
         return self.doc.error(loc, message)
 
+    def compile(self, point: dict[str, Any]) -> MergeConfiguration:
+        """The concrete mergekit config ``point`` stands for (mergekit validates it)."""
+        return compile_template(self.doc, self.template, self.space, point)
 
-def _walk(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, Any]]:
-    yield loc, value
-    if is_annotation(value):
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _walk(v, loc + (k,))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _walk(v, loc + (i,))
-
-
-def _get(tree: Any, loc: Loc) -> Any:
-    for k in loc:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: Any, loc: Loc, value: Any) -> None:
-    _get(tree, loc[:-1])[loc[-1]] = value
+    def fingerprint(self) -> str:
+        """What is searched, so a resume can tell its own run folder from another recipe's."""
+        evolve = self.evolve.model_dump(mode="json", exclude=RESUMABLE) if self.evolve else None
+        blob = json.dumps({"config": self.template, "evolve": evolve}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _model_label(template: dict[str, Any], loc: Loc) -> str | None:
     """A short name for the model entry that ``loc`` belongs to (its folder name when unique)."""
     for i in range(len(loc) - 1, 0, -1):
         if isinstance(loc[i], int) and loc[i - 1] in ("models", "sources"):
-            group = _get(template, loc[:i])
+            group = get_at(template, loc[:i])
             entry = group[loc[i]]
             names = [os.path.basename(str(e.get("model", "")).rstrip("/")) for e in group if isinstance(e, dict)]
             label = names[loc[i]] if isinstance(entry, dict) else ""
@@ -109,7 +102,7 @@ def dimension_name(template: dict[str, Any], loc: Loc) -> str:
     param = str(loc[p + 1]) if len(loc) > p + 1 else "parameters"
     rest = loc[p + 2 :]
     if rest and isinstance(rest[0], int):
-        entry = _get(template, loc[: p + 3])
+        entry = get_at(template, loc[: p + 3])
         flt = entry.get("filter") if isinstance(entry, dict) else None
         param += f"[{flt or '*'}]"
     return f"{owner}.{param}" if owner else param
@@ -127,20 +120,6 @@ def _check_placement(doc: LocatedYaml, loc: Loc) -> None:
     )
 
 
-def resolve_model_path(value: str, base_dir: Path) -> str:
-    """A local model folder made absolute (a ``+lora`` suffix kept); anything else unchanged."""
-    path, _, lora = value.partition("+")
-    candidate = base_dir / path
-    return str(candidate.resolve()) + (f"+{lora}" if lora else "") if candidate.exists() else value
-
-
-def _resolve_model_paths(template: Any, base_dir: Path) -> None:
-    """Make local model folders absolute so trials merge the same models from any working directory."""
-    for loc, value in list(_walk(template)):
-        if loc and loc[-1] in MODEL_KEYS and isinstance(value, str):
-            _set(template, loc, resolve_model_path(value, base_dir))
-
-
 def build_space(doc: LocatedYaml, template: dict[str, Any], base_dir: Path | None = None) -> SearchSpace:
     space = SearchSpace()
     if routing.KEY in template:
@@ -149,7 +128,7 @@ def build_space(doc: LocatedYaml, template: dict[str, Any], base_dir: Path | Non
         routing.add_dimensions(space, block)
     named: dict[str, tuple[Any, Loc]] = {}
     pending_vars: list[tuple[Loc, VarAnnotation]] = []
-    for loc, value in list(_walk(template)):
+    for loc, value in list(walk(template)):
         if not is_annotation(value):
             continue
         _check_placement(doc, loc)
@@ -214,30 +193,7 @@ def _add_dimensions(space: SearchSpace, doc: LocatedYaml, loc: Loc, base: str, a
     return tuple(d.name for d in dims)
 
 
-def fill(template: dict[str, Any], space: SearchSpace, point: dict[str, Any]) -> dict[str, Any]:
-    """The template with every annotation replaced by its value at ``point``."""
-    out = copy.deepcopy(template)
-    for pl in space.placements:
-        values = [point[d] for d in pl.dims]
-        _set(out, pl.loc, values if pl.gradient else values[0])
-    return routing.routed_config(out, point) if routing.KEY in out else out
-
-
-def validate_config(doc: LocatedYaml, data: dict[str, Any]) -> MergeConfiguration:
-    """Let mergekit validate ``data``; map its complaints to recipe lines."""
-    try:
-        return MergeConfiguration.model_validate(data)
-    except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(k for k in err["loc"] if not (isinstance(k, str) and k[:1].isupper() or "[" in str(k)))
-        raise doc.error(loc, f"mergekit rejects '{'.'.join(map(str, err['loc']))}': {err['msg']}") from None
-    except RuntimeError as e:  # mergekit's model validators raise plain RuntimeErrors
-        raise doc.error((), f"mergekit rejects the config: {e}") from None
-
-
 def _check_methods(doc: LocatedYaml, template: dict[str, Any], space: SearchSpace) -> None:
-    from mergekit import merge_methods
-
     register_plugins()
     known = {m.spec.name: m for m in merge_methods.registered_methods()}
     method = template.get("merge_method")
@@ -249,7 +205,7 @@ def _check_methods(doc: LocatedYaml, template: dict[str, Any], space: SearchSpac
             raise doc.error(("merge_method",), f"unknown merge method '{name}'; mergekit knows: {', '.join(sorted(known))}")
     accepted = {p.name for name in candidates for p in known[name].spec.parameters}
     real = {p.name for m in known.values() for p in m.spec.parameters}
-    for loc, _ in _walk(template):
+    for loc, _ in walk(template):
         if len(loc) >= 2 and loc[-2] == "parameters" and loc[-1] not in accepted:
             method_name, takes = "/".join(candidates), ", ".join(sorted(accepted)) or "none"
             if loc[-1] in real:
@@ -277,7 +233,8 @@ def _settings(doc: LocatedYaml, key: str, model: type[SettingsT]) -> SettingsT |
         raise doc.error(loc, f"{'.'.join(map(str, loc))}: {err['msg']}") from None
 
 
-def parse_recipe(doc: LocatedYaml, path: Path) -> Recipe:
+def parse_recipe(doc: LocatedYaml, path: Path, text: str) -> Recipe:
+    """Parse one search's body; ``path`` is the recipe file (local models resolve against its folder)."""
     if not isinstance(doc.data, dict):
         raise doc.error((), "a recipe is a YAML mapping (a mergekit config plus an optional 'evolve:' section)")
     for key in doc.data:
@@ -288,22 +245,9 @@ def parse_recipe(doc: LocatedYaml, path: Path) -> Recipe:
     publish = _settings(doc, "publish", PublishSettings)
     space = build_space(doc, template, path.parent)
     _check_methods(doc, template, space)
-    _resolve_model_paths(template, path.parent)
-    validate_config(doc, fill(template, space, space.default_point()))
+    resolve_model_paths(template, path.parent)
+    recipe = Recipe(path=path, doc=doc, template=template, evolve=evolve, space=space, text=text, publish=publish)
+    recipe.compile(space.default_point())
     if space and evolve is None:
         raise doc.error((), "the recipe has search annotations but no 'evolve:' section with objectives")
-    return Recipe(path=path, doc=doc, template=template, evolve=evolve, space=space, publish=publish)
-
-
-def load_recipe(path: str | os.PathLike[str]) -> Recipe:
-    """A recipe file, or a mergekit-evolve genome file translated into one."""
-    from mergekit_evolve.recipe.genome import is_genome, recipe_text, translate_genome_file
-
-    p = Path(path)
-    doc = load_located_file(p)
-    if not is_genome(doc.data):
-        return parse_recipe(doc, p.resolve())
-    translation = translate_genome_file(doc, p.resolve().parent)
-    recipe = parse_recipe(translation.doc(doc.source), p.resolve())  # errors still name the genome's lines
-    recipe.translated = recipe_text(translation, p)
     return recipe

@@ -1,4 +1,4 @@
-"""The Gradio Space of a run, filled in from the ``spaces/`` template: for the Hub, or to run locally."""
+"""The Gradio Space of a run, filled in from the packaged ``gradio_template/``: for the Hub, or to run locally."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Any
 from huggingface_hub import SpaceCard, SpaceCardData
 
 from mergekit_evolve.publish.errors import PublishError
-from mergekit_evolve.publish.run_files import CONFIG_FILE, PLOTS, RECIPE_FILE, RunFiles, hub_id
-from mergekit_evolve.report.winner import REPORT_FILE
+from mergekit_evolve.publish.run_files import RunFiles, hub_id
+from mergekit_evolve.runfolder import CONFIG_FILE, RECIPE_FILE
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "spaces"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "gradio_template"  # package data: in the wheel too
 TEMPLATE_FILES = ("app.py", "requirements.txt")
-SETTINGS_FILE = "space_config.json"  # the name spaces/app.py looks for beside itself
-MODEL_VARIABLE = "MODEL_ID"  # the Space variable spaces/app.py reads the merged model's id from
+SETTINGS_FILE = "space_config.json"  # the name gradio_template/app.py looks for beside itself
+MODEL_VARIABLE = "MODEL_ID"  # the Space variable gradio_template/app.py reads the merged model's id from
 
 README = """---
 {{ card_data }}
@@ -36,7 +36,7 @@ titles. It runs on whatever hardware the Space has (CPU by default; large models
 def template_path(name: str) -> Path:
     path = TEMPLATE_DIR / name
     if not path.is_file():
-        raise PublishError(f"the Space template {path} is missing: publishing a Space needs mergekit-evolve's source checkout (its spaces/ folder)")
+        raise PublishError(f"the Space template {path} is missing: reinstall mergekit-evolve (its wheel ships publish/gradio_template/)")
     return path
 
 
@@ -62,10 +62,10 @@ def local_settings(run: RunFiles) -> dict[str, Any]:
     """Settings to run the app on ``best/`` and the source models on this machine's CPU."""
     plots = run.plots()
     assets = {
-        **{kind: str(plots[kind][1].resolve()) if kind in plots else None for kind in PLOTS},
-        "report": str((run.run_dir / REPORT_FILE).resolve()),
-        "config": str((run.best / CONFIG_FILE).resolve()),
-        "recipe": str((run.best / RECIPE_FILE).resolve()),
+        **{kind: str(plots[kind][1].resolve()) if kind in plots else None for kind in run.folder.plots},
+        "report": str(run.folder.report.resolve()),
+        "config": str(run.folder.best_config.resolve()),
+        "recipe": str(run.folder.best_recipe.resolve()),
     }
     return _settings(run, str(run.best.resolve()), run.sources, assets, device="cpu")
 
@@ -74,8 +74,8 @@ def space_files(run: RunFiles, repo_id: str, space_id: str, private: bool) -> di
     """Every file of the Space (path in the repo -> local file or content)."""
     plots = run.plots()
     assets = {
-        **{kind: plots[kind][0] if kind in plots else None for kind in PLOTS},
-        "report": REPORT_FILE, "config": CONFIG_FILE, "recipe": RECIPE_FILE,
+        **{kind: plots[kind][0] if kind in plots else None for kind in run.folder.plots},
+        "report": run.folder.report.name, "config": CONFIG_FILE, "recipe": RECIPE_FILE,
     }
     # Only Hub-hosted parents can be loaded by the Space.
     parents = [p for p in run.sources if hub_id(p)]
@@ -83,9 +83,9 @@ def space_files(run: RunFiles, repo_id: str, space_id: str, private: bool) -> di
     files: dict[str, Path | bytes] = {name: template_path(name) for name in TEMPLATE_FILES}
     files["README.md"] = str(_readme(run, repo_id, space_id, parents, private)).encode()
     files[SETTINGS_FILE] = json.dumps(settings, indent=2).encode()
-    files[REPORT_FILE] = run.run_dir / REPORT_FILE
-    files[CONFIG_FILE] = run.best / CONFIG_FILE
-    files[RECIPE_FILE] = run.best / RECIPE_FILE
+    files[run.folder.report.name] = run.folder.report
+    files[CONFIG_FILE] = run.folder.best_config
+    files[RECIPE_FILE] = run.folder.best_recipe
     files.update(dict(plots.values()))
     return files
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 
-from mergekit_evolve.space.search_space import Dimension, SearchSpace
+from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
 
 
 def suggest(trial: optuna.Trial, dim: Dimension) -> Any:

@@ -17,10 +17,20 @@ from typing import Any
 
 import optuna
 
-from mergekit_evolve.study.parallel import (
-    Monitor, ParallelError, POLL_SECONDS, WorkerJob, WorkerPlan, build_worker, last_failures, reap, work, worker_name,
+from mergekit_evolve.study.jobs import (
+    POLL_SECONDS,
+    Monitor,
+    ParallelError,
+    WorkerJob,
+    WorkerPlan,
+    build_worker,
+    last_failures,
+    reap,
+    work,
 )
-from mergekit_evolve.study.search import _FailureGuard, counted
+from mergekit_evolve.study.search import FailureGuard, counted
+from mergekit_evolve.study.storage import worker_name
+from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
 # Settings of the driver's environment that actors need too (tokens are not sent: log in on each node).
@@ -52,7 +62,8 @@ def plan_actors(resources: dict[str, float], requested: int) -> tuple[int, dict[
     return requested, {"num_cpus": 1}
 
 
-def run_ray(plan: WorkerPlan, job: WorkerJob, monitor: Monitor) -> _FailureGuard | None:
+def run_ray(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Study, monitor: Monitor) -> FailureGuard | None:
+    """A ``jobs.Runner``: the driver only watches (``worker`` and ``study`` are the driver's, unused here)."""
     import ray
     from ray.exceptions import RayActorError, RayError
 

@@ -7,12 +7,24 @@ Every trial also keeps the per-objective scores in ``user_attrs["scores"]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from mergekit_evolve.evaluate.lm_eval_suite import Scores
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings, Objective
+
+
+@dataclass
+class Scores:
+    """Per-objective metric values of one model on one split."""
+
+    values: dict[str, float]
+
+    def weighted(self, objectives: list[Objective]) -> float:
+        """The weighted mean, sign-flipped for objectives to minimise, so higher is always better."""
+        total = sum(o.weight for o in objectives)
+        return sum(o.weight * o.sign * self.values[o.name] for o in objectives) / total
 
 
 def directions(settings: EvolveSettings) -> list[str]:
@@ -42,4 +54,4 @@ def qualities(trial: FrozenTrial, objectives: list[Objective]) -> dict[str, floa
     scores: dict[str, Any] = trial.user_attrs.get("scores") or {}
     if trial.state != TrialState.COMPLETE or any(o.name not in scores for o in objectives):
         return None
-    return {o.name: (1 if o.goal == "maximize" else -1) * float(scores[o.name]) for o in objectives}
+    return {o.name: o.sign * float(scores[o.name]) for o in objectives}

@@ -32,15 +32,15 @@ import optuna
 from optuna.distributions import BaseDistribution
 
 from mergekit_evolve.recipe.evolve_settings import Objective
-from mergekit_evolve.recipe.load import Recipe
-from mergekit_evolve.sampler.archive import Archive, Elite, elite_probabilities
-from mergekit_evolve.sampler.coordinates import ExpertWeights
-from mergekit_evolve.sampler.generations import GenerationalSampler, Outcome, stream
-from mergekit_evolve.sampler.options import CycleQDOptions
-from mergekit_evolve.space.search_space import Dimension, Placement
+from mergekit_evolve.recipe.parse import Recipe
+from mergekit_evolve.recipe.sampler_options import CycleQDOptions
+from mergekit_evolve.recipe.search_space import Dimension, Placement
+from mergekit_evolve.runfolder import RunFolder
+from mergekit_evolve.samplers.archive import Archive, Elite, elite_probabilities
+from mergekit_evolve.samplers.coordinates import ExpertWeights
+from mergekit_evolve.samplers.generations import GenerationalSampler, Outcome, stream
 
 LOG = logging.getLogger(__name__)
-ARCHIVES_FILE = "archives.json"
 SEED_DIM = "mutation.seed"
 MUTATION_METHODS = {"svd": ("svd_mutation", "w_max"), "gaussian": ("gaussian_mutation", "noise")}
 SEED_HIGH = 2**31 - 1
@@ -196,6 +196,7 @@ class CycleQDSampler(GenerationalSampler):
             "archives": [a.to_json() for a in self.archives],
             "merged_elites_trials": self.merged,
         }
-        tmp = run_dir / (ARCHIVES_FILE + ".tmp")
+        path = RunFolder(run_dir).archives
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        tmp.replace(run_dir / ARCHIVES_FILE)
+        tmp.replace(path)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
-from mergekit_evolve.space.search_space import SearchSpace
+from mergekit_evolve.recipe.search_space import SearchSpace
 
 
 class CoordinateError(ValueError):

@@ -50,8 +50,8 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
 from mergekit_evolve.recipe.yaml_lines import LocatedYaml
-from mergekit_evolve.space.search_space import Dimension, SearchSpace
 
 KEY = "routing"
 INDICATOR_RANGE = (-1.0, 1.0)

@@ -12,6 +12,14 @@ from pathlib import Path
 
 import click
 
+from mergekit_evolve.publish.errors import PublishError
+from mergekit_evolve.publish.gradio_app import (
+    SETTINGS_FILE,
+    local_settings,
+    template_path,
+)
+from mergekit_evolve.publish.run_files import RunFiles
+
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
@@ -19,12 +27,8 @@ import click
 def space(run_dir: Path, port: int) -> None:
     """Launch the Gradio demo on RUN_DIR's best/ and its local source models, on the CPU.
 
-    It is the same spaces/app.py a published Space runs, started the way a Space starts it.
+    It is the same gradio_template/app.py a published Space runs, started the way a Space starts it.
     """
-    from mergekit_evolve.publish.errors import PublishError
-    from mergekit_evolve.publish.run_files import RunFiles
-    from mergekit_evolve.publish.space import SETTINGS_FILE, local_settings, template_path
-
     try:
         run = RunFiles(run_dir)
         run.check()

@@ -17,6 +17,7 @@ import transformers
 from mergekit_evolve.evaluate import loglikelihood
 from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.evaluate.requests import PreparedRequests
+from mergekit_evolve.evaluate.scores import Scores
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings, Objective
 
 LOG = logging.getLogger(__name__)
@@ -25,18 +26,6 @@ Split = Literal["search", "heldout"]
 
 class TaskSetupError(ValueError):
     pass
-
-
-@dataclass
-class Scores:
-    """Per-objective metric values of one model on one split."""
-
-    values: dict[str, float]
-
-    def weighted(self, objectives: list[Objective]) -> float:
-        """The weighted mean, sign-flipped for objectives to minimise, so higher is always better."""
-        total = sum(o.weight for o in objectives)
-        return sum(o.weight * (1 if o.goal == "maximize" else -1) * self.values[o.name] for o in objectives) / total
 
 
 def _quiet_lm_eval() -> None:

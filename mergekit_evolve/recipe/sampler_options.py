@@ -1,12 +1,13 @@
-"""Typed ``evolve.sampler_options`` for the samplers this package implements.
+"""Typed ``evolve.sampler_options``: one model per sampler, chosen by ``evolve.sampler``.
 
-Optuna's own samplers take their constructor's keyword arguments as they are; these three
-are ours, so their options are checked (and documented) here, when the recipe is read.
+Optuna's own samplers take their constructor's keyword arguments as they are (``OptunaOptions``);
+cma, cycleqd and swarm are this package's, so their options are checked (and documented) here.
+The recipe is validated once, into the model that fits its sampler.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,6 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    def given(self) -> dict[str, Any]:
+        """The options the recipe wrote (defaults left out), as a recipe would write them."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class OptunaOptions(_Options):
+    """Keyword arguments of one of Optuna's samplers (cmaes, tpe, gp, random, nsga2), passed as written."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class PyCmaOptions(_Options):
@@ -75,16 +89,19 @@ class SwarmOptions(_Options):
     )
 
 
+SamplerOptions = Union[OptunaOptions, PyCmaOptions, CycleQDOptions, SwarmOptions]
 TYPED_OPTIONS: dict[str, type[_Options]] = {"cma": PyCmaOptions, "cycleqd": CycleQDOptions, "swarm": SwarmOptions}
 
 
-def check_options(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``options`` when ``sampler`` is one of ours; a ValueError names the offending option."""
-    model = TYPED_OPTIONS.get(sampler)
-    if model is None:
+def options_for(sampler: str, options: Any) -> _Options:
+    """``options`` validated into the model of ``sampler``; a ValueError names the offending option."""
+    model = TYPED_OPTIONS.get(sampler, OptunaOptions)
+    if isinstance(options, model):
         return options
+    if isinstance(options, BaseModel):
+        options = options.model_dump(exclude_unset=True)
     try:
-        model.model_validate(options)
+        return model.model_validate(options)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         key = ".".join(map(str, err["loc"]))
@@ -93,4 +110,3 @@ def check_options(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
                 f"sampler '{sampler}' has no option '{key}'; it takes: {', '.join(model.model_fields)}"
             ) from None
         raise ValueError(f"sampler '{sampler}' option '{key}': {err['msg']}") from None
-    return options

@@ -28,9 +28,9 @@ import numpy as np
 from optuna.distributions import BaseDistribution
 
 from mergekit_evolve.recipe.evolve_settings import Objective
-from mergekit_evolve.sampler.coordinates import ExpertWeights
-from mergekit_evolve.sampler.generations import GenerationalSampler, Outcome, stream
-from mergekit_evolve.sampler.options import SwarmOptions
+from mergekit_evolve.recipe.sampler_options import SwarmOptions
+from mergekit_evolve.samplers.coordinates import ExpertWeights
+from mergekit_evolve.samplers.generations import GenerationalSampler, Outcome, stream
 
 LOG = logging.getLogger(__name__)
 

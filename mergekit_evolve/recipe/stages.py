@@ -18,10 +18,7 @@ The string ``stage:NAME`` stands for the winner of the earlier stage NAME anywhe
 (e.g. objectives) between stages.
 
 Each stage runs in ``RUN_DIR/NAME/`` with its own study (``<recipe>-<NAME>`` unless
-``evolve.study_name``) through :func:`~mergekit_evolve.pipeline.run_recipe`, so each resumes on
-its own. A finished stage (its report written, its trials reached) is not run again. A stage
-that was searched with an earlier winner than the current one is refused, or restarted with
-``--overwrite``, so no study mixes candidates built on different models.
+``evolve.study_name``); :func:`mergekit_evolve.pipeline.run_stages` runs them in order.
 
 All stages are validated before the first search. A winner that does not exist yet is
 previewed by the model the earlier stage starts from (its compiled init config's layer count),
@@ -30,33 +27,22 @@ unless ``routing.num_layers`` gives the count for ``stage:NAME``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
-
-from mergekit_evolve.compile import compile_point
-from mergekit_evolve.pipeline import RunFailed, run_recipe
-from mergekit_evolve.recipe.load import Recipe, parse_recipe
-from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml, RecipeError, load_located_file
-from mergekit_evolve.report.winner import BEST_DIR, REPORT_FILE
-from mergekit_evolve.space import routing
-from mergekit_evolve.study.run_dir import RUN_FILE, fingerprint
-from mergekit_evolve.study.search import counted
-from mergekit_evolve.study.storage import default_storage_url, open_storage
+from mergekit_evolve.recipe import routing
+from mergekit_evolve.recipe.parse import Recipe, parse_recipe
+from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml
+from mergekit_evolve.runfolder import RunFolder
 
 LOG = logging.getLogger(__name__)
 
 KEY = "stages"
 PREFIX = "stage:"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-STATE_FILE = "stages.json"  # per stage: the digest of each earlier winner it was searched with
 
 
 @dataclass
@@ -68,7 +54,7 @@ class Stage:
 
 
 def winner_dir(run_dir: Path, stage: str) -> Path:
-    return run_dir / stage / BEST_DIR
+    return RunFolder(run_dir).stage(stage).best
 
 
 def _body(doc: LocatedYaml, index: int, names: dict[str, Path], study_name: str) -> tuple[LocatedYaml, set[str]]:
@@ -134,7 +120,7 @@ def _check_layout(doc: LocatedYaml) -> list[str]:
 
 def _preview_layers(recipe: Recipe) -> int | None:
     """The layer count of the model a stage starts from (its compiled init point), if readable."""
-    config = compile_point(recipe, recipe.space.default_point())
+    config = recipe.compile(recipe.space.default_point())
     if config.slices:
         return sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in config.slices)
     donor = config.base_model or config.models[0].model
@@ -168,7 +154,15 @@ def is_staged(doc: LocatedYaml) -> bool:
     return isinstance(doc.data, dict) and KEY in doc.data
 
 
-def parse_stages(doc: LocatedYaml, path: Path, run_dir: Path, until: str | None = None) -> list[Stage]:
+def stage_body(data: Any, stage: str | None) -> dict[str, Any]:
+    """The body stage ``stage`` runs, read from a recipe's plain YAML data (the whole mapping when
+    the recipe is not staged); empty when there is no such stage."""
+    if isinstance(data, dict) and isinstance(data.get(KEY), list):
+        data = next((s for s in data[KEY] if isinstance(s, dict) and s.get("name") == stage), {})
+    return data if isinstance(data, dict) else {}
+
+
+def parse_stages(doc: LocatedYaml, path: Path, text: str, run_dir: Path, until: str | None = None) -> list[Stage]:
     """The stages of a staged recipe (up to ``until``), validated; winners not written yet are previewed."""
     names = _check_layout(doc)
     stages: dict[str, Stage] = {}
@@ -176,87 +170,6 @@ def parse_stages(doc: LocatedYaml, path: Path, run_dir: Path, until: str | None 
         winners = {n: winner_dir(run_dir.resolve(), n) for n in names[:i]}  # absolute: configs name them
         body, uses = _body(doc, i, winners, f"{path.stem}-{name}")
         _add_previews(body, uses, stages, run_dir)
-        recipe = parse_recipe(body, path)
-        stages[name] = Stage(name, recipe, run_dir / name, tuple(sorted(uses)))
+        recipe = parse_recipe(body, path, text)
+        stages[name] = Stage(name, recipe, RunFolder(run_dir).stage(name).path, tuple(sorted(uses)))
     return list(stages.values())
-
-
-def load_stages(path: Path, run_dir: Path) -> list[Stage]:
-    """The stages of the recipe at ``path``; an empty list for an ordinary (one-search) recipe."""
-    doc = load_located_file(path)
-    return parse_stages(doc, path.resolve(), run_dir) if is_staged(doc) else []
-
-
-# --- running ------------------------------------------------------------------------------
-
-
-def _digest(folder: Path) -> str:
-    return hashlib.sha256((folder / "mergekit_config.yml").read_bytes()).hexdigest()[:16]
-
-
-def _state(run_dir: Path) -> dict[str, dict[str, str]]:
-    file = run_dir / STATE_FILE
-    return json.loads(file.read_text()) if file.exists() else {}
-
-
-def _check_upstream(stage: Stage, run_dir: Path, overwrite: bool) -> None:
-    """Refuse (or restart with ``overwrite``) a stage searched with an earlier winner than today's."""
-    state = _state(run_dir)
-    current = {name: _digest(winner_dir(run_dir, name)) for name in stage.uses}
-    before = state.get(stage.name)
-    if before is not None and before != current and stage.run_dir.exists():
-        changed = ", ".join(n for n in current if before.get(n) != current[n])
-        if not overwrite:
-            raise RunFailed(
-                f"stage '{stage.name}' in {stage.run_dir} was searched with an earlier winner of stage {changed}; "
-                f"pass --overwrite to restart stage '{stage.name}', or choose another --run-dir"
-            )
-        LOG.warning("stage %s: the winner of %s changed; restarting it", stage.name, changed)
-        shutil.rmtree(stage.run_dir)
-    state[stage.name] = current
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
-
-
-def _finished(stage: Stage, trials: int) -> dict[str, Any] | None:
-    """The report of a stage that already reached its trials with this recipe, else None."""
-    marker, report = stage.run_dir / RUN_FILE, stage.run_dir / REPORT_FILE
-    if not (report.exists() and marker.exists() and (stage.run_dir / BEST_DIR).exists()):
-        return None
-    if json.loads(marker.read_text())["fingerprint"] != fingerprint(stage.recipe):
-        return None
-    settings = stage.recipe.evolve
-    assert settings is not None
-    storage = open_storage(settings.storage or default_storage_url(stage.run_dir))
-    try:
-        study = optuna.load_study(study_name=settings.study_name or stage.recipe.name, storage=storage)
-    except KeyError:
-        return None
-    return json.loads(report.read_text()) if counted(study) >= trials else None
-
-
-def run_stages(path: Path, run_dir: Path, *, trials: int | None = None, overwrite: bool = False,
-               **options: Any) -> list[dict[str, Any]]:
-    """Run every stage in order; returns each stage's report (with ``stage`` and ``run_dir``)."""
-    if (run_dir / RUN_FILE).exists():
-        raise RunFailed(f"{run_dir} holds a one-stage run; choose another --run-dir for a staged recipe")
-    def parse(until: str | None = None) -> list[Stage]:
-        try:
-            return parse_stages(load_located_file(path), path.resolve(), run_dir, until)
-        except RecipeError as e:
-            raise RunFailed(str(e)) from None
-
-    reports = []
-    for planned in parse():  # every stage is checked before any search
-        stage = parse(until=planned.name)[-1]  # again, now that earlier winners exist: real layer counts
-        assert stage.recipe.evolve is not None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _check_upstream(stage, run_dir, overwrite)
-        report = _finished(stage, trials or stage.recipe.evolve.trials)
-        if report is not None:
-            LOG.info("stage %s: already finished (%s); not run again", stage.name, stage.run_dir)
-            report = {**report, "run_dir": str(stage.run_dir)}
-        else:
-            LOG.info("stage %s: searching in %s", stage.name, stage.run_dir)
-            report = run_recipe(stage.recipe, stage.run_dir, trials=trials, overwrite=overwrite, **options)
-        reports.append({**report, "stage": stage.name})
-    return reports

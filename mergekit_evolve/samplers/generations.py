@@ -31,8 +31,8 @@ from optuna.storages import fail_stale_trials
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from mergekit_evolve.evaluate.scores import qualities, weighted
 from mergekit_evolve.recipe.evolve_settings import Objective
-from mergekit_evolve.study.objectives import qualities, weighted
 
 LOG = logging.getLogger(__name__)
 MEMBER_ATTR = "mergekit_evolve:member"
