@@ -54,7 +54,7 @@ def mutation_dims(options: CycleQDOptions) -> tuple[str, ...]:
 
 def with_mutation(recipe: Recipe, options: CycleQDOptions) -> Recipe:
     """The recipe whose candidates carry CycleQD's mutation: the plugin method and two more dimensions."""
-    if options.mutation == "none" or SEED_DIM in recipe.space.dimensions:
+    if options.mutation == "none" or SEED_DIM in recipe.search_space.dimensions:
         return recipe
     method, scale_param = MUTATION_METHODS[options.mutation]
     scale = options.w_max if options.mutation == "svd" else options.noise
@@ -67,7 +67,7 @@ def with_mutation(recipe: Recipe, options: CycleQDOptions) -> Recipe:
         Dimension(SEED_DIM, "int", low=0, high=SEED_HIGH),
         Dimension(f"mutation.{scale_param}", "float", low=0.0, high=scale),
     ]
-    space = copy.deepcopy(recipe.space)
+    space = copy.deepcopy(recipe.search_space)
     for dim, param in zip(dims, ("seed", scale_param)):
         params[param] = {"search": [dim.low, dim.high]}
         space.dimensions[dim.name] = dim
