@@ -20,14 +20,13 @@ from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 from tiny_models import write_copy_task
 
-BERT_GENOME = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "mergekit-examples" / "pr451_evo_bert_large.yml"
+BERT_GENOME = Path(__file__).resolve().parent / "data" / "mergekit-examples" / "pr451_evo_bert_large.yml"
 
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.mark.skipif(not BERT_GENOME.is_file(), reason=f"no corpus genome at {BERT_GENOME}")
 def test_bert_genome_translation_by_hand():
     recipe = load_recipe(BERT_GENOME)
     # genome: 12 models, dare_ties -> (weight, density) per model, layer_granularity 0 -> one group, no filters
@@ -60,7 +59,6 @@ def test_bert_genome_translation_by_hand():
     assert (evolve.sampler, evolve.trials, evolve.seed, evolve.apply_chat_template) == ("cma", 100, 0, True)
 
 
-@pytest.mark.skipif(not BERT_GENOME.is_file(), reason=f"no corpus genome at {BERT_GENOME}")
 def test_migrate_writes_a_recipe_that_loads_to_the_same_search(tmp_path):
     out = tmp_path / "bert.yml"
     result = invoke("migrate", BERT_GENOME, "-o", out)

@@ -89,7 +89,7 @@ def main() -> None:
     rows: list[tuple[tuple[float, ...], dict[str, float]]] = []
     t0 = time.perf_counter()
     for w in itertools.product(grid, repeat=len(SKILLS)):
-        merged = {k: base[k] + sum(wi * taus[s][k] for wi, s in zip(w, SKILLS)) for k in base}
+        merged = {k: base[k] + sum(wi * taus[s][k] for wi, s in zip(w, SKILLS, strict=True)) for k in base}
         model.load_state_dict(merged)
         rows.append((w, score(heldout)))
     grid_s = time.perf_counter() - t0
