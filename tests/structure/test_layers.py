@@ -214,3 +214,10 @@ def test_run_folder_names_only_in_runfolder():
                 if node.value in RUN_FILES or node.value.rsplit("/", 1)[-1] in RUN_FILES - {"best"}:
                     found.append(f"{name}:{node.lineno}: {node.value!r}")
     assert not found, "run-folder file names outside runfolder.py (use RunFolder):\n" + "\n".join(found)
+
+
+def test_the_architecture_page_names_every_module():
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    files = {f"`{p.name}`" for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and "gradio_template" not in p.parts}
+    missing = sorted(files - {word.rstrip(",;:.)") for word in page.split()})
+    assert not missing, f"docs/architecture.md does not mention {missing}"
