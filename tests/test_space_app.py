@@ -73,7 +73,7 @@ def test_published_space_lists_only_hub_parents(tmp_path, tiny_llama):
     report = json.loads((run_dir / "report.json").read_text())
     report["sources"] = {("org/expert" if k == str(tiny_llama[1]) else k): v for k, v in report["sources"].items()}
     (run_dir / "report.json").write_text(json.dumps(report))
-    files = space_files(RunFiles(run_dir), "me/merged", "me/merged-demo", private=True)
+    files = space_files(RunFiles(run_dir), "me/merged", "me/merged-demo", private=True, license="mit")
     settings = json.loads(files["space_config.json"])
     assert settings["parents"] == [{"label": "org/expert", "model": "org/expert"}]
     assert settings["model"] == "me/merged" and settings["history"] == "history.png"

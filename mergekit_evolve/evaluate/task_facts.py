@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,14 @@ class TaskFacts:
 
 def task_facts(names: set[str], task_paths: list[Path]) -> dict[str, TaskFacts]:
     """Facts about each named task from its YAML (includes resolved); a task lm-eval cannot index is left out."""
+    return _task_facts(frozenset(names), tuple(str(p) for p in task_paths if p.is_dir()))
+
+
+@lru_cache(maxsize=8)  # indexing lm-eval's built-in tasks takes seconds; the card and the Space ask alike
+def _task_facts(names: frozenset[str], task_paths: tuple[str, ...]) -> dict[str, TaskFacts]:
     from lm_eval.tasks import TaskManager
 
-    paths = [str(p) for p in task_paths if p.is_dir()] or None
+    paths = list(task_paths) or None
     manager = TaskManager(include_path=paths, include_defaults=False)
     if not names <= set(manager.all_tasks):  # lm-eval's ~15k built-in tasks only when one is needed
         manager = TaskManager(include_path=paths, include_defaults=True)
