@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from mergekit.config import MergeConfiguration
-from huggingface_hub import constants
 from hub_server import FakeHub
+from huggingface_hub import constants
+from mergekit.config import MergeConfiguration
 from test_card import RECIPE, build_run
 
 from mergekit_evolve.cli import cli

@@ -21,9 +21,14 @@ from test_card import RECIPE, build_run
 from tiny_models import write_copy_task
 
 from mergekit_evolve.cli import cli
+from mergekit_evolve.publish.gradio_app import (
+    TEMPLATE_DIR,
+    local_settings,
+    space_files,
+    suggested_hardware,
+)
 from mergekit_evolve.publish.hub import plan_publish, write_plan
 from mergekit_evolve.publish.run_files import RunFiles
-from mergekit_evolve.publish.gradio_app import TEMPLATE_DIR, local_settings, space_files, suggested_hardware
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

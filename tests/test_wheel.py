@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from hub_server import FakeHub
 
 REPO = Path(__file__).resolve().parent.parent

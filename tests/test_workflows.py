@@ -12,8 +12,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
 from hub_server import FakeHub
+from test_card import build_run
 from test_parallel import write_recipe
 from tiny_models import write_copy_task
 
@@ -158,3 +158,26 @@ def test_job_steps_search_resume_from_the_artifact_and_publish(tmp_path, tiny_ll
         assert token not in everything
     finally:
         hub.stop()
+
+
+@pytest.mark.slow
+def test_restore_merges_a_staged_recipes_earlier_winners_again(tmp_path, tiny_llama):
+    """The artifact holds no weights; a later stage merges an earlier stage's winner, so restore rebuilds it."""
+    run_dir = tmp_path / "runs" / "staged"
+    stage = build_run(run_dir / "ps", tiny_llama)
+    weights = (stage / "best" / "model.safetensors").read_bytes()
+    (stage / "best" / "model.safetensors").unlink()  # as the artifact download leaves it
+    card = (stage / "best" / "README.md").read_text()
+    result = job("restore", {"RECIPE": "staged.yml"}, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "merging the winner in runs/staged/ps/best again" in result.stdout
+    assert tensors((stage / "best" / "model.safetensors").read_bytes()) == tensors(weights)
+    assert (stage / "best" / "README.md").read_text() == card  # only the weights were added
+    again = job("restore", {"RECIPE": "staged.yml"}, tmp_path)
+    assert "merging" not in again.stdout  # nothing missing, nothing merged
+
+
+def tensors(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return {k: v.tolist() for k, v in load(data).items()}

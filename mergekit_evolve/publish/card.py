@@ -247,11 +247,11 @@ def _results_md(run: RunFiles) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append(row("**this merge**", report["winner"]))
     lines += [row(run.names.name(name), entry) for name, entry in report["sources"].items()]
-    notes = [
+    notes = [(
         "The search columns score the examples the search selected on: the winner is the best of "
         f"{report['trials']} trials there, so they overstate it. The held-out columns score examples the search "
-        "never saw; they are the ones to quote.",
-    ]
+        "never saw; they are the ones to quote."
+    )]
     same = [o.task for o in objectives if not o.heldout_task]
     if same:
         notes.append(
@@ -331,8 +331,8 @@ def _reproduce(run: RunFiles) -> str:
 def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
     lm_eval = run.report.get("lm_eval")
     lines = [
-        f"Scored with lm-eval{f' {lm_eval}' if lm_eval else ''} (log-likelihood and generation requests as each task "
-        "defines them), on the search split during the search and once on the held-out split for the winner and each source.",
+        (f"Scored with lm-eval{f' {lm_eval}' if lm_eval else ''} (log-likelihood and generation requests as each task "
+         "defines them), on the search split during the search and once on the held-out split for the winner and each source."),
         "",
         "| objective | split | task | dataset | few-shot | examples |",
         "|---|---|---|---|---|---|",
@@ -354,8 +354,8 @@ def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
 def _limitations_md(run: RunFiles) -> str:
     tasks = sorted({t for o in run.evolve.objectives for t in (o.task, _heldout_task(o))})
     lines = [
-        f"- Measured only on {', '.join(f'`{t}`' for t in tasks)}: the search optimised for these and nothing "
-        "else, so abilities they do not test may be better or worse than the sources'.",
+        (f"- Measured only on {', '.join(f'`{t}`' for t in tasks)}: the search optimised for these and nothing "
+         "else, so abilities they do not test may be better or worse than the sources'."),
         "- A merge inherits the limitations, biases and license terms of its source models; read their cards.",
         "- Not evaluated for safety, toxicity or factuality beyond the tasks above.",
     ]

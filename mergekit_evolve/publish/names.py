@@ -17,7 +17,7 @@ from mergekit_evolve.runfolder import BEST_DIR, CARD_FILE
 LOG = logging.getLogger(__name__)
 CACHE_FOLDER = re.compile(r"^models--(?P<owner>[^/]+?)--(?P<name>[^/]+)$")  # huggingface_hub's cache layout
 TEXT_SUFFIXES = (".md", ".yml", ".yaml", ".json", ".txt", ".jinja", ".py")
-FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*$", re.S | re.M)
+FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*$", re.DOTALL | re.MULTILINE)
 
 
 def hub_id(model: str) -> str | None:
