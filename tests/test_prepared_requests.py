@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from mergekit_evolve.evaluate.suite import _quiet_hflm
+from mergekit_evolve.evaluate.suite import QuietHFLM
 from mergekit_evolve.evaluate.requests import PreparedRequests
 
 TASKS = {
@@ -56,7 +56,7 @@ def lm_for(tiny_llama, seed: int):
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p))
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama[1])
-    return _quiet_hflm()(pretrained=model.eval(), tokenizer=tokenizer, batch_size=8, device="cpu")
+    return QuietHFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=8, device="cpu")
 
 
 def lm_eval_rows(lm, tasks: dict, wanted: dict[str, list[int]]) -> dict[str, dict[int, dict]]:

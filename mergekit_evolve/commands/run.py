@@ -89,7 +89,7 @@ def _print_dry_run(recipe: Recipe) -> None:
             recipe = prepare_recipe(recipe)  # the space its sampler searches (CycleQD adds its mutation)
         except SamplerSetupError as e:
             raise click.ClickException(str(e)) from None
-    space = recipe.space
+    space = recipe.search_space
     table = Table(title=f"search space of {recipe.path.name}: {len(space)} dimensions")
     table.add_column("dimension")
     table.add_column("values")

@@ -48,7 +48,7 @@ def loglikelihood_tokens(lm: Any, requests: list[Request]) -> list[tuple[float, 
         padded = max(lengths)
         # right-padded with zeros, as HFLM's pad_and_concat, in one tensor instead of one a row
         batch = torch.tensor([x + [0] * (padded - len(x)) for x in inputs], dtype=torch.long, device=lm.device)
-        logits = F.log_softmax(lm._model_call(batch), dim=-1, dtype=lm.softmax_dtype)
+        logits = F.log_softmax(lm.model_call(batch), dim=-1, dtype=lm.softmax_dtype)
         # per scored token: batch row, position of its log-prob, position of its greedy check, token
         rows: list[int] = []
         scored: list[int] = []

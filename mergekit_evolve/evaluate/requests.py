@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from mergekit_evolve.compat.lm_eval import set_task_instances
+
 Row = dict[str, Any]
 
 
@@ -58,7 +60,7 @@ class PreparedRequests:
     @staticmethod
     def _score(task: Any, docs: dict[int, list[Any]]) -> dict[int, Row]:
         # the task's filters read ``task.instances``: point it at this trial's requests
-        task._instances = [instance for instances in docs.values() for instance in instances]
+        set_task_instances(task, [instance for instances in docs.values() for instance in instances])
         task.apply_filters()
         rows: dict[int, Row] = {}
         for doc_id, instances in docs.items():

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import transformers
+from lm_eval.evaluator import evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager, get_task_dict
 
+from mergekit_evolve.compat.lm_eval import HookedHFLM, compiled_templates
 from mergekit_evolve.evaluate import loglikelihood
 from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.evaluate.requests import PreparedRequests
@@ -34,23 +38,6 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.ERROR))
 
 
-def _cache_compiled_templates() -> None:
-    """lm-eval compiles a task's Jinja prompt template anew for every document on every call
-    (a quarter of a tiny model's evaluation time); compile each template once per process.
-    Same environment, same rendering: only the repeated compilation goes."""
-    import lm_eval.utils as utils
-
-    if getattr(utils.apply_template, "compiled_once", False):
-        return
-    compiled = functools.lru_cache(maxsize=4096)(utils.env.from_string)
-
-    def apply_template(template: str, doc: dict) -> str:
-        return compiled(template).render(**doc)
-
-    apply_template.compiled_once = True  # type: ignore[attr-defined]
-    utils.apply_template = apply_template
-
-
 class TaskSuite:
     """The objectives' lm-eval tasks, indexed and loaded once.
 
@@ -60,9 +47,6 @@ class TaskSuite:
 
     def __init__(self, settings: EvolveSettings, base_dir: Path):
         _quiet_lm_eval()
-        _cache_compiled_templates()
-        from lm_eval.tasks import TaskManager, get_task_dict
-
         self.settings = settings
         self.base_dir = base_dir
         paths = [str((base_dir / p).resolve()) for p in settings.task_paths]
@@ -122,41 +106,37 @@ def _leaf_tasks(tree: Any) -> list[Any]:
     return [] if tree is None else [tree]
 
 
-@functools.cache
-def _quiet_hflm() -> type:
-    """lm-eval's ``HFLM`` without its per-call progress bars (the search draws one bar of its own)."""
-    from lm_eval.models.huggingface import HFLM
+class QuietHFLM(HookedHFLM):
+    """lm-eval's ``HFLM`` without its per-call progress bars (the search draws one bar of its own),
+    with tokenised pairs remembered and the batched loglikelihood of ``loglikelihood.py``."""
 
-    class QuietHFLM(HFLM):
-        @functools.cached_property
-        def max_length(self) -> int:
-            # HFLM re-derives it from the model config three times a request; the resident
-            # model's config never changes under one HFLM
-            return HFLM.max_length.fget(self)
+    @functools.cached_property
+    def max_length(self) -> int:
+        # HFLM re-derives it from the model config three times a request; the resident
+        # model's config never changes under one HFLM
+        return HFLM.max_length.fget(self)
 
-        def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-            # the same prompts are tokenised every trial: once per process is enough
-            memo = self.__dict__.setdefault("_pair_memo", {})
-            key = (context, continuation)
-            if key not in memo:
-                memo[key] = super()._encode_pair(context, continuation)
-            return memo[key]
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # the same prompts are tokenised every trial: once per process is enough
+        memo = self.__dict__.setdefault("pair_memo", {})
+        key = (context, continuation)
+        if key not in memo:
+            memo[key] = super().encode_pair(context, continuation)
+        return memo[key]
 
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=True)
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-            if loglikelihood.applies(self, override_bs):
-                return loglikelihood.loglikelihood_tokens(self, requests)
-            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+    def loglikelihood_tokens(self, requests, override_bs: int | None = None):
+        if loglikelihood.applies(self, override_bs):
+            return loglikelihood.loglikelihood_tokens(self, requests)
+        return super().loglikelihood_tokens(requests, override_bs)
 
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return super().generate_until(requests, disable_tqdm=True)
-
-    return QuietHFLM
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=True)
 
 
 @dataclass
@@ -195,7 +175,7 @@ class Evaluator:
     def _lm(self, model: transformers.PreTrainedModel) -> Any:
         lm = self._lms.get(id(model))
         if lm is None:
-            lm = _quiet_hflm()(
+            lm = QuietHFLM(
                 pretrained=model,
                 tokenizer=self.tokenizer,
                 batch_size=self.suite.settings.batch_size,
@@ -240,7 +220,8 @@ class Evaluator:
                 missing[plan.task] = sorted(set(missing.get(plan.task, [])) | set(need))
         if missing:
             tasks = {name: task for t in missing for name, task in self.suite.tasks[t].items()}
-            computed = self.requests.run(self._lm(model), tasks, missing)
+            with compiled_templates():
+                computed = self.requests.run(self._lm(model), tasks, missing)
             self.store.put(digest, computed)
             for task_name, new in computed.items():
                 self.computed += len(new)
@@ -248,12 +229,11 @@ class Evaluator:
         return [[have[plan.task][i] for i in ids] for plan, ids in wanted]
 
     def _whole(self, model: transformers.PreTrainedModel, plan: EvalPlan, objective: Objective) -> float:
-        from lm_eval.evaluator import evaluate
-
-        results = evaluate(
-            self._lm(model), self.suite.tasks[plan.task], limit=plan.limit, bootstrap_iters=0, log_samples=False,
-            apply_chat_template=self.suite.settings.apply_chat_template, verbosity="WARNING",
-        )["results"]
+        with compiled_templates():
+            results = evaluate(
+                self._lm(model), self.suite.tasks[plan.task], limit=plan.limit, bootstrap_iters=0, log_samples=False,
+                apply_chat_template=self.suite.settings.apply_chat_template, verbosity="WARNING",
+            )["results"]
         row = results.get(plan.task, {})
         if objective.metric not in row:
             keys = sorted(k for k in row if "," in k and not k.endswith("_stderr"))

@@ -9,6 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from lm_eval.tasks import TaskManager
+
 LOG = logging.getLogger(__name__)
 SPLITS = ("test_split", "validation_split", "training_split")  # the split lm-eval scores, in its own order
 LOCAL_LOADERS = {"json", "csv", "parquet", "text", "arrow"}  # `datasets` builders that read local files
@@ -31,8 +33,6 @@ def task_facts(names: set[str], task_paths: list[Path]) -> dict[str, TaskFacts]:
 
 @lru_cache(maxsize=8)  # indexing lm-eval's built-in tasks takes seconds; the card and the Space ask alike
 def _task_facts(names: frozenset[str], task_paths: tuple[str, ...]) -> dict[str, TaskFacts]:
-    from lm_eval.tasks import TaskManager
-
     paths = list(task_paths) or None
     manager = TaskManager(include_path=paths, include_defaults=False)
     if not names <= set(manager.all_tasks):  # lm-eval's ~15k built-in tasks only when one is needed

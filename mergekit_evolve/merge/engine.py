@@ -6,11 +6,8 @@ so they are the ones ``run_merge`` would write; only the destination differs.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +18,6 @@ from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import ReturnTensor
-from mergekit.merge import _model_out_config
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.parameter_resolver import resolve_parameters
@@ -29,6 +25,15 @@ from mergekit.plan import MergePlanner
 from pydantic import TypeAdapter
 from transformers.initialization import no_init_weights
 
+from mergekit_evolve.compat.mergekit import (
+    WorkingReturnTensor,
+    cached_model_configs,
+    out_config,
+    plan_all,
+    planned_tensors,
+    planner_merges_tokenizer,
+    planner_method,
+)
 from mergekit_evolve.merge.architecture_memo import memoised
 from mergekit_evolve.merge.chunked import (
     DEFAULT_CHUNK_BYTES,
@@ -40,12 +45,6 @@ from mergekit_evolve.methods.registry import register_plugins
 
 LOG = logging.getLogger(__name__)
 MAX_RESIDENT_SHAPES = 2
-
-
-class _ReturnTensor(ReturnTensor):
-    # mergekit 0.1.5 types this field as the parametrised ``Task[torch.Tensor]``, which pydantic
-    # then tries to instantiate, so ``MergePlanner.plan_in_memory`` raises; a plain ``Task`` works.
-    tensor_task: Task
 
 
 _PARAMETERS = TypeAdapter(ExecuteMergeMethodTask.model_fields["parameters"].annotation)
@@ -66,28 +65,29 @@ class InMemoryPlanner(MergePlanner):
     templates: dict[tuple, ExecuteMergeMethodTask | None] | None = None
 
     def plan_tensor(self, weight: WeightInfo, weights_in: list[WeightInfo], models: list[ModelReference], cfg_reader: Any) -> None:
-        if self.templates is None or self._tokenizer_task is not None:
+        if self.templates is None or planner_merges_tokenizer(self):
             return super().plan_tensor(weight, weights_in, models, cfg_reader)
         # everything plan_tensor builds the task from, except the parameters (models by name:
         # comparing pydantic ModelReferences field by field would cost what the template saves)
         key = (
-            self._method.spec.name, self.config.dtype, self.options.read_to_gpu and self.options.device,
+            planner_method(self).spec.name, self.config.dtype, self.options.read_to_gpu and self.options.device,
             self.options.unsafe_truncate_embeddings, weight, tuple(weights_in), *map(str, (*models, cfg_reader.base_model)),
         )
         if key not in self.templates:
             if len(self.templates) >= MAX_TEMPLATES:  # many DFS paths: keep memory bounded
                 self.templates.clear()
-            planned = len(self._tensors)
+            tensors = planned_tensors(self)
+            planned = len(tensors)
             super().plan_tensor(weight, weights_in, models, cfg_reader)
             # None: an optional weight no input has, skipped (that depends on the inputs only)
-            self.templates[key] = self._tensors[-1][1] if len(self._tensors) > planned else None
+            self.templates[key] = tensors[-1][1] if len(tensors) > planned else None
             return
         template = self.templates[key]
         if template is None:
             return
         # the call plan_tensor makes, so filters, gradients and defaults resolve exactly as there
         global_params, tensor_params = resolve_parameters(
-            self._method.spec,
+            planner_method(self).spec,
             tensor_name=weight.name,
             inputs={model: w.name for model, w in zip(models, weights_in)},
             sources=cfg_reader.parameter_sources,
@@ -98,35 +98,16 @@ class InMemoryPlanner(MergePlanner):
             "parameters": _PARAMETERS.validate_python(global_params),
             "input_parameters": _INPUT_PARAMETERS.validate_python(tensor_params),
         })
-        self._tensors.append((weight, task))
+        planned_tensors(self).append((weight, task))
 
     def plan_in_memory(self) -> list[ReturnTensor]:
-        self._plan()
+        plan_all(self)
         return [
-            _ReturnTensor(
+            WorkingReturnTensor(
                 weight_info=w, tensor_task=chunk_if_possible(t, self.chunk_bytes), dtype=w.force_dtype or self.config.out_dtype
             )
-            for w, t in self._tensors
+            for w, t in planned_tensors(self)
         ]
-
-
-@contextlib.contextmanager
-def cached_model_configs(cache: dict[tuple[ModelReference, bool], transformers.PretrainedConfig]) -> Iterator[None]:
-    """mergekit's planner re-reads every source's config.json several times per plan; within
-    this block each is read once per process (callers get copies: mergekit edits them)."""
-    original = ModelReference.config
-
-    def config(self: ModelReference, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
-        key = (self, trust_remote_code)
-        if key not in cache:
-            cache[key] = original(self, trust_remote_code=trust_remote_code)
-        return copy.deepcopy(cache[key])
-
-    ModelReference.config = config  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        ModelReference.config = original  # type: ignore[method-assign]
 
 
 def _evaluate(task: Task) -> Any:
@@ -189,7 +170,7 @@ class InMemoryMerger:
             if models not in self._arch:  # architecture detection: once per model set, not per trial
                 self._arch[models] = memoised(get_architecture_info(config, self.options))
             arch_info = self._arch[models]
-            cfg_out = _model_out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
+            cfg_out = out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
         key = self._shape_key(cfg_out)
         resident = self._resident.get(key)
         if resident is None:

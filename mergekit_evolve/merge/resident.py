@@ -9,8 +9,9 @@ import safetensors.torch
 import torch
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
-from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
+
+from mergekit_evolve.compat.mergekit import loader_cache
 
 LOG = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ def make_resident(
     models: list[ModelReference], options: MergeOptions, device: str = "cpu", allow_pickle: bool = False
 ) -> None:
     """Install resident loaders for ``models`` into mergekit's loader cache (once per process)."""
-    cache = LoaderCache()
-    cache.setup(options)
+    loaders = loader_cache(options)
     for model in models:
-        if not isinstance(cache.loaders.get(model), ResidentTensors):
-            cache.loaders[model] = load_resident(model, options, device=device, allow_pickle=allow_pickle)
+        if not isinstance(loaders.get(model), ResidentTensors):
+            loaders[model] = load_resident(model, options, device=device, allow_pickle=allow_pickle)

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from mergekit.common import ModelReference
 
 from mergekit_evolve.runfolder import BEST_DIR, CARD_FILE
@@ -22,9 +25,6 @@ FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*$", re.DOTALL | re.MULTILINE)
 
 def hub_id(model: str) -> str | None:
     """The Hub repo id of a mergekit model reference as written, or None when it names a local folder."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     path = ModelReference.parse(model).model.path
     if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
         return None
@@ -103,8 +103,6 @@ class SourceNames:
         if (path / CARD_FILE).is_file():
             card = path / CARD_FILE
         elif repo := self.hub(model):
-            from huggingface_hub import try_to_load_from_cache
-
             cached = try_to_load_from_cache(repo, CARD_FILE)
             card = Path(cached) if isinstance(cached, str) else None
         if card is None:

@@ -36,7 +36,9 @@ from typing import Any
 
 import pydantic
 import yaml
+from mergekit import merge_methods
 
+from mergekit_evolve.compat.mergekit import evol_merge_configuration, genome_tables
 from mergekit_evolve.recipe.annotations import is_annotation
 from mergekit_evolve.recipe.model_paths import resolve_model_path
 from mergekit_evolve.recipe.yaml_lines import Loc, LocatedYaml
@@ -67,10 +69,8 @@ def is_genome(data: Any) -> bool:
 
 
 def _validate(doc: LocatedYaml) -> Any:
-    from mergekit.evo.config import EvolMergeConfiguration
-
     try:
-        return EvolMergeConfiguration.model_validate(doc.data)
+        return evol_merge_configuration().model_validate(doc.data)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         loc = tuple(k for k in err["loc"] if not (isinstance(k, str) and "[" in k))
@@ -140,8 +140,6 @@ def _setting(param: str, genome: Any, random_init: bool, points: int) -> Any:
 
 
 def _shared_parameters(genome: Any) -> dict[str, Any]:
-    from mergekit import merge_methods
-
     normalize = genome.normalize
     if normalize is None:
         normalize = genome.merge_method in ("ties", "dare_ties", "linear")
@@ -150,10 +148,9 @@ def _shared_parameters(genome: Any) -> dict[str, Any]:
 
 
 def _config(b: _Builder, cfg: Any, groups: int, layer_step: int) -> None:
-    from mergekit.evo.genome import METHOD_PARAM_MAPS
-
+    method_params, _ = genome_tables()
     genome, raw = cfg.genome, b.doc.data[GENOME_KEY]
-    params = METHOD_PARAM_MAPS[genome.merge_method]
+    params = method_params[genome.merge_method]
     base_outside = genome.base_model is not None and genome.base_model not in genome.models
     rec = b.out.recipe
     rec["merge_method"] = genome.merge_method
@@ -248,16 +245,14 @@ def _evolve(b: _Builder, cfg: Any, dimensions: int) -> None:
 
 def _dimensions(genome: Any, groups: int) -> int:
     """The genotype's size: what the translation searches."""
-    from mergekit.evo.genome import METHOD_PARAM_MAPS
-
     if genome.merge_method == "slerp":
         return groups
-    return groups * len(genome.models) * (len(genome.filters or []) + 1) * len(METHOD_PARAM_MAPS[genome.merge_method])
+    method_params, _ = genome_tables()
+    return groups * len(genome.models) * (len(genome.filters or []) + 1) * len(method_params[genome.merge_method])
 
 
 def _unknown_keys(b: _Builder, cfg: Any) -> None:
-    from mergekit.evo.genome import ModelGenomeDefinition
-
+    _, ModelGenomeDefinition = genome_tables()
     data = b.doc.data
     for key in data:
         if key not in type(cfg).model_fields:

@@ -52,7 +52,7 @@ class Recipe:
     doc: LocatedYaml
     template: dict[str, Any]
     evolve: EvolveSettings | None
-    space: SearchSpace
+    search_space: SearchSpace
     text: str  # the recipe as run folders keep it: the file, or the translation of a genome file
     publish: PublishSettings | None = None
 
@@ -69,7 +69,7 @@ class Recipe:
 
     def compile(self, point: dict[str, Any]) -> MergeConfiguration:
         """The concrete mergekit config ``point`` stands for (mergekit validates it)."""
-        return compile_template(self.doc, self.template, self.space, point)
+        return compile_template(self.doc, self.template, self.search_space, point)
 
     def fingerprint(self) -> str:
         """What is searched, so a resume can tell its own run folder from another recipe's."""
@@ -246,7 +246,7 @@ def parse_recipe(doc: LocatedYaml, path: Path, text: str) -> Recipe:
     space = build_space(doc, template, path.parent)
     _check_methods(doc, template, space)
     resolve_model_paths(template, path.parent)
-    recipe = Recipe(path=path, doc=doc, template=template, evolve=evolve, space=space, text=text, publish=publish)
+    recipe = Recipe(path=path, doc=doc, template=template, evolve=evolve, search_space=space, text=text, publish=publish)
     recipe.compile(space.default_point())
     if space and evolve is None:
         raise doc.error((), "the recipe has search annotations but no 'evolve:' section with objectives")

@@ -48,10 +48,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydantic
+import transformers
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
 from mergekit_evolve.recipe.yaml_lines import LocatedYaml
+from mergekit_evolve.runfolder import BEST_DIR
 
 KEY = "routing"
 INDICATOR_RANGE = (-1.0, 1.0)
@@ -149,8 +151,6 @@ def read_config(model: str) -> Any | None:
 
     Never downloads. Raises ValueError for a config.json transformers cannot read.
     """
-    import transformers
-
     try:
         return transformers.AutoConfig.from_pretrained(model.partition("+")[0], local_files_only=True)
     except OSError:
@@ -236,7 +236,7 @@ def _labels(block: Routing) -> list[str]:
     names = []
     for m in block.models:
         parts = m.rstrip("/").split("/")
-        names.append(parts[-2] if parts[-1] == "best" and len(parts) > 1 else os.path.basename(m.rstrip("/")))
+        names.append(parts[-2] if parts[-1] == BEST_DIR and len(parts) > 1 else os.path.basename(m.rstrip("/")))
     return [n if names.count(n) == 1 else f"m{i}" for i, n in enumerate(names)]
 
 

@@ -28,9 +28,9 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
+from mergekit_evolve.compat.optuna import heartbeat_enabled, set_trial_system_attr
 from mergekit_evolve.evaluate.scores import qualities, weighted
 from mergekit_evolve.recipe.evolve_settings import Objective
 
@@ -91,14 +91,14 @@ class GenerationalSampler(BaseSampler, abc.ABC):
             if index is not None:
                 break
             # every member is out and unfinished (other workers): wait, unless nothing ever marks a dead one
-            if not is_heartbeat_enabled(study._storage):
+            if not heartbeat_enabled(study):
                 index = self._oldest_unfinished(study, generation)
                 break
             time.sleep(POLL_SECONDS)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 fail_stale_trials(study)  # a dead worker's member becomes free again
-        study._storage.set_trial_system_attr(trial._trial_id, MEMBER_ATTR, [generation, index])
+        set_trial_system_attr(study, trial, MEMBER_ATTR, [generation, index])
         return dict(self._plan_of(generation)[index])
 
     # -- replay --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from mergekit.options import MergeOptions
 from optuna.trial import FrozenTrial, TrialState
 from rich.progress import Progress, TaskID
 
+from mergekit_evolve.compat.optuna import storage_of
 from mergekit_evolve.methods.registry import register_plugins
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.recipe.parse import Recipe
@@ -143,8 +144,8 @@ class Monitor:
 
     def __init__(self, recipe: Recipe, study: optuna.Study, run_dir: Path, trials: int, progress: Progress):
         # its own Study and sampler: the worker in this process samples from the other one meanwhile
-        self.study = optuna.load_study(study_name=study.study_name, storage=study._storage,
-                                       sampler=make_sampler(recipe.evolve, recipe.space))
+        self.study = optuna.load_study(study_name=study.study_name, storage=storage_of(study),
+                                       sampler=make_sampler(recipe.evolve, recipe.search_space))
         self.run_dir, self.trials, self.progress = run_dir, trials, progress
         self.recorded = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         self.bar: TaskID = progress.add_task(best_text(study), total=trials, completed=min(counted(study), trials))

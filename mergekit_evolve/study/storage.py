@@ -14,11 +14,10 @@ from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.storages import JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
-from optuna.trial import FrozenTrial, TrialState
+from optuna.storages import RDBStorage
+from optuna.storages.journal import JournalFileBackend
 
+from mergekit_evolve.compat.optuna import HeartbeatJournalStorage, rdb_storage
 from mergekit_evolve.runfolder import RunFolder
 
 LOG = logging.getLogger(__name__)
@@ -26,7 +25,6 @@ LOG = logging.getLogger(__name__)
 # that trial failed (and re-queues its point once), so nothing stays RUNNING forever.
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 120  # evolve.heartbeat_grace
-HEARTBEAT_ATTR = "mergekit_evolve:heartbeat"
 WORKER_ATTR = "mergekit_evolve:worker:"
 WORKER_KEY = "worker"  # trial user attr: "host:pid" of the process that ran it
 
@@ -109,45 +107,12 @@ def check_storage(url: str, attempts: int = 3) -> None:
             time.sleep(1.0)
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """A journal file with Optuna's heartbeat protocol (Optuna implements it for RDB storages only).
-
-    A heartbeat is the trial's system attr ``[trial_id, unix time]``; the id matters because a
-    retried trial inherits the system attrs of the trial it retries. Hosts sharing a journal
-    file on a network file system need roughly synchronised clocks (well within the grace period).
-    """
-
-    def __init__(self, backend: BaseJournalBackend, interval: int, grace: int,
-                 callback: Callable[[optuna.Study, FrozenTrial], None]):
-        super().__init__(backend)
-        self._interval, self._grace, self._callback = interval, grace, callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, [trial_id, time.time()])
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        # like RDBStorage: a trial that never sent a heartbeat is not stale
-        now = time.time()
-        stale = []
-        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = trial.system_attrs.get(HEARTBEAT_ATTR)
-            if beat and beat[0] == trial._trial_id and now - beat[1] > self._grace:
-                stale.append(trial._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int:
-        return self._interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None]:
-        return self._callback
-
-
 def close_storage(study: optuna.Study) -> None:
     """Close an RDB storage's pooled connections: with the last one closed, SQLite folds the WAL
     into study.db and removes study.db-wal/-shm, so the file alone is the whole study (for a
     copy or a push). Connections open again on the next use."""
-    backend = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDB storages in a cache
-    if isinstance(backend, RDBStorage):
+    backend = rdb_storage(study)
+    if backend is not None:
         backend.engine.dispose()
 
 

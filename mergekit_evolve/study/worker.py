@@ -45,7 +45,7 @@ def merge_options(recipe: Recipe, trust_remote_code: bool = False) -> MergeOptio
 
 def source_models(recipe: Recipe) -> list[ModelReference]:
     """Every model the recipe merges, base first, in recipe order."""
-    config = recipe.compile(recipe.space.default_point())
+    config = recipe.compile(recipe.search_space.default_point())
     ordered: list[ModelReference] = [config.base_model] if config.base_model else []
     # a routed recipe's default path may use only the first model: the others are sources too
     routed = [ModelReference.model_validate(m) for m in (recipe.template.get("routing") or {}).get("models", [])]
@@ -68,7 +68,7 @@ class Worker:
         self.sources = source_models(recipe)
         make_resident(self.sources, options, self.merger.storage_device, allow_pickle)
         self.suite = TaskSuite(recipe.evolve, recipe.base_dir)
-        default = recipe.compile(recipe.space.default_point())
+        default = recipe.compile(recipe.search_space.default_point())
         donor = default.base_model or default.referenced_models()[0]
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
             local_folder(donor, options), trust_remote_code=options.trust_remote_code
@@ -130,7 +130,7 @@ class Worker:
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         try:
-            point = suggest_point(trial, self.recipe.space)
+            point = suggest_point(trial, self.recipe.search_space)
             config = self.recipe.compile(point)
             digest = config_digest(config)
             trial.set_user_attr("config", config.to_yaml())
