@@ -22,6 +22,7 @@ from mergekit_evolve.merge.resident import ModelNotFoundError
 from mergekit_evolve.publish.card import write_card
 from mergekit_evolve.publish.errors import PublishError
 from mergekit_evolve.publish.hub import publish_run, resolve_token
+from mergekit_evolve.publish.names import SourceNames, template_models
 from mergekit_evolve.recipe.document import RecipeDocument
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.recipe.stages import Stage
@@ -89,6 +90,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
         folder.check(recipe.fingerprint(), options.overwrite)
         if publishes:
             resolve_token()  # the push at the end needs one: say so now, not after the search
+            _check_license(recipe, run_dir)
         plan = plan_workers(recipe.evolve, options.ray)
         if recipe.evolve.storage:
             check_storage(recipe.evolve.storage)
@@ -124,6 +126,17 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
         except PublishError as e:
             raise RunFailed(f"the run is complete in {run_dir}, but publishing failed: {e}") from None
     return {**report, "run_dir": str(run_dir)}
+
+
+def _check_license(recipe: Recipe, run_dir: Path) -> None:
+    """The card needs a license: the recipe's, or one every source's card states; asked for before the search."""
+    assert recipe.publish is not None
+    if recipe.publish.license:
+        return
+    names = SourceNames.for_run(run_dir, recipe.path, recipe.publish.hub_ids)
+    license, why = names.common_license(template_models(recipe.template))
+    if license is None:
+        raise PublishError(f"publish: no license for the model card ({why}); set publish.license in the recipe")
 
 
 def _publishes(recipe: Recipe, options: RunOptions) -> bool:

@@ -245,3 +245,13 @@ def test_card_names_local_folders_by_their_hub_id_and_takes_the_dataset_from_the
     (result,) = ModelCard.load(run_dir / "best" / "README.md").data.eval_results
     assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("org-d/copy-set", "chars", "test")
     assert "[org-d/copy-set](https://huggingface.co/datasets/org-d/copy-set) `chars` `validation` | 2 |" in text
+
+
+def test_card_inherits_the_license_the_sources_share(tmp_path, tiny_llama):
+    models = [shutil.copytree(m, tmp_path / "models" / m.name) for m in tiny_llama]
+    for m in models:
+        (m / "README.md").write_text("---\nlicense: mit\n---\n# a source\n")
+    run_dir = build_run(tmp_path / "run", models, recipe=RECIPE.replace("  license: apache-2.0\n", "  {}\n"))
+    assert _front_matter(write_card(run_dir).read_text())["license"] == "mit"
+    (models[1] / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    assert "license" not in _front_matter(write_card(run_dir).read_text())  # they disagree: publish asks for one

@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from huggingface_hub import try_to_load_from_cache
@@ -96,6 +97,15 @@ class SourceNames:
             text = text.replace(path, paths[path])
         return text
 
+    def common_license(self, models: list[str]) -> tuple[str | None, str]:
+        """The license every one of ``models`` states in its card, else None; and why."""
+        found = {self.name(m): self.license(m) for m in models}
+        values = set(found.values())
+        if len(values) == 1 and None not in values:
+            return values.pop(), "the license of every source model"
+        said = ", ".join(f"{name}: {value or 'no license found'}" for name, value in found.items())
+        return None, f"the sources' cards say {said}"
+
     def license(self, model: str) -> str | None:
         """The license id in the model card front matter of a local folder, or of a Hub model in the local cache."""
         card = None
@@ -114,3 +124,18 @@ class SourceNames:
             return None
         value = data.get("license") if isinstance(data, dict) else None
         return value if isinstance(value, str) else None
+
+
+def template_models(template: Any) -> list[str]:
+    """Every model reference a recipe's mergekit template names (``model:`` and ``base_model:`` strings)."""
+    found: list[str] = []
+    if isinstance(template, dict):
+        for key, value in template.items():
+            if key in ("model", "base_model") and isinstance(value, str):
+                found.append(value)
+            else:
+                found += template_models(value)
+    elif isinstance(template, list):
+        for item in template:
+            found += template_models(item)
+    return list(dict.fromkeys(found))

@@ -110,12 +110,7 @@ class RunFiles:
         """The license for the card: publish.license, else the one every source's card states; and why."""
         if self.publish.license:
             return self.publish.license, "set in the recipe's publish section"
-        found = {self.names.name(m): self.names.license(m) for m in self.sources}
-        values = set(found.values())
-        if len(values) == 1 and None not in values:
-            return values.pop(), "the license of every source model"
-        said = ", ".join(f"{name}: {value or 'no license found'}" for name, value in found.items())
-        return None, f"the sources' cards say {said}"
+        return self.names.common_license(self.sources)
 
     @property
     def sources(self) -> list[str]:
