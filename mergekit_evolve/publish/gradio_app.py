@@ -109,7 +109,7 @@ def local_settings(run: RunFiles) -> dict[str, Any]:
         "config": str(run.folder.best_config.resolve()),
         "recipe": str(run.folder.best_recipe.resolve()),
     }
-    return _settings(run, str(run.best.resolve()), {str(Path(s).resolve()): s for s in run.sources}, assets, device="cpu")
+    return _settings(run, str(run.best.resolve()), {s: s for s in run.sources}, assets, device="cpu")
 
 
 def space_files(run: RunFiles, repo_id: str, space_id: str, private: bool, license: str | None) -> dict[str, Path | bytes]:
