@@ -22,6 +22,7 @@ from mergekit_evolve.merge.resident import ModelNotFoundError
 from mergekit_evolve.publish.card import write_card
 from mergekit_evolve.publish.errors import PublishError
 from mergekit_evolve.publish.hub import publish_run, resolve_token
+from mergekit_evolve.publish.names import SourceNames, template_models
 from mergekit_evolve.recipe.document import RecipeDocument
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.recipe.stages import Stage
@@ -73,6 +74,7 @@ class RunOptions:
     allow_pickle: bool = False
     show_progress: bool = True
     ray: str | None = None  # "auto" or a cluster address: the workers as Ray actors
+    publish: bool = True  # False: leave the recipe's publish: section to a later `mergekit-evolve publish`
 
 
 def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()) -> dict[str, Any]:
@@ -81,12 +83,14 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
     merge = merge_options(recipe, options.trust_remote_code)
     if recipe.evolve.threads:
         torch.set_num_threads(recipe.evolve.threads)
+    publishes = _publishes(recipe, options)
     try:
         # Everything that can be wrong with the input is found before the run folder is touched.
         recipe = prepare_recipe(recipe)  # checks the sampler fits; CycleQD adds its mutation
         folder.check(recipe.fingerprint(), options.overwrite)
-        if recipe.publish and recipe.publish.repo:
+        if publishes:
             resolve_token()  # the push at the end needs one: say so now, not after the search
+            _check_license(recipe, run_dir)
         plan = plan_workers(recipe.evolve, options.ray)
         if recipe.evolve.storage:
             check_storage(recipe.evolve.storage)
@@ -116,12 +120,32 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
     write_card(run_dir)  # needs report.json; replaces mergekit's plain card
     worker.evaluator.store.close()
     close_storage(study)  # before a push: study.db must hold every trial, not leave some in its WAL
-    if recipe.publish and recipe.publish.repo:
+    if publishes:
         try:
             publish_run(run_dir, recipe.publish)
         except PublishError as e:
             raise RunFailed(f"the run is complete in {run_dir}, but publishing failed: {e}") from None
     return {**report, "run_dir": str(run_dir)}
+
+
+def _check_license(recipe: Recipe, run_dir: Path) -> None:
+    """The card needs a license: the recipe's, or one every source's card states; asked for before the search."""
+    assert recipe.publish is not None
+    if recipe.publish.license:
+        return
+    names = SourceNames.for_run(run_dir, recipe.path, recipe.publish.hub_ids)
+    license, why = names.common_license(template_models(recipe.template))
+    if license is None:
+        raise PublishError(f"publish: no license for the model card ({why}); set publish.license in the recipe")
+
+
+def _publishes(recipe: Recipe, options: RunOptions) -> bool:
+    if not (recipe.publish and recipe.publish.repo):
+        return False
+    if not options.publish:
+        LOG.warning("not publishing to %s at the end of this run (--no-publish): `mergekit-evolve publish RUN_DIR` does it",
+                    recipe.publish.repo)
+    return options.publish
 
 
 # --- staged recipes ---------------------------------------------------------------------------

@@ -107,6 +107,13 @@ class RunFolder:
             return None
         return json.loads(self.run_file.read_text())["fingerprint"]
 
+    def stored_recipe_path(self) -> Path | None:
+        """Where the recipe of this run was when it ran (its relative paths are relative to its folder)."""
+        if not self.run_file.exists():
+            return None
+        recipe = json.loads(self.run_file.read_text()).get("recipe")
+        return Path(recipe) if recipe else None
+
     def check(self, fingerprint: str, overwrite: bool = False) -> None:
         """Refuse, without writing anything, a folder that holds something other than this run."""
         if self.path.exists() and not self.path.is_dir():

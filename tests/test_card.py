@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub import ModelCard, ModelCardData, metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
@@ -101,18 +101,20 @@ def test_card_front_matter_parses_back_with_huggingface_hub(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
 
     assert meta["library_name"] == "transformers"
-    assert meta["base_model_relation"] == "merge"
     assert meta["license"] == "apache-2.0"  # from the recipe's publish section
     assert {"merge", "mergekit", "mergekit-evolve", "task_arithmetic", "tpe"} <= set(meta["tags"])
-    assert "base_model" not in meta  # every source is a local folder: named in the text instead
-    # huggingface_hub's own parsers accept the model-index and give back the winner's scores
+    # every source is a local folder: named in the text instead, and a merge relation to nothing is left out
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    # huggingface_hub's own parsers accept the model-index; it holds the held-out score only (the search
+    # score is the best of many trials on the same examples)
     name, results = model_index_to_eval_results(meta["model-index"])
     assert name == "tiny"
-    got = {(r.dataset_type, r.metric_name): r.metric_value for r in results}
+    got = {(r.dataset_type, r.dataset_name, r.metric_type, r.metric_name): r.metric_value for r in results}
     per = report["winner"]["per_objective"]
-    assert got == {("tiny_copy", "acc,none"): per["search"][OBJECTIVE], ("tiny_copy_heldout", "acc,none"): per["heldout"][OBJECTIVE]}
+    assert got == {("tiny_copy_heldout", "tiny_copy_heldout (held-out)", "acc", "accuracy"): per["heldout"][OBJECTIVE]}
     card = ModelCard.load(card_path)
-    assert card.data.model_name == "tiny" and len(card.data.eval_results) == 2
+    assert card.data.model_name == "tiny" and len(card.data.eval_results) == 1
+    assert ModelCardData(**card.data.to_dict()).to_dict() == card.data.to_dict()
 
 
 def test_card_body_tells_how_the_winner_was_made(run_dir):
@@ -124,19 +126,24 @@ def test_card_body_tells_how_the_winner_was_made(run_dir):
     assert rows["**this merge**"] == [report["winner"]["search"], report["winner"]["heldout"]]
     for source, entry in report["sources"].items():
         assert rows[Path(source).name] == [entry["search"], entry["heldout"]]
-    # the concrete config and the recipe, verbatim
+    # the concrete config (sources by name, with a note) and the recipe
     blocks = _code_blocks(text, "yaml")
-    assert (run_dir / "best" / "mergekit_config.yml").read_text().strip() in blocks
+    config = (run_dir / "best" / "mergekit_config.yml").read_text()
+    for source in report["sources"]:
+        config = config.replace(source, Path(source).name)
+    assert any(b.startswith("# Not on the Hub: base, v1, v2") and b.endswith(config.strip()) for b in blocks)
     assert (run_dir / "best" / "recipe.yml").read_text().strip() in blocks
     # the history plot sits beside the card and is embedded by relative path
     assert (run_dir / "best" / "history.png").read_bytes() == (run_dir / "plots" / "history.png").read_bytes()
     assert re.search(r"!\[[^\]]*\]\(history\.png\)", text)
     # local sources are named in the text; the usage snippet loads this folder as plain text (no chat template)
     for source in report["sources"]:
-        assert f"`{source}`" in text
+        assert f"local folder `{Path(source).name}`" in text and source not in text
+    assert "A `task_arithmetic` merge of 2 models onto base" in text  # the base is not counted as merged
     usage = _code_blocks(text, "python")[0]
-    assert f'model="{(run_dir / "best").resolve()}"' in usage and "messages" not in usage
+    assert f'model="{run_dir / "best"}"' in usage and "messages" not in usage
     assert "## Lineage" not in text
+    assert "## Limitations" in text and "`tiny_copy_heldout`" in text.split("## Limitations")[1]
 
 
 def test_card_names_hub_sources_in_base_model_and_shows_chat_usage(tmp_path, tiny_llama):
@@ -155,8 +162,9 @@ def test_card_names_hub_sources_in_base_model_and_shows_chat_usage(tmp_path, tin
     text = write_card(run_dir).read_text()
     meta = _front_matter(text)
     assert meta["base_model"] == ["org-a/expert-one", "org-b/expert-two"]
-    assert str(tiny_llama[0]) not in yaml.safe_dump(meta)
-    assert f"local folder `{tiny_llama[0]}`" in text
+    assert meta["base_model_relation"] == "merge"
+    assert str(tiny_llama[0]) not in text
+    assert "local folder `base`" in text
     assert "[org-a/expert-one](https://huggingface.co/org-a/expert-one)" in text
     assert "messages = [" in _code_blocks(text, "python")[0]
 
@@ -174,7 +182,7 @@ def test_card_of_a_later_stage_shows_its_lineage(tmp_path, tiny_llama):
     assert "stage `dfs` of a staged recipe" in text
     lineage = text.split("## Lineage")[1].split("\n## ")[0]
     assert "ps/best: a `task_arithmetic` merge found by mergekit-evolve (trial 7, search 0.5000, held-out 0.4375)" in lineage
-    assert f"local folder `{tiny_llama[1]}`" in lineage  # the earlier stage's own sources
+    assert "local folder `v1`" in lineage  # the earlier stage's own sources
     assert _front_matter(text)["license"] == "apache-2.0"  # the stage's body of the staged recipe is read
 
 
@@ -209,3 +217,41 @@ def test_card_of_a_plugin_method_says_how_to_merge_it_again(tmp_path, tiny_llama
     text = write_card(run_dir).read_text()
     assert f"`mergekit-evolve merge mergekit_config.yml OUT` (`{method}` is a merge method" in text
     assert method in _front_matter(text)["tags"]
+
+
+def test_card_names_local_folders_by_their_hub_id_and_takes_the_dataset_from_the_task_config(tmp_path, tiny_llama):
+    """publish.hub_ids (relative to the recipe) or the Hugging Face cache layout give a local folder its Hub id;
+    the model-index names the dataset, subset and split the held-out task's own YAML names."""
+    recipe_dir = tmp_path / "project"
+    (recipe_dir / "tasks").mkdir(parents=True)
+    for name, split in (("tiny_copy", "validation"), ("tiny_copy_heldout", "test")):
+        (recipe_dir / "tasks" / f"{name}.yaml").write_text(yaml.safe_dump({
+            "task": name, "dataset_path": "org-d/copy-set", "dataset_name": "chars", f"{split}_split": split,
+            "output_type": "loglikelihood", "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}",
+            "metric_list": [{"metric": "acc"}], "num_fewshot": 2,
+        }))
+    models = recipe_dir / "models"
+    base = shutil.copytree(tiny_llama[0], models / "base")
+    v1 = shutil.copytree(tiny_llama[1], tmp_path / "hub" / "models--org-a--expert-one" / "snapshots" / "abc123")
+    v2 = shutil.copytree(tiny_llama[2], models / "v2")
+    recipe = RECIPE.replace("publish:\n", "  task_paths: [tasks]\npublish:\n  hub_ids: {models/v2: org-b/expert-two}\n")
+    run_dir = build_run(recipe_dir / "runs" / "tiny", [base, v1, v2], recipe=recipe)
+    (run_dir / "run.json").write_text(json.dumps({"fingerprint": "x", "recipe": str(recipe_dir / "recipe.yml")}))
+
+    text = write_card(run_dir).read_text()
+    meta = _front_matter(text)
+    assert meta["base_model"] == ["org-a/expert-one", "org-b/expert-two"]
+    assert "local folder `models/base`" in text and str(tmp_path) not in text.split("## Usage")[0]
+    (result,) = ModelCard.load(run_dir / "best" / "README.md").data.eval_results
+    assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("org-d/copy-set", "chars", "test")
+    assert "[org-d/copy-set](https://huggingface.co/datasets/org-d/copy-set) `chars` `validation` | 2 |" in text
+
+
+def test_card_inherits_the_license_the_sources_share(tmp_path, tiny_llama):
+    models = [shutil.copytree(m, tmp_path / "models" / m.name) for m in tiny_llama]
+    for m in models:
+        (m / "README.md").write_text("---\nlicense: mit\n---\n# a source\n")
+    run_dir = build_run(tmp_path / "run", models, recipe=RECIPE.replace("  license: apache-2.0\n", "  {}\n"))
+    assert _front_matter(write_card(run_dir).read_text())["license"] == "mit"
+    (models[1] / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    assert "license" not in _front_matter(write_card(run_dir).read_text())  # they disagree: publish asks for one

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from huggingface_hub import constants
 from hub_server import FakeHub
+from huggingface_hub import constants
+from mergekit.config import MergeConfiguration
 from test_card import RECIPE, build_run
 
 from mergekit_evolve.cli import cli
@@ -79,7 +81,7 @@ def assert_no_token(hub: FakeHub, result, records: list[logging.LogRecord], *fol
             assert not p.is_file() or TOKEN.encode() not in p.read_bytes(), p
 
 
-def test_publish_uploads_model_and_space_in_one_commit_each(hub, finished_run, logs):
+def test_publish_uploads_model_and_space_in_one_commit_each(hub, finished_run, tiny_llama, logs):
     before = snapshot(finished_run)
     result = publish(finished_run, hub)
     assert result.exit_code == 0, result.output
@@ -90,9 +92,12 @@ def test_publish_uploads_model_and_space_in_one_commit_each(hub, finished_run, l
     best = finished_run / "best"
     uploaded = {name: content for name, content in model.files.items() if name != ".gitattributes"}
     assert set(uploaded) == {p.name for p in best.iterdir()}
+    rewritten = {"README.md", "mergekit_config.yml"}  # the card names the repo; the config names sources, not paths
     for name, content in uploaded.items():
-        if name != "README.md":  # the card is rendered for the repo: its usage snippet names it
+        if name not in rewritten:
             assert content == (best / name).read_bytes(), name
+    config = MergeConfiguration.model_validate(yaml.safe_load(uploaded["mergekit_config.yml"]))
+    assert sorted(map(str, config.referenced_models())) == ["base", "v1", "v2"]
     assert {"model.safetensors", "history.png"} <= model.lfs_paths  # binaries went through the LFS batch API
     card = uploaded["README.md"].decode()
     assert 'pipeline("text-generation", model="alice/tiny-merge")' in card
@@ -108,6 +113,10 @@ def test_publish_uploads_model_and_space_in_one_commit_each(hub, finished_run, l
     assert space.variables["MODEL_ID"]["value"] == "alice/tiny-merge"
     assert "published: " + hub.url + "/spaces/alice/tiny-merge-demo" in result.output
 
+    machine_paths = (str(finished_run.parent), str(tiny_llama[0].parent))
+    for repo in (model, space):
+        for name, content in repo.files.items():
+            assert not any(p.encode() in content for p in machine_paths), name
     assert snapshot(finished_run) == before  # publishing only reads the run folder
     assert_no_token(hub, result, logs, finished_run)
     assert any(r.name.startswith("huggingface_hub") for r in logs)  # the library's debug logs were captured too
@@ -293,3 +302,25 @@ def test_private_flag_creates_private_repos_and_tells_how_the_space_reads_the_mo
     assert hub.repo("alice/tiny-merge").private and hub.repo("alice/tiny-merge-demo", "space").private
     assert "Space secret `HF_TOKEN`" in hub.repo("alice/tiny-merge-demo", "space").files["README.md"].decode()
     assert "(private if created)" in result.output
+
+
+@pytest.mark.slow
+def test_a_dry_run_publish_of_the_demo_holds_no_path_of_this_machine(tmp_path):
+    """Every file of the model and Space repos, as `publish --dry-run` writes them, grepped for absolute paths."""
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    ran = CliRunner().invoke(cli, ["run", str(repo / "recipes" / "demo.yml"), "--trials", "2", "-o", str(run_dir), "--no-progress"])
+    assert ran.exit_code == 0, ran.output
+    out = tmp_path / "plan"
+    result = CliRunner().invoke(cli, ["publish", str(run_dir), "--repo", "alice/demo-merge", "--space", "alice/demo-merge-demo",
+                                      "--license", "lgpl-3.0", "--dry-run", str(out)])
+    assert result.exit_code == 0, result.output
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"model/README.md", "model/mergekit_config.yml", "space/space_config.json", "space/report.json"} <= {
+        p.relative_to(out).as_posix() for p in files}
+    for path in files:
+        found = re.findall(rb"(?:/(?:home|root|tmp|work|Users|private|var)/|[A-Za-z]:\\\\)[^\s\"'`]*", path.read_bytes())
+        assert not found, f"{path.relative_to(out)}: {found[:3]}"
+    card = (out / "model" / "README.md").read_text()
+    assert "local folder `demo/models/copy`" in card and "base_model" not in yaml.safe_load(card.split("---")[1])
+    assert yaml.safe_load((out / "model" / "mergekit_config.yml").read_text())["base_model"] == "demo/models/base"

@@ -58,4 +58,8 @@ def test_a_run_that_must_publish_checks_the_token_before_searching(tmp_path, tin
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RunFailed, match="no Hugging Face token"):
         run_recipe(recipe, run_dir, RunOptions(show_progress=False))
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    # the tiny models' folders have no card, so no license to inherit: asked for now, not after the search
+    with pytest.raises(RunFailed, match=r"no license for the model card \(the sources' cards say .*no license found"):
+        run_recipe(recipe, run_dir, RunOptions(show_progress=False))
     assert not run_dir.exists()  # refused before the run folder was made

@@ -24,11 +24,14 @@ from mergekit_evolve.recipe.publish_settings import check_repo_id
 @click.option("--repo", default=None, help="Model repo USER/NAME (default: the recipe's publish.repo).")
 @click.option("--space", default=None, help="Also create or update this Gradio Space USER/NAME-demo (default: publish.space).")
 @click.option("--private", is_flag=True, default=None, help="Create the repos private (default: publish.private).")
+@click.option("--license", "license_id", default=None,
+              help="License id for the model card (default: publish.license, else the one every source's card states).")
 @click.option("--dry-run", "dry_run", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write exactly what would be uploaded into this folder (model/ and space/), print the plan, send nothing.")
 @click.option("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def publish(run_dir: Path, repo: str | None, space: str | None, private: bool | None, dry_run: Path | None,
+def publish(run_dir: Path, repo: str | None, space: str | None, private: bool | None, license_id: str | None,
+            dry_run: Path | None,
             endpoint: str | None, verbose: int) -> None:
     """Push RUN_DIR's winner (best/ with its model card) to the Hugging Face Hub in one commit.
 
@@ -50,7 +53,7 @@ def publish(run_dir: Path, repo: str | None, space: str | None, private: bool | 
                 except ValueError as e:
                     raise PublishError(f"{option}: {e}") from None
         token = None if dry_run else resolve_token()  # before any work: a missing token is the commonest failure
-        plan = plan_publish(run_dir, repo, space, settings.private if private is None else private)
+        plan = plan_publish(run_dir, repo, space, settings.private if private is None else private, license_id)
         click.echo(describe(plan))
         if dry_run:
             write_plan(plan, dry_run)

@@ -39,10 +39,12 @@ from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe
 @click.option("--storage", metavar="URL", default=None,
               help="Study storage (default: evolve.storage, else study.db in the run folder): sqlite:///F, journal:F, "
                    "postgresql://... Processes that share it share the search.")
+@click.option("--no-publish", is_flag=True,
+              help="Skip the recipe's publish: push (and its token check); publish later with `mergekit-evolve publish`.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @legacy_run_options  # mergekit-evolve's --storage-path, --max-fevals, --sigma0, ... (hidden)
 def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool, overwrite: bool,
-        trust_remote_code: bool, allow_pickle: bool, no_progress: bool, ray_address: str | None,
+        trust_remote_code: bool, allow_pickle: bool, no_progress: bool, ray_address: str | None, no_publish: bool,
         verbose: int, overrides: Overrides) -> None:
     """Search the recipe's space, then write best/, report.json and plots to the run folder.
 
@@ -68,7 +70,8 @@ def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool
     if single is not None and single.evolve is None:
         raise click.ClickException(f"{recipe}: no search annotations and no 'evolve:' section; use `mergekit-evolve merge` for a plain merge")
     options = RunOptions(timeout=timeout, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                         allow_pickle=allow_pickle, show_progress=not no_progress, ray=ray_address)
+                         allow_pickle=allow_pickle, show_progress=not no_progress, ray=ray_address,
+                         publish=not no_publish)
     try:
         reports = run_stages(document, run_dir, options) if stages else [run_recipe(single, run_dir, options)]
     except RunFailed as e:

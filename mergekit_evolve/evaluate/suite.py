@@ -80,6 +80,18 @@ class TaskSuite:
                     for task in _leaf_tasks(self.tasks[task_name]):
                         task.set_config(key="num_fewshot", value=obj.num_fewshot)
 
+    def example_prompts(self, per_task: int = 1, max_chars: int = 400) -> list[str]:
+        """The first prompt(s) of each objective's search task, as lm-eval renders them (no few-shot context)."""
+        prompts: list[str] = []
+        with contextlib.chdir(self.base_dir):
+            for obj in self.settings.objectives:
+                for task in _leaf_tasks(self.tasks[obj.task])[:1]:
+                    for doc in list(task.eval_docs)[:per_task]:
+                        text = task.doc_to_text(doc)
+                        if isinstance(text, str) and text.strip() and text.strip() not in prompts:
+                            prompts.append(text.strip()[:max_chars])
+        return prompts
+
     def task_for(self, objective: Objective, split: Split) -> tuple[str, Any]:
         if split == "search":
             return objective.task, objective.limit

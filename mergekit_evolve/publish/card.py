@@ -14,11 +14,11 @@ from mergekit.card import method_md
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
+from mergekit_evolve.evaluate.task_facts import TaskFacts, task_facts
 from mergekit_evolve.methods.registry import register_plugins
-from mergekit_evolve.publish.run_files import RunFiles, hub_id
+from mergekit_evolve.publish.run_files import RunFiles
 from mergekit_evolve.recipe.evolve_settings import Objective
 from mergekit_evolve.runfolder import (
-    BEST_DIR,
     CARD_FILE,
     CONFIG_FILE,
     RECIPE_FILE,
@@ -45,6 +45,10 @@ TEMPLATE = """---
 
 {{ results }}
 
+## Evaluation
+
+{{ evaluation }}
+
 ## Search
 
 {{ search }}
@@ -57,9 +61,13 @@ TEMPLATE = """---
 
 {{ usage }}
 
+## Limitations
+
+{{ limitations }}
+
 ## Configuration
 
-The concrete mergekit configuration of the winner; {{ reproduce }} reproduces these weights:
+The concrete mergekit configuration of the winner (`mergekit_config.yml` in this repo); {{ reproduce }}:
 
 ```yaml
 {{ config_yaml }}
@@ -76,27 +84,36 @@ The {{ project }} recipe that produced it (a mergekit config whose values may be
 """
 
 
-def _model_md(model: str) -> str:
+METRIC_NAMES = {
+    "acc": "accuracy", "acc_norm": "normalized accuracy", "exact_match": "exact match", "f1": "F1",
+    "mcc": "Matthews correlation", "bleu": "BLEU", "perplexity": "perplexity", "word_perplexity": "word perplexity",
+    "byte_perplexity": "byte perplexity", "bits_per_byte": "bits per byte",
+}
+
+
+def metric_name(metric: str) -> str:
+    """lm-eval's ``acc,none`` as a reader says it: ``accuracy``; a filter other than none is kept: ``exact match (strict-match)``."""
+    name, _, flt = metric.partition(",")
+    return METRIC_NAMES.get(name, name.replace("_", " ")) + (f" ({flt})" if flt and flt != "none" else "")
+
+
+def _model_md(run: RunFiles, model: str) -> str:
     ref = ModelReference.parse(model)
-    parts = [ref.model] + ([ref.lora] if ref.lora else [])
-    return " + ".join(
-        f"[{p.path}](https://huggingface.co/{p.path})" if hub_id(p.path) else f"local folder `{p.path}`" for p in parts
-    )
-
-
-def _short(model: str) -> str:
-    """A Hub id, else the folder name; an earlier run's ``best/`` is named with its run folder (e.g. ``ps/best``)."""
-    path = Path(ModelReference.parse(model).model.path)
-    return hub_id(model) or (f"{path.parent.name}/{path.name}" if path.name == BEST_DIR else path.name)
+    parts = []
+    for part in filter(None, (ref.model, ref.lora)):
+        repo = run.names.hub(part.path)
+        parts.append(f"[{repo}](https://huggingface.co/{repo})" if repo else f"local folder `{run.names.local(part.path)}`")
+    return " + ".join(parts)
 
 
 def _base_models(run: RunFiles) -> list[str]:
     """Hub ids of every merged model (and LoRA); local folders are named in the text instead."""
     ids: list[str] = []
     for ref in map(ModelReference.parse, run.sources):  # the report's order: base first, then as in the recipe
-        for part in (ref.model, ref.lora):
-            if part is not None and hub_id(part.path) and part.path not in ids:
-                ids.append(part.path)
+        for part in filter(None, (ref.model, ref.lora)):
+            repo = run.names.hub(part.path)
+            if repo and repo not in ids:
+                ids.append(repo)
     return ids
 
 
@@ -104,43 +121,83 @@ def _heldout_task(o: Objective) -> str:
     return o.heldout_task or o.task
 
 
-def _eval_results(run: RunFiles) -> list[EvalResult]:
-    per = run.report["winner"]["per_objective"]
+def _facts(run: RunFiles) -> dict[str, TaskFacts]:
+    ev = run.evolve
+    names = {o.task for o in ev.objectives} | {_heldout_task(o) for o in ev.objectives}
+    recipe = run.folder.stored_recipe_path()
+    base = recipe.parent if recipe else Path.cwd()
+    try:
+        return task_facts(names, [base / p for p in ev.task_paths])
+    except Exception as e:  # lm-eval's indexing of a task folder: the card still names the tasks
+        LOG.warning("could not read the lm-eval task configs (%s): the card names the tasks without their datasets", e)
+        return {}
+
+
+def _eval_results(run: RunFiles, facts: dict[str, TaskFacts]) -> list[EvalResult]:
+    """The held-out scores only: the search scores are the best of many trials on the same examples."""
+    per = run.report["winner"]["per_objective"]["heldout"]
     results = []
     for o in run.evolve.objectives:
-        for split, task in (("search", o.task), ("heldout", _heldout_task(o))):
-            results.append(EvalResult(
-                task_type="text-generation",
-                dataset_type=task,
-                dataset_name=f"{task} ({'search' if split == 'search' else 'held-out'} split of the {PROJECT} run)",
-                metric_type=o.metric.split(",")[0],
-                metric_name=o.metric,
-                metric_value=round(per[split][o.name], 6),
-            ))
+        task = _heldout_task(o)
+        f = facts.get(task) or TaskFacts(task)
+        kind = "held-out" if o.heldout_task else "held-out re-score of the search task"
+        results.append(EvalResult(
+            task_type="text-generation",
+            task_name=task,
+            dataset_type=f.dataset or task,
+            dataset_name=f"{f.dataset or task} ({kind})",
+            dataset_config=f.subset,
+            dataset_split=f.split,
+            metric_type=o.metric.split(",")[0],
+            metric_name=metric_name(o.metric),
+            metric_value=round(per[o.name], 6),
+        ))
     return results
 
 
-def card_data(run: RunFiles, model_name: str) -> ModelCardData:
+def card_data(run: RunFiles, model_name: str, license: str | None, facts: dict[str, TaskFacts]) -> ModelCardData:
     config = run.config
+    base_models = _base_models(run)
     return ModelCardData(
         model_name=model_name,
-        base_model=_base_models(run) or None,
-        base_model_relation="merge",
+        base_model=base_models or None,
+        base_model_relation="merge" if base_models else None,  # a relation to nothing on the Hub means nothing
         library_name="transformers",
-        license=run.publish.license,
+        license=license,
         pipeline_tag="text-generation",
         tags=["merge", "mergekit", PROJECT, config.merge_method, run.evolve.sampler],
-        eval_results=_eval_results(run),
+        eval_results=_eval_results(run, facts),
     )
+
+
+def objective_md(run: RunFiles) -> str:
+    """The objective in words, e.g. ``the mean of accuracy on `a` and accuracy on `b```; weights and signs shown."""
+    objectives = run.evolve.objectives
+    equal = len({o.weight for o in objectives}) == 1
+    terms = [
+        f"{'minus ' if o.goal == 'minimize' else ''}{'' if equal else f'{o.weight:g} × '}{metric_name(o.metric)} on `{o.task}`"
+        for o in objectives
+    ]
+    if len(terms) == 1:
+        return terms[0]
+    listed = ", ".join(terms[:-1]) + f" and {terms[-1]}"
+    return f"the {'mean' if equal else 'weighted mean'} of {listed}"
+
+
+def _merged(run: RunFiles) -> tuple[str | None, list[str]]:
+    base = str(run.config.base_model) if run.config.base_model is not None else None
+    return base, [m for m in run.sources if m != base]
 
 
 def _intro(run: RunFiles) -> str:
     report = run.report
+    base, merged = _merged(run)
+    onto = f" onto {run.names.name(base)}" if base else ""
     best_source = max(report["sources"].items(), key=lambda kv: kv[1]["heldout"], default=None)
     text = (
-        f"A merge of {len(report['sources'])} models found by an evolutionary search with {PROJECT}: "
-        f"an Optuna `{run.evolve.sampler}` sampler proposed {report['trials']} candidate mergekit configurations, "
-        f"each was merged and scored with lm-eval on `{report['objective']}`, and this model is the best "
+        f"A `{run.config.merge_method}` merge of {len(merged)} models{onto}, found by an evolutionary search with "
+        f"{PROJECT}: an Optuna `{run.evolve.sampler}` sampler proposed {report['trials']} candidate mergekit "
+        f"configurations, each was merged and scored with lm-eval on {objective_md(run)}, and this model is the best "
         f"(trial {report['winner']['trial']})."
     )
     if run.stage:
@@ -148,20 +205,20 @@ def _intro(run: RunFiles) -> str:
     if best_source:
         name, row = best_source
         text += (
-            f" On the held-out split it scores {report['winner']['heldout']:.4f} (weighted objective) "
-            f"against {row['heldout']:.4f} for the best source model, {_short(name)}."
+            f" On held-out data it scores {report['winner']['heldout']:.4f} (the objective above) "
+            f"against {row['heldout']:.4f} for the best source model, {run.names.name(name)}."
         )
     return text
 
 
 def _merge_md(run: RunFiles) -> str:
     config = run.config
+    base, merged = _merged(run)
     lines = [f"Method: {method_md(config.merge_method)}, dtype `{config.dtype or 'as the sources'}`."]
-    if config.base_model is not None:
-        lines.append(f"Base model: {_model_md(str(config.base_model))}.")
+    if base is not None:
+        lines.append(f"Base model: {_model_md(run, base)}.")
     lines += ["", "Models merged:", ""]
-    base = str(config.base_model) if config.base_model is not None else None
-    lines += [f"- {_model_md(m)}" for m in run.sources if m != base]
+    lines += [f"- {_model_md(run, m)}" for m in merged]
     point = run.report["winner"].get("point") or {}
     if point:
         lines += ["", "Searched values of the winner:", "", "| dimension | value |", "|---|---|"]
@@ -175,9 +232,9 @@ def _results_md(run: RunFiles) -> str:
     header = ["model"]
     weighted = len(objectives) > 1 or any(o.goal == "minimize" for o in objectives)
     if weighted:
-        header += ["weighted (search)", "weighted (held-out)"]
+        header += ["objective (search)", "objective (held-out)"]
     for o in objectives:
-        header += [f"{o.task} {o.metric} (search)", f"{_heldout_task(o)} {o.metric} (held-out)"]
+        header += [f"{o.task} {metric_name(o.metric)} (search)", f"{_heldout_task(o)} {metric_name(o.metric)} (held-out)"]
 
     def row(label: str, entry: dict[str, Any]) -> str:
         cells = [label]
@@ -189,8 +246,12 @@ def _results_md(run: RunFiles) -> str:
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append(row("**this merge**", report["winner"]))
-    lines += [row(_short(name), entry) for name, entry in report["sources"].items()]
-    notes = [f"Objective: `{report['objective']}` (higher is better; objectives to minimise enter it negated)."]
+    lines += [row(run.names.name(name), entry) for name, entry in report["sources"].items()]
+    notes = [(
+        "The search columns score the examples the search selected on: the winner is the best of "
+        f"{report['trials']} trials there, so they overstate it. The held-out columns score examples the search "
+        "never saw; they are the ones to quote."
+    )]
     same = [o.task for o in objectives if not o.heldout_task]
     if same:
         notes.append(
@@ -215,7 +276,7 @@ def _search_md(run: RunFiles) -> str:
     ]
     for o in ev.objectives:
         limit = f", limit {o.limit}" if o.limit is not None else ""
-        lines.append(f"- `{o.task}` `{o.metric}` ({o.goal}, weight {o.weight:g}{limit})")
+        lines.append(f"- {metric_name(o.metric)} on `{o.task}` ({o.goal}, weight {o.weight:g}{limit})")
     for kind, (name, _) in run.plots().items():
         lines += ["", f"![{PLOT_CAPTIONS[kind]}]({name})"]
     return "\n".join(lines)
@@ -240,9 +301,9 @@ def _lineage_md(run: RunFiles) -> str:
             if report.is_file():
                 winner = json.loads(report.read_text(encoding="utf-8"))["winner"]
                 found_by += f" (trial {winner['trial']}, search {winner['search']:.4f}, held-out {winner['heldout']:.4f})"
-        lines.append(f"{'  ' * depth}- {_short(model)}: a `{config.merge_method}` merge{found_by} of")
+        lines.append(f"{'  ' * depth}- {run.names.name(model)}: a `{config.merge_method}` merge{found_by} of")
         for ref in map(str, config.referenced_models()):
-            lines.append(f"{'  ' * (depth + 1)}- {_model_md(ref)}")
+            lines.append(f"{'  ' * (depth + 1)}- {_model_md(run, ref)}")
             walk(ref, depth + 2)
 
     for model in run.sources:
@@ -250,11 +311,58 @@ def _lineage_md(run: RunFiles) -> str:
     return "\n".join(lines)
 
 
-def _reproduce(method: str) -> str:
-    """The command that merges the config again: mergekit's own, unless the method is one this package adds."""
+def _reproduce(run: RunFiles) -> str:
+    """How to merge the config again: mergekit's own command unless the method is one this package adds, and
+    only with the local sources in hand."""
+    method = run.config.merge_method
     if method in register_plugins():
-        return f"`mergekit-evolve merge mergekit_config.yml OUT` (`{method}` is a merge method {PROJECT} registers with mergekit)"
-    return "a plain `mergekit-yaml mergekit_config.yml OUT`"
+        command = f"`mergekit-evolve merge mergekit_config.yml OUT` (`{method}` is a merge method {PROJECT} registers with mergekit)"
+    else:
+        command = "a plain `mergekit-yaml mergekit_config.yml OUT`"
+    local = [run.names.name(m) for m in run.sources if run.names.is_local(m)]
+    if local:
+        return (
+            f"{command} reproduces these weights once the source models it names are at hand: "
+            f"{', '.join(f'`{m}`' for m in local)} are local folders (relative to the recipe), not on the Hub"
+        )
+    return f"{command} reproduces these weights"
+
+
+def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
+    lm_eval = run.report.get("lm_eval")
+    lines = [
+        (f"Scored with lm-eval{f' {lm_eval}' if lm_eval else ''} (log-likelihood and generation requests as each task "
+         "defines them), on the search split during the search and once on the held-out split for the winner and each source."),
+        "",
+        "| objective | split | task | dataset | few-shot | examples |",
+        "|---|---|---|---|---|---|",
+    ]
+    for o in run.evolve.objectives:
+        for split, task, limit in (("search", o.task, o.limit), ("held-out", _heldout_task(o), o.heldout_limit)):
+            f = facts.get(task) or TaskFacts(task)
+            if f.dataset:
+                data = f"[{f.dataset}](https://huggingface.co/datasets/{f.dataset})" + "".join(
+                    f" `{x}`" for x in (f.subset, f.split) if x
+                )
+            else:
+                data = "local data file of the task" + (f" (`{f.split}` split)" if f.split else "")
+            shots = o.num_fewshot if o.num_fewshot is not None else f.num_fewshot
+            lines.append(f"| {metric_name(o.metric)} | {split} | `{task}` | {data} | {shots} | {limit if limit is not None else 'all'} |")
+    return "\n".join(lines)
+
+
+def _limitations_md(run: RunFiles) -> str:
+    tasks = sorted({t for o in run.evolve.objectives for t in (o.task, _heldout_task(o))})
+    lines = [
+        (f"- Measured only on {', '.join(f'`{t}`' for t in tasks)}: the search optimised for these and nothing "
+         "else, so abilities they do not test may be better or worse than the sources'."),
+        "- A merge inherits the limitations, biases and license terms of its source models; read their cards.",
+        "- Not evaluated for safety, toxicity or factuality beyond the tasks above.",
+    ]
+    if any(not o.heldout_task for o in run.evolve.objectives):
+        lines.append("- Some held-out scores re-score the search task (no separate held-out task was given), "
+                     "so they are not independent of the search.")
+    return "\n".join(lines)
 
 
 def _chat_template(best: Path) -> bool:
@@ -286,24 +394,28 @@ def _usage_md(model_id: str, chat: bool) -> str:
     return "\n".join(code + ["```"])
 
 
-def build_card(run: RunFiles, repo_id: str | None = None) -> ModelCard:
-    """The card for ``run``'s winner; ``repo_id`` (else the recipe's publish.repo) names it in the usage snippet."""
+def build_card(run: RunFiles, repo_id: str | None = None, license: str | None = None) -> ModelCard:
+    """The card for ``run``'s winner; ``repo_id`` (else the recipe's publish.repo) names it in the usage snippet,
+    ``license`` (else the recipe's, else the sources' common one) goes into the front matter."""
     repo_id = repo_id or run.publish.repo
     model_name = repo_id.split("/")[1] if repo_id else run.name
+    facts = _facts(run)
     return ModelCard.from_template(
-        card_data(run, model_name),
+        card_data(run, model_name, license or run.license()[0], facts),
         template_str=TEMPLATE,
         model_name=model_name,
         project=PROJECT,
         intro=_intro(run),
         merge=_merge_md(run),
         results=_results_md(run),
+        evaluation=_evaluation_md(run, facts),
         search=_search_md(run),
         lineage=_lineage_md(run),
-        usage=_usage_md(repo_id or str(run.best.resolve()), _chat_template(run.best)),
-        reproduce=_reproduce(run.config.merge_method),
-        config_yaml=run.config_text.strip(),
-        recipe_yaml=run.recipe_text.strip(),
+        usage=_usage_md(repo_id or str(run.best), _chat_template(run.best)),
+        limitations=_limitations_md(run),
+        reproduce=_reproduce(run),
+        config_yaml=run.published_config().strip(),
+        recipe_yaml=run.published_recipe().strip(),
     )
 
 

@@ -23,12 +23,13 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError
 
-from mergekit_evolve.publish.card import build_card
+from mergekit_evolve.publish.card import build_card, objective_md
 from mergekit_evolve.publish.errors import PublishError
 from mergekit_evolve.publish.gradio_app import MODEL_VARIABLE, space_files
+from mergekit_evolve.publish.names import TEXT_SUFFIXES
 from mergekit_evolve.publish.run_files import RunFiles
 from mergekit_evolve.recipe.publish_settings import PublishSettings
-from mergekit_evolve.runfolder import CARD_FILE
+from mergekit_evolve.runfolder import CARD_FILE, CONFIG_FILE, RECIPE_FILE
 
 try:  # the HTTP client huggingface_hub 2.x uses; 1.x used httpx
     from httpx2 import TransportError
@@ -57,15 +58,19 @@ class PublishPlan:
     uploads: list[RepoUpload]
 
 
-def plan_publish(run_dir: Path, repo: str, space: str | None = None, private: bool = False) -> PublishPlan:
+def plan_publish(run_dir: Path, repo: str, space: str | None = None, private: bool = False,
+                 license: str | None = None) -> PublishPlan:
     """Everything that would be uploaded, built in memory from the run folder (which is only read)."""
     run = RunFiles(Path(run_dir))
     run.check()
+    license = license or _license(run)
     files: dict[str, Path | bytes] = {
         p.relative_to(run.best).as_posix(): p for p in sorted(run.best.rglob("*")) if p.is_file()
     }
     # The card names the repo in its usage snippet, so it is rendered for this repo rather than read from best/.
-    files[CARD_FILE] = (str(build_card(run, repo)) + "\n").encode()
+    files[CARD_FILE] = (str(build_card(run, repo, license)) + "\n").encode()
+    files[CONFIG_FILE] = run.published_config().encode()
+    files[RECIPE_FILE] = run.published_recipe().encode()
     for name, path in run.plots().values():  # a run folder whose card predates its plots
         files.setdefault(name, path)
     winner = run.report["winner"]
@@ -74,17 +79,41 @@ def plan_publish(run_dir: Path, repo: str, space: str | None = None, private: bo
         repo_type="model",
         files=files,
         commit_message=f"mergekit-evolve: winner of {run.name} (trial {winner['trial']}, held-out {winner['heldout']:.4f})",
-        commit_description=f"Objective {run.report['objective']}; {run.report['trials']} trials; sources: {', '.join(run.sources)}.",
+        commit_description=f"Objective {objective_md(run)}; {run.report['trials']} trials; sources: {', '.join(map(run.names.name, run.sources))}.",
     )]
     if space:
         uploads.append(RepoUpload(
             repo_id=space,
             repo_type="space",
-            files=space_files(run, repo, space, private),
+            files=space_files(run, repo, space, private, license),
             commit_message=f"mergekit-evolve: demo of {repo}",
             variables={MODEL_VARIABLE: repo},
         ))
+    for up in uploads:
+        up.files = {name: _scrubbed(run, src) for name, src in up.files.items()}
     return PublishPlan(Path(run_dir), private, uploads)
+
+
+def _license(run: RunFiles) -> str:
+    license, why = run.license()
+    if license is None:
+        raise PublishError(
+            f"no license for the model card: {why}. Set publish.license in the recipe or pass --license "
+            "(the sources' license when they share one; 'other' with a LICENSE file otherwise)"
+        )
+    LOG.info("license %s: %s", license, why)
+    return license
+
+
+def _scrubbed(run: RunFiles, src: Path | bytes) -> Path | bytes:
+    """A text file with this machine's paths of the source models replaced by their published names."""
+    if isinstance(src, Path) and (not src.name.endswith(TEXT_SUFFIXES) or src.stat().st_size > 50_000_000):
+        return src
+    text = src.decode() if isinstance(src, bytes) else src.read_text(encoding="utf-8")
+    clean = run.names.scrub(text, run.sources)
+    if clean == text:
+        return src
+    return clean.encode()
 
 
 def describe(plan: PublishPlan) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -11,29 +10,15 @@ from typing import Any
 
 import pydantic
 import yaml
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
 from mergekit_evolve.publish.errors import PublishError
+from mergekit_evolve.publish.names import SourceNames
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.recipe.publish_settings import PublishSettings
 from mergekit_evolve.recipe.stages import KEY as STAGES_KEY
 from mergekit_evolve.recipe.stages import stage_body
 from mergekit_evolve.runfolder import RunFolder
-
-
-def hub_id(model: str) -> str | None:
-    """The Hub repo id of a mergekit model reference, or None when it names a local folder."""
-    path = ModelReference.parse(model).model.path
-    if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
-        return None
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        return None
-    return path
 
 
 @dataclass
@@ -101,6 +86,31 @@ class RunFiles:
     @cached_property
     def publish(self) -> PublishSettings:
         return self._section(PublishSettings, "publish")
+
+    @cached_property
+    def names(self) -> SourceNames:
+        return SourceNames.for_run(self.run_dir, self.folder.stored_recipe_path(), self.publish.hub_ids)
+
+    def published_config(self) -> str:
+        """The winner's mergekit config as published: sources by Hub id, local ones relative to the recipe."""
+        text = self.names.scrub(self.config_text, self.sources)
+        local = [self.names.name(m) for m in self.sources if self.names.is_local(m)]
+        if not local:
+            return text
+        note = (
+            f"# Not on the Hub: {', '.join(local)} (folders relative to the recipe that produced this merge).\n"
+            "# Replace them with their Hub ids, or put the folders there, to merge it again.\n"
+        )
+        return note + text
+
+    def published_recipe(self) -> str:
+        return self.names.scrub(self.recipe_text, self.sources)
+
+    def license(self) -> tuple[str | None, str]:
+        """The license for the card: publish.license, else the one every source's card states; and why."""
+        if self.publish.license:
+            return self.publish.license, "set in the recipe's publish section"
+        return self.names.common_license(self.sources)
 
     @property
     def sources(self) -> list[str]:

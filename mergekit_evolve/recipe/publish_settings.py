@@ -24,12 +24,30 @@ class PublishSettings(BaseModel):
     repo: str | None = Field(default=None, description="model repo owner/name; when set, the run pushes its winner there at the end")
     space: str | None = Field(default=None, description="Gradio demo Space owner/name, created or updated beside the model")
     private: bool = Field(default=False, description="create the repos private (an existing repo keeps its visibility)")
-    license: str | None = Field(default=None, description="license id for the model card's front matter, e.g. apache-2.0")
+    license: str | None = Field(
+        default=None,
+        description="license id for the model card, e.g. apache-2.0 (default: the license every source's card states)",
+    )
+    hub_ids: dict[str, str] = Field(
+        default_factory=dict,
+        description="local source folders (relative to the recipe) -> the Hub id they were downloaded from; "
+                    "published files name them by it",
+    )
 
     @field_validator("repo", "space")
     @classmethod
     def _repo_id(cls, value: str | None) -> str | None:
         return None if value is None else check_repo_id(value)
+
+    @field_validator("hub_ids")
+    @classmethod
+    def _hub_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        for folder, repo in value.items():
+            try:
+                check_repo_id(repo)
+            except ValueError as e:
+                raise ValueError(f"hub_ids['{folder}']: {e}") from None
+        return value
 
     @model_validator(mode="after")
     def _space_needs_repo(self) -> "PublishSettings":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +78,7 @@ def write_report(run_dir: Path, study: optuna.Study, worker: Worker, best: optun
         "sources": source_scores(study, worker, config.dtype),
         "trials": len(study.trials),
         "study": study.study_name,
+        "lm_eval": version("lm_eval"),  # the model card states what scored it
     }
     RunFolder(run_dir).report.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report

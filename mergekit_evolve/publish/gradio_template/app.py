@@ -8,6 +8,7 @@ this same file on a local run folder.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -19,6 +20,11 @@ from typing import Any
 import gradio as gr
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+try:  # the Hub's `spaces` package: on ZeroGPU hardware a GPU is attached only inside @spaces.GPU functions
+    import spaces
+except ImportError:
+    spaces = None
 
 LOG = logging.getLogger("mergekit_evolve.space")
 CONFIG_ENV = "MERGEKIT_EVOLVE_SPACE_CONFIG"
@@ -39,26 +45,48 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     return settings
 
 
+ZERO_GPU = spaces is not None and bool(os.environ.get("SPACES_ZERO_GPU"))
+GPU_SECONDS = 120  # what one ZeroGPU request may use: loading a parent and generating
+
+
 class Models:
-    """Models and tokenizers loaded on first use and kept; one lock so two requests never load twice."""
+    """One model in memory at a time: asking for another releases the one loaded, so the Space needs room for
+    the largest model only. A lock keeps a generation's model from being swapped out under it."""
 
     def __init__(self, device: str | None):
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._loaded: dict[str, tuple[Any, Any]] = {}
-        self._lock = threading.Lock()
+        self.device = device or ("cuda" if torch.cuda.is_available() or ZERO_GPU else "cpu")
+        self.loaded: tuple[str, Any, Any] | None = None  # model id, model, tokenizer
+        self.lock = threading.Lock()
 
-    def get(self, model_id: str) -> tuple[Any, Any]:
-        with self._lock:
-            if model_id not in self._loaded:
-                LOG.info("loading %s on %s", model_id, self.device)
-                tokenizer = AutoTokenizer.from_pretrained(model_id)
-                model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto").to(self.device).eval()
-                self._loaded[model_id] = (model, tokenizer)
-            return self._loaded[model_id]
+    @property
+    def current(self) -> str | None:
+        return self.loaded[0] if self.loaded else None
+
+    def _get(self, model_id: str) -> tuple[Any, Any]:
+        if self.current != model_id:
+            self.release()
+            LOG.info("loading %s on %s", model_id, self.device)
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto").to(self.device).eval()
+            self.loaded = (model_id, model, tokenizer)
+        assert self.loaded is not None
+        return self.loaded[1], self.loaded[2]
+
+    def release(self) -> None:
+        if self.loaded is not None:
+            LOG.info("releasing %s", self.loaded[0])
+            self.loaded = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def stream(self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int, temperature: float) -> Iterator[str]:
         """The reply so far, growing as tokens arrive (greedy when temperature is 0)."""
-        model, tokenizer = self.get(model_id)
+        with self.lock:
+            yield from self._stream(model_id, messages, max_new_tokens, temperature)
+
+    def _stream(self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int, temperature: float) -> Iterator[str]:
+        model, tokenizer = self._get(model_id)
         if tokenizer.chat_template:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         else:  # a base model: complete the last message as plain text
@@ -77,6 +105,11 @@ class Models:
             text += piece
             yield text
         worker.join()
+
+
+def on_gpu(fn: Any) -> Any:
+    """``fn`` as a ZeroGPU task when the Space runs there; unchanged elsewhere."""
+    return spaces.GPU(duration=GPU_SECONDS)(fn) if ZERO_GPU else fn
 
 
 def _label(model: str) -> str:
@@ -105,62 +138,95 @@ def _read(path: str | None) -> str:
     return Path(path).read_text(encoding="utf-8") if path and Path(path).is_file() else ""
 
 
+COMPARE_COLUMNS = 2  # outputs side by side; more wrap onto the next row, so a laptop screen fits them
+CSS = "#scores {max-width: 100%; overflow-x: auto} .gradio-container {max-width: 1280px !important}"
+
+
 def build_demo(settings: dict[str, Any]) -> gr.Blocks:
     models = Models(settings.get("device"))
     merged = settings["model"]
     parents = {p["label"]: p["model"] for p in settings.get("parents", [])}
     title = settings.get("title") or _label(merged)
+    examples = settings.get("examples") or []
 
-    with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\n{settings.get('description', '')}\n\nMerged model: `{merged}`")
-        with gr.Row():
-            max_new_tokens = gr.Slider(1, 1024, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
+    with gr.Blocks(title=title, css=CSS, fill_width=True) as demo:
+        gr.Markdown(f"## {title}\n{settings.get('description', '')} Merged model: `{merged}`.")
+        with gr.Accordion("Generation settings", open=False):
+            with gr.Row():
+                max_new_tokens = gr.Slider(1, 1024, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
 
         with gr.Tab("Chat", id="chat"):
 
+            @on_gpu
             def chat(message: str, history: list[dict[str, Any]], max_new: int, temp: float) -> Iterator[str]:
                 turns = [{"role": m["role"], "content": _text(m["content"])} for m in history]
                 yield from models.stream(merged, turns + [{"role": "user", "content": message}], max_new, temp)
 
             gr.ChatInterface(
                 chat,
-                chatbot=gr.Chatbot(label=title, elem_id="chatbot", height=360),
+                chatbot=gr.Chatbot(label=title, elem_id="chatbot", height=320),
                 textbox=gr.Textbox(placeholder="Type a message and press Enter", elem_id="chat-input", submit_btn=True),
                 additional_inputs=[max_new_tokens, temperature],
+                examples=[[e] for e in examples] or None,
+                cache_examples=False,
             )
 
         with gr.Tab("Compare with parents", id="compare"):
-            if not parents:
-                gr.Markdown("None of the parent models is on the Hub, so there is nothing to compare with here.")
-            chosen = gr.CheckboxGroup(list(parents), value=list(parents)[:3], label="parents to compare")
-            prompt = gr.Textbox(label="prompt", elem_id="compare-prompt")
-            run = gr.Button("Generate with each model", variant="primary", elem_id="compare-run")
-            with gr.Row():
-                boxes = [gr.Textbox(label=MERGED_LABEL, lines=8, elem_id="out-merged")]
-                boxes += [gr.Textbox(label=label, lines=8, elem_id=f"out-parent-{i}") for i, label in enumerate(parents)]
+            local = settings.get("local_parents") or []
+            if local:
+                gr.Markdown(
+                    f"Not on the Hub, so not loaded here: {', '.join(f'`{m}`' for m in local)}. "
+                    "The recipe's `publish.hub_ids` names the Hub id of a local folder.",
+                    elem_id="local-parents",
+                )
+            if parents:
+                default = [p for p in settings.get("compare_default", []) if p in parents] or list(parents)[:1]
+                chosen = gr.CheckboxGroup(list(parents), value=default, label="parents to compare (loaded one at a time)",
+                                          elem_id="compare-parents")
+                prompt = gr.Textbox(label="prompt", elem_id="compare-prompt", value=examples[0] if examples else "")
+                run = gr.Button("Generate with each model", variant="primary", elem_id="compare-run")
+                labels = [MERGED_LABEL, *parents]
+                boxes = []
+                for start in range(0, len(labels), COMPARE_COLUMNS):
+                    with gr.Row():
+                        for i, label in enumerate(labels[start:start + COMPARE_COLUMNS], start):
+                            elem = "out-merged" if i == 0 else f"out-parent-{i - 1}"
+                            boxes.append(gr.Textbox(label=label, lines=5, max_lines=12, elem_id=elem,
+                                                    visible=i == 0 or label in default))
 
-            def compare(text: str, picked: list[str], max_new: int, temp: float) -> Iterator[list[str]]:
-                outputs = [""] * len(boxes)
-                targets = [(0, merged)] + [(i + 1, parents[p]) for i, p in enumerate(parents) if p in picked]
-                for slot, model_id in targets:
-                    for partial in models.stream(model_id, [{"role": "user", "content": text}], max_new, temp):
-                        outputs[slot] = partial
-                        yield list(outputs)
+                @on_gpu
+                def compare(text: str, picked: list[str], max_new: int, temp: float) -> Iterator[list[str]]:
+                    outputs = [""] * len(boxes)
+                    targets = [(0, merged)] + [(i + 1, parents[p]) for i, p in enumerate(parents) if p in picked]
+                    targets.sort(key=lambda t: t[1] != models.current)  # start with the model in memory: one load fewer
+                    for slot, model_id in targets:
+                        for partial in models.stream(model_id, [{"role": "user", "content": text}], max_new, temp):
+                            outputs[slot] = partial
+                            yield list(outputs)
 
-            run.click(compare, [prompt, chosen, max_new_tokens, temperature], boxes)
-            prompt.submit(compare, [prompt, chosen, max_new_tokens, temperature], boxes)
+                chosen.change(lambda picked: [gr.update(visible=i == 0 or labels[i] in picked) for i in range(len(boxes))],
+                              chosen, boxes)
+                run.click(compare, [prompt, chosen, max_new_tokens, temperature], boxes)
+                prompt.submit(compare, [prompt, chosen, max_new_tokens, temperature], boxes)
+            elif not local:
+                gr.Markdown("This merge has no parent models to compare with.")
 
         with gr.Tab("Search history", id="history"):
-            if settings.get("history") and Path(settings["history"]).is_file():
-                gr.Image(settings["history"], label="objective of every trial and the best so far", elem_id="history-plot")
-            if settings.get("pareto") and Path(settings["pareto"]).is_file():
-                gr.Image(settings["pareto"], label="Pareto front of the objectives", elem_id="pareto-plot")
+            with gr.Row():
+                if settings.get("history") and Path(settings["history"]).is_file():
+                    gr.Image(settings["history"], label="objective of every trial and the best so far", elem_id="history-plot",
+                             height=320)
+                if settings.get("pareto") and Path(settings["pareto"]).is_file():
+                    gr.Image(settings["pareto"], label="Pareto front of the objectives", elem_id="pareto-plot", height=320)
             if settings.get("report") and Path(settings["report"]).is_file():
                 headers, rows = score_table(json.loads(_read(settings["report"])))
-                gr.Dataframe(value=rows, headers=headers, label="winner vs sources", elem_id="scores")
-            gr.Code(_read(settings.get("config")), language="yaml", label="mergekit config of the winner")
-            gr.Code(_read(settings.get("recipe")), language="yaml", label="recipe")
+                gr.Dataframe(value=rows, headers=headers, label="winner vs sources (held-out is the score to quote)",
+                             elem_id="scores", wrap=True, max_height=320)
+            with gr.Accordion("mergekit config of the winner", open=False):
+                gr.Code(_read(settings.get("config")), language="yaml")
+            with gr.Accordion("recipe", open=False):
+                gr.Code(_read(settings.get("recipe")), language="yaml")
     return demo
 
 
