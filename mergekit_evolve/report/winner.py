@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,11 +34,14 @@ def write_best(
     staging = target.with_name(target.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
-    # run_merge normalises the config it is given in place; keep ours (and its YAML) as the user wrote it
-    run_merge(
-        config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
-        options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}),
-    )
+    update: dict[str, Any] = {"copy_tokenizer": True, "write_model_card": True}
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora-merges.") as lora_cache:
+        # base+adapter sources: mergekit's run_merge writes each merged copy first; keep those
+        # only while best/ is written, unless the options name a cache for them
+        if not options.lora_merge_cache:
+            update["lora_merge_cache"] = lora_cache
+        # run_merge normalises the config it is given in place; keep ours (and its YAML) as the user wrote it
+        run_merge(config.model_copy(deep=True), str(staging), config_source=config.to_yaml(), options=options.model_copy(update=update))
     shutil.copyfile(recipe_file, staging / RECIPE_FILE)
     if target.exists():
         shutil.rmtree(target)
