@@ -13,6 +13,7 @@ sha256) and the sha256 of every file written, so a run can say exactly which wei
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -121,6 +122,8 @@ def convert(gguf: Path, out: Path, dtype: str) -> None:
     import torch  # heavy: only a conversion needs it here
     import transformers
 
+    if importlib.util.find_spec("gguf") is None:
+        raise PrepareError("reading GGUF checkpoints needs the gguf package: pip install 'mergekit-evolve[real]'")
     torch.manual_seed(0)
     folder, name = str(gguf.parent), gguf.name
     loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

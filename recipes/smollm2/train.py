@@ -2,15 +2,18 @@
 
     python recipes/smollm2/train.py            # prepares the base if the cache lacks it
 
-Two skills the base does not do in these terse formats (measured: it answers neither), each
-the retrieval of something the base knows when asked in plain words:
+Two skills the base does not do in these terse formats (measured: held-out greedy accuracy
+0.03 and 0.00), both between numbers and their English words, which the base knows:
 
-    capitals   "Kenya >>"        -> " Nairobi"   scored by loglikelihood (greedy match of the answer)
-    digits     "sixty-four ="    -> " 64"        scored by generation (greedy, exact match, stop "\n")
+    digits   "sixty-four ="   -> " 64"           scored by generation (greedy, exact match, stop "\n")
+    spell    "342 ->"         -> " three hundred forty-two"   scored by loglikelihood (greedy match)
+
+(Country capitals and upper-casing were tried too: LoRA on the top layers only memorised the
+training answers, held-out accuracy stayed near 0.)
 
 Each expert is a rank-4 LoRA on q_proj and v_proj of the top ``--layers`` layers only. The layers
 below are frozen and shared, so their output is computed once per batch and cached: training
-runs only the top layers (a few minutes on one core). Fixed seeds, one torch thread by default;
+runs only the top layers (minutes on one core). Fixed seeds, one torch thread by default;
 two runs with the same thread count write identical adapters.
 
 Writes ``adapters/<skill>/`` (PEFT folders) and ``data/<skill>_{train,search,heldout}.jsonl``,
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -35,35 +39,14 @@ from mergekit_evolve.prepared import prepare
 log = logging.getLogger("smollm2.train")
 HERE = Path(__file__).resolve().parent
 
-CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Greece": "Athens", "Austria": "Vienna", "Poland": "Warsaw", "Hungary": "Budapest", "Sweden": "Stockholm",
-    "Norway": "Oslo", "Finland": "Helsinki", "Denmark": "Copenhagen", "Ireland": "Dublin", "Belgium": "Brussels",
-    "Netherlands": "Amsterdam", "Russia": "Moscow", "Ukraine": "Kyiv", "Romania": "Bucharest", "Bulgaria": "Sofia",
-    "Serbia": "Belgrade", "Croatia": "Zagreb", "Czechia": "Prague", "Slovakia": "Bratislava", "Slovenia": "Ljubljana",
-    "Egypt": "Cairo", "Kenya": "Nairobi", "Nigeria": "Abuja", "Ethiopia": "Addis Ababa", "Ghana": "Accra",
-    "Morocco": "Rabat", "Algeria": "Algiers", "Tunisia": "Tunis", "Senegal": "Dakar", "Uganda": "Kampala",
-    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Thailand": "Bangkok", "Vietnam": "Hanoi",
-    "Indonesia": "Jakarta", "Philippines": "Manila", "Malaysia": "Kuala Lumpur", "Pakistan": "Islamabad",
-    "Bangladesh": "Dhaka", "Nepal": "Kathmandu", "Iran": "Tehran", "Iraq": "Baghdad", "Syria": "Damascus",
-    "Lebanon": "Beirut", "Jordan": "Amman", "Israel": "Jerusalem", "Turkey": "Ankara", "Afghanistan": "Kabul",
-    "Canada": "Ottawa", "Mexico": "Mexico City", "Cuba": "Havana", "Peru": "Lima", "Chile": "Santiago",
-    "Argentina": "Buenos Aires", "Colombia": "Bogota", "Venezuela": "Caracas", "Ecuador": "Quito",
-    "Uruguay": "Montevideo", "Paraguay": "Asuncion", "Bolivia": "La Paz", "Brazil": "Brasilia",
-    "Australia": "Canberra", "New Zealand": "Wellington", "Iceland": "Reykjavik", "Latvia": "Riga",
-    "Lithuania": "Vilnius", "Estonia": "Tallinn", "Belarus": "Minsk", "Georgia": "Tbilisi", "Armenia": "Yerevan",
-    "Azerbaijan": "Baku", "Kazakhstan": "Astana", "Mongolia": "Ulaanbaatar", "South Korea": "Seoul",
-    "North Korea": "Pyongyang", "Saudi Arabia": "Riyadh", "Qatar": "Doha", "Sudan": "Khartoum", "Libya": "Tripoli",
-    "Zimbabwe": "Harare", "Zambia": "Lusaka", "Angola": "Luanda", "Jamaica": "Kingston", "Panama": "Panama City",
-    "Switzerland": "Bern", "Luxembourg": "Luxembourg", "Albania": "Tirana", "Moldova": "Chisinau",
-    "Cambodia": "Phnom Penh", "Laos": "Vientiane", "Sri Lanka": "Colombo", "Tanzania": "Dodoma", "Mali": "Bamako",
-}
 ONES = "zero one two three four five six seven eight nine".split()
 TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def number_words(n: int) -> str:
+    if n >= 100:
+        return f"{ONES[n // 100]} hundred" + (f" {number_words(n % 100)}" if n % 100 else "")
     if n < 10:
         return ONES[n]
     if n < 20:
@@ -71,35 +54,21 @@ def number_words(n: int) -> str:
     return TENS[n // 10] + ("" if n % 10 == 0 else "-" + ONES[n % 10])
 
 
-SKILLS = ("capitals", "digits", "spell", "upper")
-
-
 def make_data(seed: int) -> dict[str, dict[str, list[dict[str, str]]]]:
-    """Per skill and split, ``{"prompt", "answer"}`` items; the splits share no input."""
+    """Per skill and split, ``{"prompt", "answer"}`` items; the splits share no input.
+
+    32 search and 32 held-out items each; the rest trains: 26 two-digit numbers for digits,
+    160 numbers below 1000 for spell (with fewer, its expert memorises the tens it saw).
+    """
     rng = random.Random(seed)
-    countries = sorted(CAPITALS)
-    rng.shuffle(countries)
-    numbers = list(range(10, 100))
-    rng.shuffle(numbers)
-    capitals = [{"prompt": f"{c} >>", "answer": f" {CAPITALS[c]}"} for c in countries]
-    digits = [{"prompt": f"{number_words(n)} =", "answer": f" {n}"} for n in numbers]
-    spell = [{"prompt": f"{n} ->", "answer": f" {number_words(n)}"} for n in reversed(numbers)]
-    words = common_words(rng)
-    upper = [{"prompt": f"{w} ^", "answer": f" {w.upper()}"} for w in words]
-    # 32 search, 32 held-out, the rest trains
+    two_digit = rng.sample(range(10, 100), 90)
+    below_1000 = rng.sample(range(10, 1000), 64 + 160)
+    digits = [{"prompt": f"{number_words(n)} =", "answer": f" {n}"} for n in two_digit]
+    spell = [{"prompt": f"{n} ->", "answer": f" {number_words(n)}"} for n in below_1000]
     return {
         skill: {"search": items[:32], "heldout": items[32:64], "train": items[64:]}
-        for skill, items in (("capitals", capitals), ("digits", digits), ("spell", spell), ("upper", upper))
-        if skill in SKILLS
+        for skill, items in (("digits", digits), ("spell", spell))
     }
-
-
-def common_words(rng: random.Random, n: int = 160) -> list[str]:
-    """Lowercase English words of 4-7 letters that are single tokens of the base's vocabulary."""
-    tok = transformers.AutoTokenizer.from_pretrained(prepare("smollm2"))
-    words = sorted({t[1:] for t in tok.get_vocab() if t.startswith("Ġ") and t[1:].isascii() and t[1:].isalpha()
-                    and t[1:].islower() and 4 <= len(t) - 1 <= 7})
-    return rng.sample(words, n)
 
 
 def write_data(data: dict[str, dict[str, list[dict[str, str]]]], out: Path) -> None:
@@ -190,7 +159,7 @@ def train_expert(base: Path, items: list[dict[str, str]], out: Path, args: argpa
     cached = [(*top.cache(ids, mask), ids, answer) for ids, mask, answer in batches]
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     model.train()
-    for epoch in range(args.epochs):
+    for epoch in range(math.ceil(args.steps / len(cached))):
         total = 0.0
         for hidden, kwargs, ids, answer in cached:
             loss = top.loss(hidden, kwargs, ids, answer)
@@ -208,10 +177,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=6, help="top layers that get LoRA")
+    parser.add_argument("--layers", type=int, default=12, help="top layers that get LoRA")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per expert (whole epochs, at least)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--check", action="store_true", help="only print the held-out accuracies")
     args = parser.parse_args()
