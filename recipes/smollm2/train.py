@@ -170,6 +170,7 @@ def train_expert(base: Path, items: list[dict[str, str]], out: Path, args: argpa
         log.info("%s epoch %d loss %.3f", out.name, epoch, total / len(cached))
     model.eval()
     model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # PEFT's blank model card
 
 
 def main() -> None:
