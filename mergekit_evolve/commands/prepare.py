@@ -7,7 +7,8 @@ import json
 import click
 
 from mergekit_evolve.commands.common import console, setup_logging
-from mergekit_evolve.prepared import DTYPES, MODELS, RECORD_FILE, PrepareError, prepare as prepare_model
+from mergekit_evolve.prepared import DTYPES, MODELS, RECORD_FILE, PrepareError
+from mergekit_evolve.prepared import prepare as prepare_model
 
 
 @click.command()

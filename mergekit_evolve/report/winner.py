@@ -16,7 +16,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.scores import Scores
-from mergekit_evolve.runfolder import RECIPE_FILE, RunFolder
+from mergekit_evolve.runfolder import LORA_MERGES_PREFIX, RECIPE_FILE, RunFolder
 from mergekit_evolve.study.worker import Worker, source_config
 
 LOG = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def write_best(
     if staging.exists():
         shutil.rmtree(staging)
     update: dict[str, Any] = {"copy_tokenizer": True, "write_model_card": True}
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".lora-merges.") as lora_cache:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=LORA_MERGES_PREFIX) as lora_cache:
         # base+adapter sources: mergekit's run_merge writes each merged copy first; keep those
         # only while best/ is written, unless the options name a cache for them
         if not options.lora_merge_cache:
