@@ -131,33 +131,13 @@ class TopLayers:
         return torch.nn.functional.cross_entropy(logits, ids[:, 1:][target])
 
 
-def greedy(model, tok, prompts: list[str], max_new_tokens: int = 6) -> list[str]:
-    """Greedy continuations, cut at the first newline."""
+def greedy_accuracy(model, tok, items: list[dict[str, str]], max_new_tokens: int = 6) -> float:
     tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok([i["prompt"] for i in items], return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return [t.split("\n")[0] for t in tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)]
-
-
-def greedy_accuracy(model, tok, items: list[dict[str, str]]) -> float:
-    return sum(t == i["answer"] for t, i in zip(greedy(model, tok, [i["prompt"] for i in items]), items)) / len(items)
-
-
-def replay(base: Path, data: dict[str, dict[str, list[dict[str, str]]]], n: int) -> dict[str, list[dict[str, str]]]:
-    """Per skill, ``n`` training prompts of the other skills with the base's own greedy answers.
-
-    An expert trained on them learns to leave other formats as the base has them, so adding it
-    to another expert does not overwrite that one's skill (without replay, both experts at
-    weight 1 scored 0 on both skills).
-    """
-    tok = transformers.AutoTokenizer.from_pretrained(base)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    kept = {}
-    for skill, splits in data.items():
-        prompts = [i["prompt"] for i in splits["train"][:n]]
-        kept[skill] = [{"prompt": p, "answer": a} for p, a in zip(prompts, greedy(model, tok, prompts)) if a]
-    return {skill: [i for other in data if other != skill for i in kept[other]] for skill in data}
+    texts = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return sum(t.split("\n")[0] == i["answer"] for t, i in zip(texts, items)) / len(items)
 
 
 # Each expert adapts its own layers: two adapters on the same weights overwrite each other when
@@ -205,7 +185,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per expert (whole epochs, at least)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--replay", type=int, default=24, help="other skills' prompts per expert, with the base's answers")
     parser.add_argument("--check", action="store_true", help="only print the held-out accuracies")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -214,10 +193,9 @@ def main() -> None:
     data = make_data(args.seed)
     if not args.check:
         write_data(data, args.out)
-        replayed = replay(base, data, args.replay)
         for skill, splits in data.items():
             start = time.perf_counter()
-            train_expert(base, splits["train"] + replayed[skill], args.out / "adapters" / skill, LAYERS[skill], args)
+            train_expert(base, splits["train"], args.out / "adapters" / skill, LAYERS[skill], args)
             log.info("trained %s in %.0f s", skill, time.perf_counter() - start)
     tok = transformers.AutoTokenizer.from_pretrained(base)
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
