@@ -124,7 +124,6 @@ def convert(gguf: Path, out: Path, dtype: str) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise PrepareError("reading GGUF checkpoints needs the gguf package: pip install 'mergekit-evolve[real]'")
-    torch.manual_seed(0)
     folder, name = str(gguf.parent), gguf.name
     loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)

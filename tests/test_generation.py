@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 import transformers
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
@@ -52,7 +51,10 @@ def test_eos_ends_a_sequence(lms):
     try:
         model.lm_head.weight.data[eos] = model.lm_head.weight.data[eos] + 5 * model.lm_head.weight.data.std()
         reqs = requests([{"until": ["zz"], "max_gen_toks": 10}])
-        assert quiet.generate_until(reqs) == hflm.generate_until(reqs, disable_tqdm=True)
+        got = quiet.generate_until(reqs)
+        assert got == hflm.generate_until(reqs, disable_tqdm=True)
+        # some sequences end at once, some midway (the character tokenizer decodes with spaces)
+        assert "" in got and any(0 < len(t.split()) < 10 for t in got)
     finally:
         model.lm_head.weight.data = original
 
@@ -60,4 +62,3 @@ def test_eos_ends_a_sequence(lms):
 def test_sampling_stays_on_hflm(lms):
     _, quiet = lms
     assert not generation.applies(quiet, requests([{"until": ["a"], "do_sample": True, "temperature": 0.7}]))
-    torch.manual_seed(0)
