@@ -21,6 +21,7 @@ COMMANDS = {
     "publish": "mergekit_evolve.commands.publish:publish",
     "space": "mergekit_evolve.commands.app:space",
     "migrate": "mergekit_evolve.commands.migrate:migrate",
+    "prepare": "mergekit_evolve.commands.prepare:prepare",
 }
 
 

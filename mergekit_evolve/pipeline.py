@@ -18,6 +18,7 @@ import optuna
 import torch
 
 from mergekit_evolve.evaluate.suite import TaskSetupError
+from mergekit_evolve.merge.memory_plan import MemoryPlanError
 from mergekit_evolve.merge.resident import ModelNotFoundError
 from mergekit_evolve.publish.card import write_card
 from mergekit_evolve.publish.errors import PublishError
@@ -53,11 +54,11 @@ from mergekit_evolve.study.storage import (
     default_storage_url,
     open_storage,
 )
-from mergekit_evolve.study.worker import Worker, merge_options
+from mergekit_evolve.study.worker import Worker, merge_options, plan_memory
 
 LOG = logging.getLogger(__name__)
 SETUP_ERRORS = (RecipeError, ModelNotFoundError, TaskSetupError, SamplerSetupError, RunDirError, PublishError,
-                ParallelError, StorageError)
+                ParallelError, StorageError, MemoryPlanError)
 
 
 class RunFailed(RuntimeError):
@@ -94,6 +95,9 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
         plan = plan_workers(recipe.evolve, options.ray)
         if recipe.evolve.storage:
             check_storage(recipe.evolve.storage)
+        memory = plan_memory(recipe, merge)
+        LOG.info("\n".join(memory.lines()))
+        memory.check()  # before any weight is loaded
         worker = Worker(recipe, merge, allow_pickle=options.allow_pickle)
         folder.prepare(recipe.fingerprint(), recipe.path, recipe.text, options.overwrite)
     except SETUP_ERRORS as e:

@@ -29,6 +29,7 @@ RECIPE_FILE = "recipe.yml"
 CONFIG_FILE = "mergekit_config.yml"  # inside best/: the winner's concrete mergekit config
 CARD_FILE = "README.md"  # inside best/: the model card
 BEST_DIR = "best"
+LORA_MERGES_PREFIX = ".lora-merges."  # a temporary folder: mergekit's merged adapter copies while best/ is written
 
 
 class RunDirError(RuntimeError):

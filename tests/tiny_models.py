@@ -83,3 +83,19 @@ def write_copy_task(folder: Path, n_search: int = 16, n_heldout: int = 16) -> Pa
             "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
         )
     return folder / "tasks"
+
+
+def make_lora_adapter(base: Path, out: Path, seed: int = 0, r: int = 2, dtype: torch.dtype = torch.float32, **config) -> Path:
+    """A PEFT LoRA adapter over ``base`` with random, nonzero factors (B starts at zero in PEFT)."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    lora = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "down_proj"], **config)
+    model = peft.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out

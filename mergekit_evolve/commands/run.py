@@ -11,12 +11,14 @@ from rich.table import Table
 
 from mergekit_evolve.commands.common import console, print_report, setup_logging
 from mergekit_evolve.commands.migrate import legacy_run_options
+from mergekit_evolve.merge.resident import ModelNotFoundError
 from mergekit_evolve.pipeline import RunFailed, RunOptions, run_recipe, run_stages
 from mergekit_evolve.recipe.document import load_document
 from mergekit_evolve.recipe.overrides import Overrides
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe
+from mergekit_evolve.study.worker import merge_options, plan_memory
 
 
 @click.command()
@@ -102,3 +104,9 @@ def _print_dry_run(recipe: Recipe) -> None:
     if recipe.evolve:
         click.echo(f"# sampler: {recipe.evolve.sampler}, trials: {recipe.evolve.trials}, "
                    f"objectives: {', '.join(o.name for o in recipe.evolve.objectives)}")
+        try:
+            plan = plan_memory(recipe, merge_options(recipe))
+        except (ModelNotFoundError, OSError) as e:  # a model not there yet: the rest still validates
+            click.echo(f"# memory plan: unavailable ({e})")
+        else:
+            click.echo("\n".join(f"# {line}" for line in plan.lines()))

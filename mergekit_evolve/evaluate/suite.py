@@ -18,7 +18,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager, get_task_dict
 
 from mergekit_evolve.compat.lm_eval import HookedHFLM, compiled_templates
-from mergekit_evolve.evaluate import loglikelihood
+from mergekit_evolve.evaluate import generation, loglikelihood
 from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.evaluate.requests import PreparedRequests
 from mergekit_evolve.evaluate.scores import Scores
@@ -108,7 +108,8 @@ def _leaf_tasks(tree: Any) -> list[Any]:
 
 class QuietHFLM(HookedHFLM):
     """lm-eval's ``HFLM`` without its per-call progress bars (the search draws one bar of its own),
-    with tokenised pairs remembered and the batched loglikelihood of ``loglikelihood.py``."""
+    with tokenised pairs remembered, the batched loglikelihood of ``loglikelihood.py`` and the
+    greedy decoding loop of ``generation.py``."""
 
     @functools.cached_property
     def max_length(self) -> int:
@@ -136,6 +137,8 @@ class QuietHFLM(HookedHFLM):
         return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        if generation.applies(self, requests):
+            return generation.generate_until(self, requests)
         return super().generate_until(requests, disable_tqdm=True)
 
 

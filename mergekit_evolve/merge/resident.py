@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 
 import safetensors.torch
 import torch
@@ -51,17 +53,14 @@ class ResidentTensors(LazyTensorLoader):
 
 
 def local_folder(model: ModelReference, options: MergeOptions) -> str:
-    """The model's folder on disk (the Hub cache for hub ids), or a clear error."""
+    """The folder on disk (the Hub cache for hub ids) of the model, or of the base of an adapter
+    reference (``base+adapter``: the adapter is applied in memory, see ``apply_adapter``)."""
     raw = model.model.path
     if os.path.isabs(raw) or raw.startswith(".") or raw.count("/") > 1:
         if not os.path.isdir(raw):
             raise ModelNotFoundError(f"model '{model}' not found: there is no folder {raw}")
     try:
-        path = model.merged(
-            cache_dir=options.lora_merge_cache,
-            trust_remote_code=options.trust_remote_code,
-            lora_merge_dtype=options.lora_merge_dtype,
-        ).local_path(cache_dir=options.transformers_cache)
+        path = ModelReference(model=model.model).local_path(cache_dir=options.transformers_cache)
     except Exception as e:  # hub lookups raise many types; all mean "not available"
         raise ModelNotFoundError(
             f"model '{model}' not found: it is no local folder and the Hugging Face Hub/cache did not provide it ({e})"
@@ -69,6 +68,61 @@ def local_folder(model: ModelReference, options: MergeOptions) -> str:
     if not os.path.isdir(path):
         raise ModelNotFoundError(f"model '{model}': no folder at {path}")
     return path
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _adapter_folder(model: ModelReference) -> Path:
+    assert model.lora is not None
+    folder = Path(model.lora.path)
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ModelNotFoundError(
+            f"model '{model}': the adapter {folder} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a local PEFT folder)"
+        )
+    return folder
+
+
+def apply_adapter(model: ModelReference, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base's tensors with a PEFT LoRA adapter merged in, computed in memory.
+
+    Each adapted weight becomes ``W + (B @ A) * scaling`` exactly as PEFT's ``merge_and_unload``
+    computes it (over a half-precision base: in fp32, then rounded once), so the result equals the
+    folder mergekit's ``ModelReference.merged()`` would write to disk; every other tensor is the
+    base's own object, shared, not copied.
+    """
+    folder = _adapter_folder(model)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication", "lora_bias")
+                   if config.get(k)]
+    if config.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ModelNotFoundError(
+            f"adapter {folder}: only plain LoRA adapters merge in memory (it has {config.get('peft_type')} {unsupported})"
+        )
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+    weights = safetensors.torch.load_file(folder / ADAPTER_WEIGHTS)
+    merged = dict(tensors)
+    for key in sorted(weights):
+        if ".lora_A." not in key:
+            if ".lora_B." not in key:
+                raise ModelNotFoundError(f"adapter {folder}: tensor '{key}' is no LoRA factor (embedding adapters are not supported)")
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        name = f"{module}.weight"
+        if name not in merged:
+            raise ModelNotFoundError(f"adapter {folder} adapts '{module}', which model '{model.model}' does not have")
+        a, b = weights[key], weights[key.replace(".lora_A.", ".lora_B.")]
+        base = merged[name]
+        # PEFT keeps an adapter over a half-precision base in fp32 and adds its delta in place
+        compute = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+        delta = b.to(base.device, compute) @ a.to(base.device, compute)
+        if config.get("fan_in_fan_out"):
+            delta = delta.T
+        merged[name] = (base.to(compute) + delta * scaling).to(base.dtype)
+    LOG.info("merged adapter %s into %s in memory (%d weights)", folder, model.model, len(weights) // 2)
+    return merged
 
 
 def load_resident(
@@ -98,8 +152,21 @@ def load_resident(
 def make_resident(
     models: list[ModelReference], options: MergeOptions, device: str = "cpu", allow_pickle: bool = False
 ) -> None:
-    """Install resident loaders for ``models`` into mergekit's loader cache (once per process)."""
+    """Install resident loaders for ``models`` into mergekit's loader cache (once per process).
+
+    An adapter reference ``base+adapter`` is the base's resident tensors with the adapter merged
+    in memory (mergekit's loader would write a merged copy to disk first); several adapters over
+    one base share every tensor they leave alone.
+    """
     loaders = loader_cache(options)
     for model in models:
-        if not isinstance(loaders.get(model), ResidentTensors):
+        if isinstance(loaders.get(model), ResidentTensors):
+            continue
+        if model.lora is None:
             loaders[model] = load_resident(model, options, device=device, allow_pickle=allow_pickle)
+            continue
+        base = ModelReference(model=model.model, override_architecture=model.override_architecture)
+        if not isinstance(loaders.get(base), ResidentTensors):
+            loaders[base] = load_resident(base, options, device=device, allow_pickle=allow_pickle)
+        resident = loaders[base]
+        loaders[model] = ResidentTensors(resident.index, apply_adapter(model, resident.tensors))

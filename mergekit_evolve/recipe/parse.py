@@ -245,7 +245,7 @@ def parse_recipe(doc: LocatedYaml, path: Path, text: str) -> Recipe:
     publish = _settings(doc, "publish", PublishSettings)
     space = build_space(doc, template, path.parent)
     _check_methods(doc, template, space)
-    resolve_model_paths(template, path.parent)
+    resolve_model_paths(template, path.parent, doc)
     recipe = Recipe(path=path, doc=doc, template=template, evolve=evolve, search_space=space, text=text, publish=publish)
     recipe.compile(space.default_point())
     if space and evolve is None:

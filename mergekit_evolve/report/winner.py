@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from importlib.metadata import version
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.scores import Scores
-from mergekit_evolve.runfolder import RECIPE_FILE, RunFolder
+from mergekit_evolve.runfolder import LORA_MERGES_PREFIX, RECIPE_FILE, RunFolder
 from mergekit_evolve.study.worker import Worker, source_config
 
 LOG = logging.getLogger(__name__)
@@ -34,11 +35,14 @@ def write_best(
     staging = target.with_name(target.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
-    # run_merge normalises the config it is given in place; keep ours (and its YAML) as the user wrote it
-    run_merge(
-        config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
-        options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}),
-    )
+    update: dict[str, Any] = {"copy_tokenizer": True, "write_model_card": True}
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=LORA_MERGES_PREFIX) as lora_cache:
+        # base+adapter sources: mergekit's run_merge writes each merged copy first; keep those
+        # only while best/ is written, unless the options name a cache for them
+        if not options.lora_merge_cache:
+            update["lora_merge_cache"] = lora_cache
+        # run_merge normalises the config it is given in place; keep ours (and its YAML) as the user wrote it
+        run_merge(config.model_copy(deep=True), str(staging), config_source=config.to_yaml(), options=options.model_copy(update=update))
     shutil.copyfile(recipe_file, staging / RECIPE_FILE)
     if target.exists():
         shutil.rmtree(target)

@@ -22,6 +22,7 @@ from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.evaluate.scores import Scores, study_values
 from mergekit_evolve.evaluate.suite import Evaluator, Split, TaskSetupError, TaskSuite
 from mergekit_evolve.merge.engine import InMemoryMerger, resolve_device
+from mergekit_evolve.merge.memory_plan import MemoryPlan, memory_plan
 from mergekit_evolve.merge.resident import local_folder, make_resident
 from mergekit_evolve.recipe.compile import config_digest
 from mergekit_evolve.recipe.parse import Recipe
@@ -53,6 +54,14 @@ def source_models(recipe: Recipe) -> list[ModelReference]:
         if m not in ordered:
             ordered.append(m)
     return ordered
+
+
+def plan_memory(recipe: Recipe, options: MergeOptions) -> MemoryPlan:
+    """The run's memory plan, from file headers only (``--dry-run`` prints it; a run checks it first)."""
+    sources = source_models(recipe)
+    folders = {str(m): local_folder(m, options) for m in sources}
+    config = recipe.compile(recipe.space.default_point())
+    return memory_plan(sources, folders, config.out_dtype or config.dtype, options.device or "cpu", recipe.evolve.batch_size)
 
 
 def source_config(model: ModelReference, dtype: str | None) -> MergeConfiguration:

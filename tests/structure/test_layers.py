@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mergekit_evolve"
 DEPENDENCIES = ("mergekit", "optuna", "lm_eval")
 # lower numbers are lower layers; an import may point to its own layer or below
 LAYERS = {
-    "compat": 0, "runfolder": 0,
+    "compat": 0, "runfolder": 0, "prepared": 0,
     "methods": 1,
     "recipe": 2,
     "merge": 3, "evaluate": 3,
