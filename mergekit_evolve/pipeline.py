@@ -18,7 +18,8 @@ import optuna
 import torch
 
 from mergekit_evolve.evaluate.suite import TaskSetupError
-from mergekit_evolve.merge.resident import ModelNotFoundError
+from mergekit_evolve.merge.resident import ModelNotFoundError, WeightsError
+from mergekit_evolve.preflight import check_recipe
 from mergekit_evolve.publish.card import write_card
 from mergekit_evolve.publish.errors import PublishError
 from mergekit_evolve.publish.hub import publish_run, resolve_token
@@ -55,8 +56,8 @@ from mergekit_evolve.study.storage import (
 from mergekit_evolve.study.worker import Worker, merge_options
 
 LOG = logging.getLogger(__name__)
-SETUP_ERRORS = (RecipeError, ModelNotFoundError, TaskSetupError, SamplerSetupError, RunDirError, PublishError,
-                ParallelError, StorageError)
+SETUP_ERRORS = (RecipeError, ModelNotFoundError, WeightsError, TaskSetupError, SamplerSetupError, RunDirError,
+                PublishError, ParallelError, StorageError)
 
 
 class RunFailed(RuntimeError):
@@ -90,7 +91,8 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
         plan = plan_workers(recipe.evolve, options.ray)
         if recipe.evolve.storage:
             check_storage(recipe.evolve.storage)
-        worker = Worker(recipe, merge, allow_pickle=options.allow_pickle)
+        suite = check_recipe(recipe, merge, options.allow_pickle)  # files, architectures, tasks: no weights yet
+        worker = Worker(recipe, merge, allow_pickle=options.allow_pickle, suite=suite)
         folder.prepare(recipe.fingerprint(), recipe.path, recipe.text, options.overwrite)
     except SETUP_ERRORS as e:
         raise RunFailed(str(e)) from None

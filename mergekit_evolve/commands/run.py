@@ -11,12 +11,15 @@ from rich.table import Table
 
 from mergekit_evolve.commands.common import console, print_report, setup_logging
 from mergekit_evolve.commands.migrate import legacy_run_options
-from mergekit_evolve.pipeline import RunFailed, RunOptions, run_recipe, run_stages
+from mergekit_evolve.pipeline import SETUP_ERRORS, RunFailed, RunOptions, run_recipe, run_stages
+from mergekit_evolve.preflight import check_recipe
 from mergekit_evolve.recipe.document import load_document
 from mergekit_evolve.recipe.overrides import Overrides
 from mergekit_evolve.recipe.parse import Recipe
+from mergekit_evolve.recipe.stages import winner_dir
 from mergekit_evolve.recipe.yaml_lines import RecipeError
-from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe
+from mergekit_evolve.samplers.registry import prepare_recipe
+from mergekit_evolve.study.worker import merge_options
 
 
 @click.command()
@@ -61,9 +64,11 @@ def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool
     if dry_run:
         for stage in stages:
             click.echo(f"# stage '{stage.name}' (run folder {stage.run_dir})")
-            _print_dry_run(stage.recipe)
+            # the winners of earlier stages do not exist yet: the run checks them when it gets there
+            _print_dry_run(stage.recipe, trust_remote_code, allow_pickle,
+                           pending=tuple(winner_dir(run_dir, name) for name in stage.uses))
         if single is not None:
-            _print_dry_run(single)
+            _print_dry_run(single, trust_remote_code, allow_pickle)
         return
     if single is not None and single.evolve is None:
         raise click.ClickException(f"{recipe}: no search annotations and no 'evolve:' section; use `mergekit-evolve merge` for a plain merge")
@@ -80,12 +85,13 @@ def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool
         print_report(report)
 
 
-def _print_dry_run(recipe: Recipe) -> None:
-    if recipe.evolve:
-        try:
+def _print_dry_run(recipe: Recipe, trust_remote_code: bool, allow_pickle: bool, pending: tuple[Path, ...] = ()) -> None:
+    try:
+        if recipe.evolve:
             recipe = prepare_recipe(recipe)  # the space its sampler searches (CycleQD adds its mutation)
-        except SamplerSetupError as e:
-            raise click.ClickException(str(e)) from None
+        check_recipe(recipe, merge_options(recipe, trust_remote_code), allow_pickle, pending)
+    except SETUP_ERRORS as e:
+        raise click.ClickException(str(e)) from None
     space = recipe.space
     table = Table(title=f"search space of {recipe.path.name}: {len(space)} dimensions")
     table.add_column("dimension")

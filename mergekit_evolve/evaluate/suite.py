@@ -29,7 +29,11 @@ Split = Literal["search", "heldout"]
 
 
 class TaskSetupError(ValueError):
-    pass
+    """A task an objective names cannot be used; ``task`` and ``field`` (of the objective) say where."""
+
+    def __init__(self, message: str, task: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.task, self.field = task, field
 
 
 def _quiet_lm_eval() -> None:
@@ -52,7 +56,7 @@ class TaskSuite:
         paths = [str((base_dir / p).resolve()) for p in settings.task_paths]
         for p, raw in zip(paths, settings.task_paths):
             if not os.path.isdir(p):
-                raise TaskSetupError(f"evolve.task_paths: no folder '{raw}' (looked at {p})")
+                raise TaskSetupError(f"evolve.task_paths: no folder '{raw}' (looked at {p})", field="task_paths")
         names = {o.task for o in settings.objectives} | {o.heldout_task for o in settings.objectives if o.heldout_task}
         manager = TaskManager(include_path=paths or None, include_defaults=False)
         if not names <= set(manager.all_tasks):
@@ -62,7 +66,8 @@ class TaskSuite:
         if missing:
             raise TaskSetupError(
                 f"lm-eval cannot find task(s) {missing} in its registry"
-                + (f" or in task_paths {settings.task_paths}" if paths else " (add task_paths for custom YAMLs)")
+                + (f" or in task_paths {settings.task_paths}" if paths else " (add task_paths for custom YAMLs)"),
+                task=missing[0],
             )
         self.tasks: dict[str, Any] = {}
         with contextlib.chdir(base_dir):
@@ -70,15 +75,34 @@ class TaskSuite:
                 try:
                     self.tasks[name] = get_task_dict([name], manager)
                 except Exception as e:
-                    raise TaskSetupError(f"lm-eval could not load task '{name}': {e}") from e
+                    raise TaskSetupError(f"lm-eval could not load task '{name}': {type(e).__name__}: {e}", task=name) from e
         unsafe = sorted(t.config.task for tree in self.tasks.values() for t in _leaf_tasks(tree) if getattr(t, "UNSAFE_CODE", False))
         if unsafe:  # lm-eval runs these only when confirmed; a search would run them unattended
-            raise TaskSetupError(f"task(s) {unsafe} execute model-written code; mergekit-evolve does not run them")
+            raise TaskSetupError(f"task(s) {unsafe} execute model-written code; mergekit-evolve does not run them",
+                                 task=unsafe[0])
         for obj in settings.objectives:
             if obj.num_fewshot is not None:
                 for task_name in filter(None, (obj.task, obj.heldout_task)):
                     for task in _leaf_tasks(self.tasks[task_name]):
                         task.set_config(key="num_fewshot", value=obj.num_fewshot)
+
+    def check(self, objective: Objective) -> None:
+        """The objective's metric and filter exist in each of its tasks, and each split has examples."""
+        metric, _, flt = objective.metric.partition(",")
+        flt = flt or "none"
+        for split, field in (("search", "task"), ("heldout", "heldout_task" if objective.heldout_task else "task")):
+            name, _ = self.task_for(objective, split)
+            leaves = _leaf_tasks(self.tasks[name])
+            for task in leaves:
+                if not len(task.eval_docs):
+                    raise TaskSetupError(f"task '{task.config.task}' has no examples in its evaluation split", name, field)
+            metrics = {m for task in leaves for m in task.aggregation()}
+            if metric not in metrics:
+                raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(metrics)}", name, "metric")
+            filters = {f.get("name", "none") for task in leaves for f in (task.config.filter_list or [{"name": "none"}])}
+            if flt not in filters:
+                raise TaskSetupError(f"task '{name}' has no filter '{flt}' (metric '{objective.metric}'); it has "
+                                     f"{sorted(filters)}", name, "metric")
 
     def task_for(self, objective: Objective, split: Split) -> tuple[str, Any]:
         if split == "search":

@@ -39,6 +39,7 @@ def merge_options(recipe: Recipe, trust_remote_code: bool = False) -> MergeOptio
         device=dev,
         random_seed=settings.seed if settings else None,
         trust_remote_code=trust_remote_code,
+        allow_crimes=bool(settings and settings.allow_crimes),
         quiet=True,
     )
 
@@ -61,13 +62,13 @@ def source_config(model: ModelReference, dtype: str | None) -> MergeConfiguratio
 
 
 class Worker:
-    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False):
+    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False, suite: TaskSuite | None = None):
         assert recipe.evolve is not None
         self.recipe = recipe
         self.merger = InMemoryMerger(options, allow_pickle=allow_pickle)
         self.sources = source_models(recipe)
         make_resident(self.sources, options, self.merger.storage_device, allow_pickle)
-        self.suite = TaskSuite(recipe.evolve, recipe.base_dir)
+        self.suite = suite or TaskSuite(recipe.evolve, recipe.base_dir)
         default = recipe.compile(recipe.space.default_point())
         donor = default.base_model or default.referenced_models()[0]
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
