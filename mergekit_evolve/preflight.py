@@ -24,7 +24,11 @@ from safetensors import safe_open
 from transformers import PretrainedConfig
 
 from mergekit_evolve.evaluate.suite import TaskSetupError, TaskSuite
-from mergekit_evolve.merge.resident import ModelNotFoundError, WeightsError, local_folder
+from mergekit_evolve.merge.resident import (
+    ModelNotFoundError,
+    WeightsError,
+    local_folder,
+)
 from mergekit_evolve.recipe import routing
 from mergekit_evolve.recipe.annotations import get_at, is_annotation, walk
 from mergekit_evolve.recipe.parse import Recipe
@@ -93,7 +97,7 @@ def read_shapes(folder: str, allow_pickle: bool) -> dict[str, tuple[int, ...]] |
         file = os.path.join(index.base_path, shard.filename)
         try:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         except Exception as e:  # SafetensorError, OSError: the file is what is wrong
             raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None

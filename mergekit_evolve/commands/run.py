@@ -11,7 +11,13 @@ from rich.table import Table
 
 from mergekit_evolve.commands.common import console, print_report, setup_logging
 from mergekit_evolve.commands.migrate import legacy_run_options
-from mergekit_evolve.pipeline import SETUP_ERRORS, RunFailed, RunOptions, run_recipe, run_stages
+from mergekit_evolve.pipeline import (
+    SETUP_ERRORS,
+    RunFailed,
+    RunOptions,
+    run_recipe,
+    run_stages,
+)
 from mergekit_evolve.preflight import check_recipe
 from mergekit_evolve.recipe.document import load_document
 from mergekit_evolve.recipe.overrides import Overrides

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -69,6 +70,7 @@ class TaskSuite:
                 + (f" or in task_paths {settings.task_paths}" if paths else " (add task_paths for custom YAMLs)"),
                 task=missing[0],
             )
+        self.manager = manager
         self.tasks: dict[str, Any] = {}
         with contextlib.chdir(base_dir):
             for name in sorted(names):
@@ -85,6 +87,25 @@ class TaskSuite:
                 for task_name in filter(None, (obj.task, obj.heldout_task)):
                     for task in _leaf_tasks(self.tasks[task_name]):
                         task.set_config(key="num_fewshot", value=obj.num_fewshot)
+
+    def files(self) -> dict[str, str]:
+        """Every task YAML and local data file the objectives read -> a hash of its content, so a
+        resumed run can tell that a task changed (built-in tasks' hub data is not covered)."""
+        paths: set[Path] = set()
+        leaves = [t for tree in self.tasks.values() for t in _leaf_tasks(tree)]
+        for name in {*self.tasks, *(t.config.task for t in leaves)}:
+            entry = self.manager.task_index.get(name)
+            if entry is not None and getattr(entry, "yaml_path", None):
+                paths.add(Path(entry.yaml_path))
+        for task in leaves:
+            data = (task.config.dataset_kwargs or {}).get("data_files")
+            values = data.values() if isinstance(data, dict) else [data] if isinstance(data, str) else data or []
+            for value in values:
+                for item in [value] if isinstance(value, str) else value:
+                    path = (self.base_dir / item).resolve()
+                    if path.is_file():
+                        paths.add(path)
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(paths)}
 
     def check(self, objective: Objective) -> None:
         """The objective's metric and filter exist in each of its tasks, and each split has examples."""

@@ -6,6 +6,7 @@ A body is a mergekit config whose values may be search annotations, plus ``evolv
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -72,10 +73,20 @@ class Recipe:
         return compile_template(self.doc, self.template, self.space, point)
 
     def fingerprint(self) -> str:
-        """What is searched, so a resume can tell its own run folder from another recipe's."""
+        """What the study means: the search space and what the sampler and the objectives are, so a
+        resume can tell its own run folder from another recipe's. The rest of the config (models,
+        fixed values) is ``config_fingerprint``: a fix there may resume a run whose trials all failed."""
         evolve = self.evolve.model_dump(mode="json", exclude=RESUMABLE) if self.evolve else None
-        blob = json.dumps({"config": self.template, "evolve": evolve}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        space = {name: dataclasses.asdict(dim) for name, dim in self.space.dimensions.items()}
+        return _digest({"space": space, "evolve": evolve})
+
+    def config_fingerprint(self) -> str:
+        """The whole mergekit template (models, methods, fixed values)."""
+        return _digest(self.template)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _model_label(template: dict[str, Any], loc: Loc) -> str | None:
