@@ -146,7 +146,9 @@ def build_space(doc: LocatedYaml, template: dict[str, Any], base_dir: Path | Non
         try:
             ann = parse_annotation(value)
         except pydantic.ValidationError as e:
-            raise doc.error(loc, "bad search annotation: " + "; ".join(err["msg"] for err in e.errors())) from None
+            where, message = validation_message(e)
+            key = f"'{'.'.join(map(str, where))}': " if where else ""
+            raise doc.error(loc + where, f"bad search annotation: {key}{message}") from None
         if isinstance(ann, VarAnnotation):
             pending_vars.append((loc, ann))
             continue
@@ -239,9 +241,28 @@ def _settings(doc: LocatedYaml, key: str, model: type[SettingsT]) -> SettingsT |
     try:
         return model.model_validate(doc.data[key])
     except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        loc = (key,) + tuple(err["loc"])
-        raise doc.error(loc, f"{'.'.join(map(str, loc))}: {err['msg']}") from None
+        where, message = validation_message(e)
+        loc = (key, *where)
+        raise doc.error(loc, f"{'.'.join(map(str, loc))}: {message}") from None
+
+
+def validation_message(e: pydantic.ValidationError) -> tuple[Loc, str]:
+    """The first error's place in the user's document and what is wrong there.
+
+    Pydantic names the member of a union each attempt tried (``batch_size.int``,
+    ``batch_size.str``): those are its names, not the user's, so they are dropped and the
+    attempts at one place are joined with "or"."""
+
+    def place(err: Any) -> Loc:
+        return tuple(k for k in err["loc"] if not (isinstance(k, str) and (k in _TYPE_TAGS or "[" in k)))
+
+    errors = e.errors()
+    where = place(errors[0])
+    messages = list(dict.fromkeys(err["msg"] for err in errors if place(err) == where))
+    return where, " or ".join([messages[0], *(m.removeprefix("Input should be ") for m in messages[1:])])
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none"}
 
 
 def parse_recipe(doc: LocatedYaml, path: Path, text: str) -> Recipe:
