@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
 from mergekit import merge_methods
 from mergekit.architecture import ModelArchitecture, arch_info_for_config
 from mergekit.common import ModelReference
@@ -23,7 +24,7 @@ from mergekit.options import MergeOptions
 from safetensors import safe_open
 from transformers import PretrainedConfig
 
-from mergekit_evolve.evaluate.suite import TaskSetupError, TaskSuite
+from mergekit_evolve.evaluate.suite import TaskSetupError, TaskSuite, check_indexed, task_manager
 from mergekit_evolve.merge.resident import (
     ModelNotFoundError,
     WeightsError,
@@ -104,6 +105,14 @@ def read_shapes(folder: str, allow_pickle: bool) -> dict[str, tuple[int, ...]] |
     return shapes
 
 
+def _available(ref: ModelReference) -> bool:
+    """A local path (missing ones too: that is the error to report), or a Hub model in the local cache."""
+    path = ref.model.path
+    if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1 or os.path.isdir(path):
+        return True
+    return isinstance(try_to_load_from_cache(path, "config.json", revision=ref.model.revision), str)
+
+
 def inspect_source(recipe: Recipe, ref: ModelReference, loc: Loc, options: MergeOptions,
                    allow_pickle: bool) -> SourceModel:
     def fail(message: str) -> RecipeError:
@@ -128,14 +137,19 @@ def inspect_source(recipe: Recipe, ref: ModelReference, loc: Loc, options: Merge
 
 
 def check_sources(recipe: Recipe, options: MergeOptions, allow_pickle: bool = False,
-                  pending: Iterable[Path] = ()) -> list[SourceModel]:
-    """Every source's files, architecture, shapes and layer ranges; ``pending`` are folders an earlier stage will write."""
+                  pending: Iterable[Path] = (), offline: bool = False) -> list[SourceModel]:
+    """Every source's files, architecture, shapes and layer ranges; ``pending`` are folders an earlier
+    stage will write; ``offline`` skips Hub models not downloaded yet."""
     locs = model_locs(recipe)
     skip = {str(p) for p in pending}
-    sources = [
-        inspect_source(recipe, ref, locs.get(ref.model.path, ()), options, allow_pickle)
-        for ref in source_models(recipe) if ref.model.path not in skip
-    ]
+    refs = [ref for ref in source_models(recipe) if ref.model.path not in skip]
+    if offline:
+        absent = [ref for ref in refs if not _available(ref)]
+        for ref in absent:
+            LOG.info("model %s is not downloaded yet: the run checks it once it has fetched it", ref)
+        refs = [ref for ref in refs if ref not in absent]
+    sources = [inspect_source(recipe, ref, locs.get(ref.model.path, ()), options, allow_pickle) for ref in refs]
+    _check_base_model(recipe)
     if not sources:
         return sources
     allow_crimes = bool(recipe.evolve and recipe.evolve.allow_crimes)
@@ -147,7 +161,6 @@ def check_sources(recipe: Recipe, options: MergeOptions, allow_pickle: bool = Fa
         if s.arch == first.arch:
             _check_shapes(recipe, first, s)
     _check_layer_ranges(recipe, {str(s.ref.model.path): s for s in sources})
-    _check_base_model(recipe)
     _check_tokenizer(recipe, sources)
     return sources
 
@@ -230,25 +243,46 @@ def objective_loc(recipe: Recipe, task: str | None) -> Loc:
     return ("evolve", "objectives")
 
 
-def check_tasks(recipe: Recipe) -> TaskSuite:
-    """Every objective's tasks, splits, metrics and filters, as lm-eval's registry has them."""
+def _task_error(recipe: Recipe, e: TaskSetupError, index: int | None = None) -> RecipeError:
+    if e.field == "task_paths":
+        return recipe.error(("evolve", "task_paths"), str(e))
+    if index is None:
+        return recipe.error(objective_loc(recipe, e.task), str(e))
+    return recipe.error(("evolve", "objectives", index, e.field or "task"), str(e))
+
+
+def check_tasks(recipe: Recipe, load: bool = True) -> TaskSuite | None:
+    """Every objective's tasks, metrics and filters as lm-eval's index has them; with ``load``, the
+    tasks loaded too (their data: each split must have examples), as the suite the worker reuses."""
     assert recipe.evolve is not None
+    try:
+        manager = task_manager(recipe.evolve, recipe.base_dir)
+    except TaskSetupError as e:
+        raise _task_error(recipe, e) from None
+    for i, obj in enumerate(recipe.evolve.objectives):
+        try:
+            check_indexed(obj, manager)
+        except TaskSetupError as e:
+            raise _task_error(recipe, e, i) from None
+    if not load:
+        return None
     try:
         suite = TaskSuite(recipe.evolve, recipe.base_dir)
     except TaskSetupError as e:
-        loc = ("evolve", "task_paths") if e.task is None and recipe.evolve.task_paths else objective_loc(recipe, e.task)
-        raise recipe.error(loc, str(e)) from None
+        raise _task_error(recipe, e) from None
     for i, obj in enumerate(recipe.evolve.objectives):
         try:
             suite.check(obj)
         except TaskSetupError as e:
-            field = e.field or "task"
-            raise recipe.error(("evolve", "objectives", i, field), str(e)) from None
+            raise _task_error(recipe, e, i) from None
     return suite
 
 
 def check_recipe(recipe: Recipe, options: MergeOptions, allow_pickle: bool = False,
-                 pending: Iterable[Path] = ()) -> TaskSuite | None:
-    """All checks; the task suite they built (for the worker to reuse), or None without ``evolve:``."""
-    check_sources(recipe, options, allow_pickle, pending)
-    return check_tasks(recipe) if recipe.evolve else None
+                 pending: Iterable[Path] = (), dry_run: bool = False) -> TaskSuite | None:
+    """All checks; the task suite they loaded (for the worker to reuse), or None.
+
+    ``dry_run`` downloads nothing: a Hub model not in the local cache, and the tasks' data, are
+    checked when the run fetches them."""
+    check_sources(recipe, options, allow_pickle, pending, offline=dry_run)
+    return check_tasks(recipe, load=not dry_run) if recipe.evolve else None

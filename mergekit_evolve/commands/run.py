@@ -95,7 +95,7 @@ def _print_dry_run(recipe: Recipe, trust_remote_code: bool, allow_pickle: bool, 
     try:
         if recipe.evolve:
             recipe = prepare_recipe(recipe)  # the space its sampler searches (CycleQD adds its mutation)
-        check_recipe(recipe, merge_options(recipe, trust_remote_code), allow_pickle, pending)
+        check_recipe(recipe, merge_options(recipe, trust_remote_code), allow_pickle, pending, dry_run=True)
     except SETUP_ERRORS as e:
         raise click.ClickException(str(e)) from None
     space = recipe.space

@@ -43,6 +43,69 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.ERROR))
 
 
+def objective_tasks(settings: EvolveSettings) -> set[str]:
+    return {o.task for o in settings.objectives} | {o.heldout_task for o in settings.objectives if o.heldout_task}
+
+
+def task_manager(settings: EvolveSettings, base_dir: Path) -> TaskManager:
+    """lm-eval's index of the objectives' tasks: the recipe's task folders, and lm-eval's own tasks
+    only when the recipe names one of them (indexing its ~15k tasks takes many seconds)."""
+    paths = [str((base_dir / p).resolve()) for p in settings.task_paths]
+    for p, raw in zip(paths, settings.task_paths):
+        if not os.path.isdir(p):
+            raise TaskSetupError(f"evolve.task_paths: no folder '{raw}' (looked at {p})", field="task_paths")
+    names = objective_tasks(settings)
+    # keyed by the folders' YAML files and their times, so an edited task is indexed again
+    key = tuple((p, tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(p).rglob("*.yaml")))) for p in paths)
+    manager = _index(key, False)
+    if not names <= set(manager.all_tasks):
+        manager = _index(key, True)
+    missing = sorted(names - set(manager.all_tasks))
+    if missing:
+        raise TaskSetupError(
+            f"lm-eval cannot find task(s) {missing} in its registry"
+            + (f" or in task_paths {settings.task_paths}" if paths else " (add task_paths for custom YAMLs)"),
+            task=missing[0],
+        )
+    return manager
+
+
+@functools.lru_cache(maxsize=8)
+def _index(key: tuple[tuple[str, Any], ...], defaults: bool) -> TaskManager:
+    # once per process: the checks before the search, then the run loads its tasks from the same index
+    return TaskManager(include_path=[p for p, _ in key] or None, include_defaults=defaults)
+
+
+# metrics lm-eval gives a task without a metric_list, by output type
+DEFAULT_METRICS = {
+    "loglikelihood": {"perplexity", "acc"},
+    "multiple_choice": {"acc", "acc_norm", "acc_mutual_info"},
+    "generate_until": {"exact_match"},
+    "loglikelihood_rolling": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
+}
+
+
+def check_indexed(objective: Objective, manager: TaskManager) -> None:
+    """The objective's metric and filter exist in its tasks' configs, as lm-eval indexed them (no data loaded).
+
+    Groups and tags aggregate their tasks' metrics: those are checked once loaded (``TaskSuite.check``)."""
+    metric, _, flt = objective.metric.partition(",")
+    flt = flt or "none"
+    for name in filter(None, (objective.task, objective.heldout_task)):
+        cfg = getattr(manager.task_index.get(name), "cfg", None)
+        if not isinstance(cfg, dict) or "task" not in cfg or cfg.get("task") != name:
+            continue
+        listed = cfg.get("metric_list")
+        metrics = {m["metric"] for m in listed if isinstance(m.get("metric"), str)} if listed else \
+            DEFAULT_METRICS.get(cfg.get("output_type", "generate_until"), set())
+        if metrics and metric not in metrics:
+            raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(metrics)}", name, "metric")
+        filters = {f.get("name", "none") for f in cfg.get("filter_list") or [{"name": "none"}]}
+        if flt not in filters:
+            raise TaskSetupError(f"task '{name}' has no filter '{flt}' (metric '{objective.metric}'); it has "
+                                 f"{sorted(filters)}", name, "metric")
+
+
 class TaskSuite:
     """The objectives' lm-eval tasks, indexed and loaded once.
 
@@ -54,22 +117,8 @@ class TaskSuite:
         _quiet_lm_eval()
         self.settings = settings
         self.base_dir = base_dir
-        paths = [str((base_dir / p).resolve()) for p in settings.task_paths]
-        for p, raw in zip(paths, settings.task_paths):
-            if not os.path.isdir(p):
-                raise TaskSetupError(f"evolve.task_paths: no folder '{raw}' (looked at {p})", field="task_paths")
-        names = {o.task for o in settings.objectives} | {o.heldout_task for o in settings.objectives if o.heldout_task}
-        manager = TaskManager(include_path=paths or None, include_defaults=False)
-        if not names <= set(manager.all_tasks):
-            # only index lm-eval's ~15k built-in tasks when the recipe needs one of them
-            manager = TaskManager(include_path=paths or None, include_defaults=True)
-        missing = sorted(names - set(manager.all_tasks))
-        if missing:
-            raise TaskSetupError(
-                f"lm-eval cannot find task(s) {missing} in its registry"
-                + (f" or in task_paths {settings.task_paths}" if paths else " (add task_paths for custom YAMLs)"),
-                task=missing[0],
-            )
+        manager = task_manager(settings, base_dir)
+        names = objective_tasks(settings)
         self.manager = manager
         self.tasks: dict[str, Any] = {}
         with contextlib.chdir(base_dir):
