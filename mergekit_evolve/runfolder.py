@@ -147,9 +147,9 @@ class RunFolder:
         """The live process that holds this folder's lock; a lock left by a dead process of this host is removed."""
         try:
             holder = json.loads(self.lock_file.read_text())
-        except FileNotFoundError:
+        except OSError:  # no lock (or no folder to hold one: writing it will say why)
             return None
-        except (OSError, ValueError):  # half-written by a process that died writing it
+        except ValueError:  # half-written by a process that died writing it
             holder = {"host": "?", "pid": -1}
         if process_gone(holder.get("host", "?"), int(holder.get("pid", -1))):
             LOG.warning("removing the lock %s left by process %s on %s, which has ended",
