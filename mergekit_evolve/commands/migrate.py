@@ -29,13 +29,13 @@ _LEGACY = [
                  help="mergekit-evolve compatibility: the same as --run-dir."),
     click.option("--max-fevals", type=click.IntRange(min=1), hidden=True,
                  help="mergekit-evolve compatibility: the same as --trials."),
-    click.option("--sigma0", type=float, hidden=True,
+    click.option("--sigma0", type=click.FloatRange(min=0, min_open=True), hidden=True,
                  help="mergekit-evolve compatibility: evolve.sampler_options.sigma0 (CMA-ES step size, in units of each range)."),
     click.option("--task-search-path", multiple=True, hidden=True,
                  help="mergekit-evolve compatibility: added to evolve.task_paths."),
     click.option("--random-seed", type=int, hidden=True,
                  help="mergekit-evolve compatibility: evolve.seed."),
-    click.option("--batch-size", type=int, hidden=True,
+    click.option("--batch-size", type=click.IntRange(min=1), hidden=True,
                  help="mergekit-evolve compatibility: evolve.batch_size."),
 ]
 

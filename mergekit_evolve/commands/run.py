@@ -34,7 +34,7 @@ from mergekit_evolve.study.worker import merge_options
               help="Run folder (default: runs/<recipe name>). Running again resumes it.")
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Override evolve.trials (completed trials to reach).")
-@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds (then write the winner).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting new trials after this many seconds (then write the winner).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: evolve.device, else auto).")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe, print the search space and one compiled config; load no weights.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run folder of a different recipe instead of refusing.")
