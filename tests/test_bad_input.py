@@ -26,6 +26,7 @@ import pytest
 import transformers
 from tiny_models import CONFIGS, VOCAB, make_family, write_copy_task
 
+from mergekit_evolve.commands.common import setup_logging
 from mergekit_evolve.runfolder import RunDirError, RunFolder
 from mergekit_evolve.study.search import FailureGuard
 
@@ -200,6 +201,13 @@ def test_lock_refuses_a_live_holder_and_replaces_a_dead_one(tmp_path, caplog):
     folder.lock_file.write_text(json.dumps(other))
     with pytest.raises(RunDirError, match="another-host"), folder.lock():
         pass
+
+
+@pytest.mark.parametrize(("verbose", "shown"), [(0, False), (1, True)])
+def test_failed_trials_tracebacks_show_with_v(verbose, shown):
+    setup_logging(verbose)
+    assert logging.getLogger("mergekit_evolve.tracebacks").isEnabledFor(logging.INFO) is shown
+    assert not logging.getLogger("optuna").isEnabledFor(logging.WARNING)  # its per-trial tracebacks
 
 
 def failed(error: str | None) -> optuna.trial.FrozenTrial:
