@@ -255,7 +255,7 @@ def fail_recipe(tiny_llama, choice: str, end: int = 2, init: str = "") -> str:
           sampler: random
           allow_constant_objectives: true
           trials: 4
-          seed: 0
+          seed: 1
           objectives:
             - {{task: tiny_copy, metric: "acc,none", heldout_task: tiny_copy_heldout}}
           task_paths: [tasks]
@@ -286,7 +286,7 @@ def test_an_objective_every_source_scores_zero_on_stops_the_run(ws, tiny_llama):
 
 @pytest.mark.slow
 def test_the_same_failure_twice_stops_and_a_fixed_recipe_resumes(ws, tiny_llama):
-    # seed 0 draws start 3 for the first two trials: both fail the same way, none completes
+    # seed 1 draws start 3 for the first two trials: both fail the same way, none completes
     path = write(ws, "fails", fail_recipe(tiny_llama, "[0, 3]"))
     run_dir = ws / "runs" / "fails"
     result = cli(path, "-o", run_dir, cwd=ws)

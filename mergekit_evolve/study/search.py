@@ -122,7 +122,7 @@ class FailureGuard:
         if not self.tripped:
             return
         folder = RunFolder(run_dir)
-        where = f"Tracebacks: {folder.log}; every trial: {folder.trials}."
+        where = f"tracebacks: {folder.log}; every trial: {folder.trials}."
         again = "Fix the recipe and run the same command: a recipe with the same search space resumes this run."
         error = one_line(self.last_error or "unknown").rstrip(".")
         if self.repeated is not None:
