@@ -95,8 +95,8 @@ def loop_ms(recipe: Recipe, worker: Worker, trials: int, profile: bool, storage:
 
 
 def sampler_ms(recipe: Recipe, trials: int) -> float:
-    study = optuna.create_study(sampler=make_sampler(recipe.evolve, recipe.space), direction="maximize")
-    distributions = recipe.space.distributions()
+    study = optuna.create_study(sampler=make_sampler(recipe.evolve, recipe.search_space), direction="maximize")
+    distributions = recipe.search_space.distributions()
     t = time.perf_counter()
     for _ in range(trials):
         trial = study.ask(distributions)

@@ -162,7 +162,7 @@ def _check_objectives_vary(recipe: Recipe, worker: Worker) -> None:
     assert recipe.evolve is not None
     if recipe.evolve.allow_constant_objectives:
         return
-    dtype = recipe.compile(recipe.space.default_point()).dtype
+    dtype = recipe.compile(recipe.search_space.default_point()).dtype
     scores = [worker.score_config(source_config(model, dtype), "search") for model in worker.sources]
     for i, obj in enumerate(recipe.evolve.objectives):
         values = {s.values[obj.name] for s in scores}

@@ -183,10 +183,10 @@ def _layer_bounds(recipe: Recipe, loc: Loc, value: Any) -> list[int]:
     if not is_annotation(value):
         return [int(value)] if isinstance(value, int) else []
     out = []
-    for placement in recipe.space.placements:
+    for placement in recipe.search_space.placements:
         if placement.loc == loc:
             for d in placement.dims:
-                dim = recipe.space.dimensions[d]
+                dim = recipe.search_space.dimensions[d]
                 out += [int(c[1] if isinstance(c, list) else c) for c in dim.choices] if dim.choices else [int(dim.high)]
     return out
 
@@ -216,7 +216,7 @@ def _check_layer_ranges(recipe: Recipe, by_path: dict[str, SourceModel]) -> None
 def _check_base_model(recipe: Recipe) -> None:
     known = {m.spec.name: m for m in merge_methods.registered_methods()}
     method = recipe.template.get("merge_method")
-    names = recipe.space.dimensions["merge_method"].choices if is_annotation(method) else (method,)
+    names = recipe.search_space.dimensions["merge_method"].choices if is_annotation(method) else (method,)
     has_base = bool(recipe.template.get("base_model"))
     for name in names:
         policy = known[name].spec.contract.base

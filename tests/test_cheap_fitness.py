@@ -236,5 +236,5 @@ def test_anchors_as_first_rung_prune_there_and_completed_values_are_full_scores(
     resumed = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     study = run_search(recipe, tmp_path, resumed, trials=11, show_progress=False)
     last = study.trials[-1]
-    assert last.params == again.params and resumed.anchors[f"{task}/perplexity,none"].ids == anchor.ids
+    assert last.params == again.params and resumed.anchor_sets()[f"{task}/perplexity,none"].ids == anchor.ids
     assert resumed.evaluator.computed == (0 if last.state == optuna.trial.TrialState.PRUNED else 24 - len(anchor.ids))

@@ -53,7 +53,7 @@ RECIPES = {
 
 def draw_point(data, recipe):
     point = {}
-    for name, dim in recipe.space.dimensions.items():
+    for name, dim in recipe.search_space.dimensions.items():
         if dim.kind == "categorical":
             point[name] = data.draw(st.sampled_from(dim.choices), label=name)
         elif dim.kind == "int":

@@ -268,7 +268,7 @@ def _write(tmp_path: Path, name: str, text: str, **names: str) -> Path:
 
 def _assert_compiles_as_mergekit_parses(path: Path) -> None:
     recipe = load_recipe(path)
-    assert len(recipe.space) == 0 and recipe.evolve is None
+    assert len(recipe.search_space) == 0 and recipe.evolve is None
     compiled = recipe.compile({})
     assert compiled.model_dump() == MergeConfiguration.model_validate(yaml.safe_load(path.read_text())).model_dump()
 
@@ -334,8 +334,8 @@ def test_annotations_inside_modules_and_slices(tmp_path):
         "evolve:\n  objectives: [{task: t}]\n"
     )
     recipe = load_recipe(path)
-    assert len(recipe.space) == 3
-    point = {name: (3 if dim.kind == "int" else 0.25) for name, dim in recipe.space.dimensions.items()}
+    assert len(recipe.search_space) == 3
+    point = {name: (3 if dim.kind == "int" else 0.25) for name, dim in recipe.search_space.dimensions.items()}
     config = recipe.compile(point)
     sources = config.modules["default"].slices[0].sources
     assert sources[0].layer_range == (0, 3) and sources[0].parameters["weight"] == 0.25

@@ -38,13 +38,13 @@ def test_bert_genome_translation_by_hand():
         "models[8]", "models[9]",  # two models named bert-large-finetuned-phishing: named by position
         "scam-detection", "bert-finetuned-phishing",
     ]
-    assert list(recipe.space.dimensions) == [f"{m}.{p}" for m in labels for p in ("weight", "density")]
-    for name, dim in recipe.space.dimensions.items():
+    assert list(recipe.search_space.dimensions) == [f"{m}.{p}" for m in labels for p in ("weight", "density")]
+    for name, dim in recipe.search_space.dimensions.items():
         assert dim.kind == "float" and (dim.low, dim.high) == (0.0, 1.0)  # allow_negative_weights: false
         assert dim.init == (1 / 12 if name.endswith(".weight") else 1.0)  # mergekit-evolve's x0
-    assert not any(pl.gradient for pl in recipe.space.placements)  # smooth: false
+    assert not any(pl.gradient for pl in recipe.search_space.placements)  # smooth: false
 
-    config = recipe.compile(recipe.space.default_point())
+    config = recipe.compile(recipe.search_space.default_point())
     assert config.merge_method == "dare_ties" and config.dtype == "bfloat16"
     assert config.base_model.model.path == "neuralmind/bert-large-portuguese-cased"
     assert config.base_model.override_architecture == "BertModel"
@@ -70,8 +70,8 @@ def test_migrate_writes_a_recipe_that_loads_to_the_same_search(tmp_path):
     assert text.startswith("# The recipe the mergekit-evolve genome file pr451_evo_bert_large.yml stands for")
     assert "weight: {search: [0.0, 1.0], init: 0.08333333333333333}" in text
     written, direct = load_recipe(out), load_recipe(BERT_GENOME)
-    assert written.space.dimensions == direct.space.dimensions
-    assert written.compile(written.space.default_point()) == direct.compile(direct.space.default_point())
+    assert written.search_space.dimensions == direct.search_space.dimensions
+    assert written.compile(written.search_space.default_point()) == direct.compile(direct.search_space.default_point())
     assert written.evolve == direct.evolve
 
     again = CliRunner().invoke(cli, ["migrate", str(BERT_GENOME), "-o", str(out)])
@@ -113,8 +113,8 @@ def genotype_point(recipe, genome: ModelGenome, genotype: torch.Tensor) -> dict[
         values = genotype.permute(1, 3, 2, 0).flatten().tolist()
     else:
         values = genotype.permute(0, 1, 3, 2).flatten().tolist()
-    assert len(values) == len(recipe.space)
-    return dict(zip(recipe.space.dimensions, values))
+    assert len(values) == len(recipe.search_space)
+    return dict(zip(recipe.search_space.dimensions, values))
 
 
 GENOMES = {
@@ -153,16 +153,16 @@ def test_translation_merges_what_mergekit_evolve_merges(tiny_llama, tmp_path, na
 
 def test_translation_shapes(tiny_llama, tmp_path):
     groups = load_recipe(genome_file(tmp_path, tiny_llama, "g", merge_method="ties", layer_granularity=2, filters=["mlp"]))
-    config = groups.compile(groups.space.default_point())
+    config = groups.compile(groups.search_space.default_point())
     assert [[s.layer_range for s in piece.sources] for piece in config.slices] == [[(0, 2)] * 3, [(2, 4)] * 3]
     assert config.slices[0].sources[0].parameters["weight"][0].filter == "mlp"
-    assert len(groups.space) == 2 * 2 * 2 * 2  # groups x models x filter sets x (weight, density)
+    assert len(groups.search_space) == 2 * 2 * 2 * 2  # groups x models x filter sets x (weight, density)
 
     smooth = load_recipe(genome_file(tmp_path, tiny_llama, "s", top={"random_init": True}, merge_method="linear",
                                      base_model=None, layer_granularity=1, smooth=True))
-    config = smooth.compile(smooth.space.default_point())
+    config = smooth.compile(smooth.search_space.default_point())
     assert config.models[0].parameters["weight"] == [0.5] * 4  # a gradient of num_layers points, mid-range
-    assert all(d.init is None for d in smooth.space.dimensions.values())  # random_init: no x0
+    assert all(d.init is None for d in smooth.search_space.dimensions.values())  # random_init: no x0
     assert config.parameters == {"normalize": True}  # linear takes no int8_mask
 
 

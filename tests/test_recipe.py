@@ -41,7 +41,7 @@ def test_annotations_become_dimensions(tmp_path, tiny_llama):
           normalize: {{choice: [true, false]}}
         """)
     recipe = load_recipe(path)
-    dims = recipe.space.dimensions
+    dims = recipe.search_space.dimensions
     assert list(dims) == [
         "merge_method", "w", "v1.density[self_attn]", "v1.density[*]@0", "v1.density[*]@1",
         "v1.density[*]@2", "v2.density", "normalize",
@@ -49,7 +49,7 @@ def test_annotations_become_dimensions(tmp_path, tiny_llama):
     assert dims["merge_method"].kind == "categorical" and dims["merge_method"].init == "ties"
     assert dims["v1.density[self_attn]"].log
     assert dims["v2.density"].kind == "int"
-    point = {**recipe.space.default_point(), "w": 0.7, "v1.density[*]@1": 0.2, "merge_method": "dare_ties"}
+    point = {**recipe.search_space.default_point(), "w": 0.7, "v1.density[*]@1": 0.2, "merge_method": "dare_ties"}
     config = recipe.compile(point)
     assert config.merge_method == "dare_ties"
     m1, m2 = config.models
@@ -68,7 +68,7 @@ def test_plain_config_has_no_dimensions(tmp_path, tiny_llama):
           - {{model: {v1}, parameters: {{weight: 0.5}}}}
         """, evolve="")
     recipe = load_recipe(path)
-    assert len(recipe.space) == 0 and recipe.evolve is None
+    assert len(recipe.search_space) == 0 and recipe.evolve is None
     assert recipe.compile({}).models[1].parameters["weight"] == 0.5
 
 

@@ -39,13 +39,13 @@ def test_paper_recipes_keep_the_paper_settings(tmp_path):
     for recipe in (ps, staged_ps):
         assert recipe.template["merge_method"] == "dare_ties" and recipe.template["base_model"] == "mistralai/Mistral-7B-v0.1"
         assert {m["model"] for m in recipe.template["models"]} == sources
-        assert len(recipe.space) == 6 and all((d.low, d.high) == (0.0, 1.0) for d in recipe.space.dimensions.values())
+        assert len(recipe.search_space) == 6 and all((d.low, d.high) == (0.0, 1.0) for d in recipe.search_space.dimensions.values())
         assert recipe.template["parameters"]["normalize"] is False
         assert (recipe.evolve.sampler, recipe.evolve.trials) == ("cmaes", 1000)
     for recipe in (dfs, staged_dfs):
         block = recipe.template["routing"]
         assert block["repeats"] == 3 and len(block["models"]) == 2 and block["models"][1] == "augmxnt/shisa-gamma-7b-v1"
-        assert len(recipe.space) == 64 * 3 * 2 + 1  # T = M x r = 192 indicators, 192 slot scales, the last hop
+        assert len(recipe.search_space) == 64 * 3 * 2 + 1  # T = M x r = 192 indicators, 192 slot scales, the last hop
         assert (recipe.evolve.sampler, recipe.evolve.sampler_options.given(), recipe.evolve.trials) == ("cmaes", {"popsize": 128}, 12800)
         assert recipe.evolve.objectives[0].limit == 200
     assert staged_dfs.template["routing"]["models"][0] == str((tmp_path / "ps" / "best").resolve())

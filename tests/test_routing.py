@@ -27,7 +27,7 @@ def load(tmp_path, text):
 
 
 def indicator_names(recipe):
-    return [n for n in recipe.space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
+    return [n for n in recipe.search_space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
 
 
 def test_dimensions_and_init_is_model_a(tiny_llama, tmp_path):
@@ -37,10 +37,10 @@ def test_dimensions_and_init_is_model_a(tiny_llama, tmp_path):
     assert len(names) == 8 * 3  # M x r
     assert names[:5] == ["routing.r0.v1.L0", "routing.r0.v1.L1", "routing.r0.v1.L2", "routing.r0.v1.L3", "routing.r0.v2.L0"]
     assert names[-1] == "routing.r2.v2.L3"
-    assert len(recipe.space) == 2 * 24 + 1  # indicator, a scale per slot, the hop into the forced last layer
-    assert all(recipe.space.dimensions[n].low == -1.0 and recipe.space.dimensions[n].high == 1.0 for n in names)
+    assert len(recipe.search_space) == 2 * 24 + 1  # indicator, a scale per slot, the hop into the forced last layer
+    assert all(recipe.search_space.dimensions[n].low == -1.0 and recipe.search_space.dimensions[n].high == 1.0 for n in names)
     # the init point (first trial, dry-run config) is model A unchanged
-    config = recipe.compile(recipe.space.default_point())
+    config = recipe.compile(recipe.search_space.default_point())
     assert [(str(s.sources[0].model), s.sources[0].layer_range) for s in config.slices] == [(str(v1), (i, i + 1)) for i in range(4)]
     assert all(s.sources[0].parameters is None for s in config.slices)
     assert str(config.base_model) == str(v1)

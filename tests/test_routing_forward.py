@@ -54,8 +54,8 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, seed):
     indicator = [rng.uniform(-1, 1) for _ in range(T)]
     slot_scales = [rng.uniform(0.25, 4.0) for _ in range(T)]
     last_scale = rng.uniform(0.25, 4.0)
-    names = [n for n in recipe.space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
-    assert len(names) == T and len(recipe.space) == 2 * T + 1
+    names = [n for n in recipe.search_space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
+    assert len(names) == T and len(recipe.search_space) == 2 * T + 1
     point = {n: v for n, v in zip(names, indicator)}
     point |= {f"{n}.scale": s for n, s in zip(names, slot_scales)}
     point["routing.last.scale"] = last_scale

@@ -45,11 +45,11 @@ def config_from_file(path: Path) -> MergeConfiguration:
             str(path),
         )
     recipe = document.recipe()
-    if recipe.space:
-        first = recipe.space.placements[0].loc
+    if recipe.search_space:
+        first = recipe.search_space.placements[0].loc
         raise recipe.error(
             first,
-            f"the config has {len(recipe.space)} search dimensions ({', '.join(list(recipe.space.dimensions)[:3])}...); "
+            f"the config has {len(recipe.search_space)} search dimensions ({', '.join(list(recipe.search_space.dimensions)[:3])}...); "
             "`merge` needs a concrete config: search it with `mergekit-evolve run`, then merge a trial with --trial N --run RUN_DIR",
         )
     return recipe.compile({})

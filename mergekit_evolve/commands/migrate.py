@@ -111,5 +111,5 @@ def migrate(genome: Path, output: Path | None, force: bool) -> None:
         return
     output.write_text(text, encoding="utf-8")
     assert recipe.evolve is not None
-    click.echo(f"wrote {output}: {len(recipe.space)} search dimensions, objectives "
+    click.echo(f"wrote {output}: {len(recipe.search_space)} search dimensions, objectives "
                f"{', '.join(o.name for o in recipe.evolve.objectives)}; run it with `mergekit-evolve {output}`")

@@ -98,7 +98,7 @@ def _print_dry_run(recipe: Recipe, trust_remote_code: bool, allow_pickle: bool, 
         check_recipe(recipe, merge_options(recipe, trust_remote_code), allow_pickle, pending, dry_run=True)
     except SETUP_ERRORS as e:
         raise click.ClickException(str(e)) from None
-    space = recipe.space
+    space = recipe.search_space
     table = Table(title=f"search space of {recipe.path.name}: {len(space)} dimensions")
     table.add_column("dimension")
     table.add_column("values")

@@ -26,7 +26,9 @@ class AnchorSet:
 
 def choose_anchors(results: np.ndarray, ids: list[int], size: int, seed: int) -> AnchorSet:
     """``results[s, e]``: source s's metric on example ``ids[e]``."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import (
+        KMeans,  # imported on use: scikit-learn takes a second to import, and anchors are opt-in
+    )
 
     points = results.T.astype(float)
     size = min(size, len(ids))

@@ -13,6 +13,8 @@ import importlib
 import importlib.util
 import logging
 
+from mergekit.merge_methods import registered_methods
+
 LOG = logging.getLogger(__name__)
 METHODS_MODULE = "mergekit_evolve.methods"
 
@@ -21,8 +23,6 @@ METHODS_MODULE = "mergekit_evolve.methods"
 def register_plugins() -> tuple[str, ...]:
     """Import ``mergekit_evolve.methods`` when it exists (a module is imported once, so each method is
     registered once); return the names of the registered methods it holds as module attributes."""
-    from mergekit.merge_methods import registered_methods
-
     if importlib.util.find_spec(METHODS_MODULE) is None:
         return ()
     module = importlib.import_module(METHODS_MODULE)

@@ -14,6 +14,7 @@ from mergekit.card import method_md
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
+from mergekit_evolve.methods.registry import register_plugins
 from mergekit_evolve.publish.run_files import RunFiles, hub_id
 from mergekit_evolve.recipe.evolve_settings import Objective
 from mergekit_evolve.runfolder import (
@@ -251,8 +252,6 @@ def _lineage_md(run: RunFiles) -> str:
 
 def _reproduce(method: str) -> str:
     """The command that merges the config again: mergekit's own, unless the method is one this package adds."""
-    from mergekit_evolve.methods.registry import register_plugins
-
     if method in register_plugins():
         return f"`mergekit-evolve merge mergekit_config.yml OUT` (`{method}` is a merge method {PROJECT} registers with mergekit)"
     return "a plain `mergekit-yaml mergekit_config.yml OUT`"

@@ -11,6 +11,8 @@ from typing import Any
 
 import pydantic
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
@@ -24,9 +26,6 @@ from mergekit_evolve.runfolder import RunFolder
 
 def hub_id(model: str) -> str | None:
     """The Hub repo id of a mergekit model reference, or None when it names a local folder."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     path = ModelReference.parse(model).model.path
     if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
         return None

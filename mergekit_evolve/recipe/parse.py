@@ -53,7 +53,7 @@ class Recipe:
     doc: LocatedYaml
     template: dict[str, Any]
     evolve: EvolveSettings | None
-    space: SearchSpace
+    search_space: SearchSpace
     text: str  # the recipe as run folders keep it: the file, or the translation of a genome file
     publish: PublishSettings | None = None
 
@@ -70,14 +70,14 @@ class Recipe:
 
     def compile(self, point: dict[str, Any]) -> MergeConfiguration:
         """The concrete mergekit config ``point`` stands for (mergekit validates it)."""
-        return compile_template(self.doc, self.template, self.space, point)
+        return compile_template(self.doc, self.template, self.search_space, point)
 
     def fingerprint(self) -> str:
         """What the study means: the search space and what the sampler and the objectives are, so a
         resume can tell its own run folder from another recipe's. The rest of the config (models,
         fixed values) is ``config_fingerprint``: a fix there may resume a run whose trials all failed."""
         evolve = self.evolve.model_dump(mode="json", exclude=RESUMABLE) if self.evolve else None
-        space = {name: dataclasses.asdict(dim) for name, dim in self.space.dimensions.items()}
+        space = {name: dataclasses.asdict(dim) for name, dim in self.search_space.dimensions.items()}
         return _digest({"space": space, "evolve": evolve})
 
     def config_fingerprint(self) -> str:
@@ -278,7 +278,7 @@ def parse_recipe(doc: LocatedYaml, path: Path, text: str) -> Recipe:
     space = build_space(doc, template, path.parent)
     _check_methods(doc, template, space)
     resolve_model_paths(template, path.parent)
-    recipe = Recipe(path=path, doc=doc, template=template, evolve=evolve, space=space, text=text, publish=publish)
+    recipe = Recipe(path=path, doc=doc, template=template, evolve=evolve, search_space=space, text=text, publish=publish)
     recipe.compile(space.default_point())
     if space and evolve is None:
         raise doc.error((), "the recipe has search annotations but no 'evolve:' section with objectives")

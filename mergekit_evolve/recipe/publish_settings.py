@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def check_repo_id(value: str) -> str:
     """``owner/name`` as the Hub accepts it; a bare name would land in whichever account the token belongs to."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     if value.count("/") != 1:
         raise ValueError(f"'{value}' is not of the form owner/name")
     try:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydantic
+import transformers
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
@@ -150,8 +151,6 @@ def read_config(model: str) -> Any | None:
 
     Never downloads. Raises ValueError for a config.json transformers cannot read.
     """
-    import transformers
-
     try:
         return transformers.AutoConfig.from_pretrained(model.partition("+")[0], local_files_only=True)
     except OSError:

@@ -120,7 +120,7 @@ def _check_layout(doc: LocatedYaml) -> list[str]:
 
 def _preview_layers(recipe: Recipe) -> int | None:
     """The layer count of the model a stage starts from (its compiled init point), if readable."""
-    config = recipe.compile(recipe.space.default_point())
+    config = recipe.compile(recipe.search_space.default_point())
     if config.slices:
         return sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in config.slices)
     donor = config.base_model or config.models[0].model

@@ -83,7 +83,7 @@ def write_pareto(run_dir: Path, study: optuna.Study, settings: EvolveSettings, s
 
 
 def plot_pareto(run_dir: Path, study: optuna.Study, settings: EvolveSettings) -> Path:
-    import matplotlib
+    import matplotlib  # imported on use: pyplot must see the Agg backend before it loads (no display needed)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -86,7 +86,7 @@ def plot_history(
     run_dir: Path, study: optuna.Study, target: Callable[[optuna.trial.FrozenTrial], float] | None = None
 ) -> Path:
     """The weighted objective per trial; a multi-objective study passes ``target`` to compute it."""
-    import matplotlib
+    import matplotlib  # imported on use: pyplot must see the Agg backend before it loads (no display needed)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

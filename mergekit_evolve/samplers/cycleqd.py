@@ -22,6 +22,7 @@ elites' coefficients without their mutations. Children are clipped to the recipe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -54,7 +55,7 @@ def mutation_dims(options: CycleQDOptions) -> tuple[str, ...]:
 
 def with_mutation(recipe: Recipe, options: CycleQDOptions) -> Recipe:
     """The recipe whose candidates carry CycleQD's mutation: the plugin method and two more dimensions."""
-    if options.mutation == "none" or SEED_DIM in recipe.space.dimensions:
+    if options.mutation == "none" or SEED_DIM in recipe.search_space.dimensions:
         return recipe
     method, scale_param = MUTATION_METHODS[options.mutation]
     scale = options.w_max if options.mutation == "svd" else options.noise
@@ -67,12 +68,12 @@ def with_mutation(recipe: Recipe, options: CycleQDOptions) -> Recipe:
         Dimension(SEED_DIM, "int", low=0, high=SEED_HIGH),
         Dimension(f"mutation.{scale_param}", "float", low=0.0, high=scale),
     ]
-    space = copy.deepcopy(recipe.space)
+    space = copy.deepcopy(recipe.search_space)
     for dim, param in zip(dims, ("seed", scale_param)):
         params[param] = {"search": [dim.low, dim.high]}
         space.dimensions[dim.name] = dim
         space.placements.append(Placement(("parameters", param), (dim.name,)))
-    return Recipe(recipe.path, recipe.doc, template, recipe.evolve, space, recipe.publish)
+    return dataclasses.replace(recipe, template=template, search_space=space)
 
 
 def crossover(c1: np.ndarray, c2: np.ndarray, w1: float, w2: float) -> np.ndarray:

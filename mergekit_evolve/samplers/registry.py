@@ -196,10 +196,10 @@ def prepare_recipe(recipe: Recipe) -> Recipe:
     assert recipe.evolve is not None
     sampler = recipe.evolve.sampler
     if sampler in COEFFICIENT_METHODS:
-        if SEED_DIM not in recipe.space.dimensions:
+        if SEED_DIM not in recipe.search_space.dimensions:
             _check_coefficient_method(recipe, sampler)
         if sampler == "cycleqd":
             assert isinstance(recipe.evolve.sampler_options, CycleQDOptions)
             recipe = with_mutation(recipe, recipe.evolve.sampler_options)
-    check_sampler(recipe.evolve, recipe.space)
+    check_sampler(recipe.evolve, recipe.search_space)
     return recipe

@@ -128,7 +128,7 @@ class Monitor:
     def __init__(self, recipe: Recipe, study: optuna.Study, run_dir: Path, trials: int, progress: Progress):
         # its own Study and sampler: the worker in this process samples from the other one meanwhile
         self.study = optuna.load_study(study_name=study.study_name, storage=storage_of(study),
-                                       sampler=make_sampler(recipe.evolve, recipe.space))
+                                       sampler=make_sampler(recipe.evolve, recipe.search_space))
         self.run_dir, self.trials, self.progress = run_dir, trials, progress
         self.recorded = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         self.bar: TaskID = progress.add_task(best_text(study), total=trials, completed=min(counted(study), trials))

@@ -63,7 +63,7 @@ def plan_actors(resources: dict[str, float], requested: int) -> tuple[int, dict[
 
 def run_ray(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Study, monitor: Monitor) -> FailureGuard | None:
     """A ``jobs.Runner``: the driver only watches (``worker`` and ``study`` are the driver's, unused here)."""
-    import ray
+    import ray  # an optional dependency (the ray extra), imported when --ray asks for it
     from ray.exceptions import RayActorError, RayError
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}

@@ -51,16 +51,16 @@ def open_study(recipe: Recipe, run_dir: Path) -> optuna.Study:
     study = optuna.create_study(
         study_name=settings.study_name or recipe.name,
         storage=storage,
-        sampler=make_sampler(settings, recipe.space),
+        sampler=make_sampler(settings, recipe.search_space),
         directions=directions(settings),
         pruner=make_pruner(settings.pruning),
         load_if_exists=True,
     )
-    if not study.trials and recipe.space.init_point():
-        study.enqueue_trial(recipe.space.init_point(), skip_if_exists=True)
+    if not study.trials and recipe.search_space.init_point():
+        study.enqueue_trial(recipe.search_space.init_point(), skip_if_exists=True)
     index = register_worker(study)
     if index and not isinstance(study.sampler, GenerationalSampler):  # those replay one shared seed on purpose
-        study.sampler = make_sampler(settings, recipe.space, seed_offset=index)
+        study.sampler = make_sampler(settings, recipe.search_space, seed_offset=index)
     return study
 
 

@@ -53,7 +53,7 @@ def merge_options(recipe: Recipe, trust_remote_code: bool = False) -> MergeOptio
 
 def source_models(recipe: Recipe) -> list[ModelReference]:
     """Every model the recipe merges, base first, in recipe order."""
-    config = recipe.compile(recipe.space.default_point())
+    config = recipe.compile(recipe.search_space.default_point())
     ordered: list[ModelReference] = [config.base_model] if config.base_model else []
     # a routed recipe's default path may use only the first model: the others are sources too
     routed = [ModelReference.model_validate(m) for m in (recipe.template.get("routing") or {}).get("models", [])]
@@ -76,7 +76,7 @@ class Worker:
         self.sources = source_models(recipe)
         make_resident(self.sources, options, self.merger.storage_device, allow_pickle)
         self.suite = suite or TaskSuite(recipe.evolve, recipe.base_dir)
-        default = recipe.compile(recipe.space.default_point())
+        default = recipe.compile(recipe.search_space.default_point())
         donor = default.base_model or default.referenced_models()[0]
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
             local_folder(donor, options), trust_remote_code=options.trust_remote_code
@@ -139,7 +139,7 @@ class Worker:
     def check_start_point(self) -> None:
         """Merge the recipe's start point (init values, else the box centre) and score one example of
         every objective on both splits: what would fail every trial fails here, once, before trial 0."""
-        config = self.recipe.compile(self.recipe.space.default_point())
+        config = self.recipe.compile(self.recipe.search_space.default_point())
         try:
             if self.warmup_error is not None:
                 raise self.warmup_error
@@ -167,7 +167,7 @@ class Worker:
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         try:
-            point = suggest_point(trial, self.recipe.space)
+            point = suggest_point(trial, self.recipe.search_space)
             config = self.recipe.compile(point)
             digest = config_digest(config)
             trial.set_user_attr("config", config.to_yaml())

@@ -19,6 +19,13 @@ def config(base, v1) -> MergeConfiguration:
                                               "models": [{"model": str(v1), "parameters": {"weight": 0.5}}]})
 
 
+def planner(base, v1) -> MergePlanner:
+    cfg = config(base, v1)
+    options = MergeOptions(device="cpu", quiet=True)
+    arch = get_architecture_info(cfg, options)
+    return MergePlanner(cfg, arch, options, compat.out_config(cfg, arch))
+
+
 def test_version_is_the_pinned_range():
     assert Version("0.1.5") <= Version(version("mergekit")) < Version("0.2")
 
@@ -35,27 +42,19 @@ def test_out_config_is_what_run_merge_writes(tiny_llama, tmp_path):
 
 
 def test_planner_state_accessors_see_a_plan(tiny_llama):
-    base, v1, _ = tiny_llama
-    cfg = config(base, v1)
-    options = MergeOptions(device="cpu", quiet=True)
-    planner = MergePlanner(cfg, get_architecture_info(cfg, options), options,
-                           compat.out_config(cfg, get_architecture_info(cfg, options)))
-    assert compat.planner_method(planner).spec.name == "task_arithmetic"
-    assert not compat.planner_merges_tokenizer(planner)
-    assert compat.planned_tensors(planner) == []
-    compat.plan_all(planner)
-    names = [w.name for w, _ in compat.planned_tensors(planner)]
+    plan = planner(*tiny_llama[:2])
+    assert compat.planner_method(plan).spec.name == "task_arithmetic"
+    assert not compat.planner_merges_tokenizer(plan)
+    assert compat.planned_tensors(plan) == []
+    compat.plan_all(plan)
+    names = [w.name for w, _ in compat.planned_tensors(plan)]
     assert "model.embed_tokens.weight" in names and len(names) == len(set(names))
 
 
 def test_working_return_tensor_validates_a_plain_task(tiny_llama):
-    base, v1, _ = tiny_llama
-    cfg = config(base, v1)
-    options = MergeOptions(device="cpu", quiet=True)
-    planner = MergePlanner(cfg, get_architecture_info(cfg, options), options,
-                           compat.out_config(cfg, get_architecture_info(cfg, options)))
-    compat.plan_all(planner)
-    weight, task = compat.planned_tensors(planner)[0]
+    plan = planner(*tiny_llama[:2])
+    compat.plan_all(plan)
+    weight, task = compat.planned_tensors(plan)[0]
     compat.WorkingReturnTensor(weight_info=weight, tensor_task=task, dtype=None)
 
 
