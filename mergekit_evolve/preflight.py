@@ -24,7 +24,12 @@ from mergekit.options import MergeOptions
 from safetensors import safe_open
 from transformers import PretrainedConfig
 
-from mergekit_evolve.evaluate.suite import TaskSetupError, TaskSuite, check_indexed, task_manager
+from mergekit_evolve.evaluate.suite import (
+    TaskSetupError,
+    TaskSuite,
+    check_indexed,
+    task_manager,
+)
 from mergekit_evolve.merge.resident import (
     ModelNotFoundError,
     WeightsError,
