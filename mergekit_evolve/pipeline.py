@@ -92,7 +92,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
     try:
         # Everything that can be wrong with the input is found before the run folder is touched.
         recipe = prepare_recipe(recipe)  # checks the sampler fits; CycleQD adds its mutation
-        folder.check(recipe.fingerprint(), options.overwrite)
+        folder.check(recipe.fingerprints(), options.overwrite)
         if recipe.publish and recipe.publish.repo:
             resolve_token()  # the push at the end needs one: say so now, not after the search
         plan = plan_workers(recipe.evolve, options.ray)
@@ -113,7 +113,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
                 LOG.warning("%s changed since this run's trials; its stored per-example results are discarded",
                             ", ".join(changed["tasks"]))
                 folder.examples_db.unlink(missing_ok=True)
-            folder.prepare(recipe.fingerprint(), recipe.path, recipe.text, options.overwrite, **facts)
+            folder.prepare(recipe.fingerprints(), recipe.path, recipe.text, options.overwrite, **facts)
             worker.use_store(run_dir)
             _check_objectives_vary(recipe, worker)
             return _search(recipe, run_dir, worker, plan, merge, options)
@@ -128,7 +128,7 @@ def _changes(folder: RunFolder, recipe: Recipe, facts: dict[str, Any], overwrite
     (``--overwrite`` starts over). A run with no completed trial (one stopped by a broken recipe)
     resumes with the fix; per-example results of a changed task are discarded, never reused."""
     stored = folder.stored()
-    if stored.get("fingerprint") != recipe.fingerprint():
+    if stored.get("fingerprint") not in recipe.fingerprints():
         return {}
     changed: dict[str, list[str]] = {}
     if stored.get("config", facts["config"]) != facts["config"]:
@@ -243,7 +243,8 @@ def _finished(stage: Stage) -> dict[str, Any] | None:
     if not (folder.report.exists() and folder.best.exists()):
         return None
     stored = folder.stored()
-    if (stored.get("fingerprint"), stored.get("config")) != (stage.recipe.fingerprint(), stage.recipe.config_fingerprint()):
+    if stored.get("fingerprint") not in stage.recipe.fingerprints() or \
+            stored.get("config", stage.recipe.config_fingerprint()) != stage.recipe.config_fingerprint():
         return None
     settings = stage.recipe.evolve
     assert settings is not None

@@ -193,12 +193,14 @@ class RunFolder:
             self.lock_file.unlink(missing_ok=True)
 
     # --- create, resume, overwrite ----------------------------------------------------------
-    def check(self, fingerprint: str, overwrite: bool = False) -> None:
+    def check(self, fingerprint: str | tuple[str, ...], overwrite: bool = False) -> None:
         """Refuse, without writing anything, a folder that holds something other than this run, or that another process uses."""
         self.check_lock()
         self.check_contents(fingerprint, overwrite)
 
-    def check_contents(self, fingerprint: str, overwrite: bool = False) -> None:
+    def check_contents(self, fingerprint: str | tuple[str, ...], overwrite: bool = False) -> None:
+        """``fingerprint``: this run's, or every one its folder may hold (the current one first)."""
+        accepted = (fingerprint,) if isinstance(fingerprint, str) else fingerprint
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path} is a file, not a folder")
         if self.path.exists() and any(p.name != LOCK_FILE for p in self.path.iterdir()) and not overwrite:
@@ -206,7 +208,7 @@ class RunFolder:
             if stored is None:
                 raise RunDirError(f"{self.path} exists and is not a mergekit-evolve run folder; "
                                   "choose another --run-dir or pass --overwrite")
-            if stored != fingerprint:
+            if stored not in accepted:
                 raise RunDirError(
                     f"{self.path} holds a run of a different recipe (its copy: {self.recipe}); "
                     "choose another --run-dir, or pass --overwrite to delete that run"
@@ -218,11 +220,15 @@ class RunFolder:
             if p.name != LOCK_FILE:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
-    def prepare(self, fingerprint: str, recipe_path: Path, recipe_text: str, overwrite: bool = False,
-                **facts: Any) -> None:
-        """Create (or resume) the folder for this run: ``run.json`` (with ``facts``) and the recipe copy."""
+    def prepare(self, fingerprint: str | tuple[str, ...], recipe_path: Path, recipe_text: str,
+                overwrite: bool = False, **facts: Any) -> None:
+        """Create (or resume) the folder for this run: ``run.json`` (with ``facts``) and the recipe copy.
+
+        ``fingerprint`` as for ``check_contents``; ``run.json`` keeps the first."""
         self.check_contents(fingerprint, overwrite)
-        if overwrite and self.path.exists() and self.stored_fingerprint() != fingerprint:
+        accepted = (fingerprint,) if isinstance(fingerprint, str) else fingerprint
+        fingerprint = accepted[0]
+        if overwrite and self.path.exists() and self.stored_fingerprint() not in accepted:
             self.clear()
         try:
             self.path.mkdir(parents=True, exist_ok=True)

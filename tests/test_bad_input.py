@@ -27,6 +27,7 @@ import transformers
 from tiny_models import CONFIGS, VOCAB, make_family, write_copy_task
 
 from mergekit_evolve.commands.common import setup_logging
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.runfolder import RunDirError, RunFolder
 from mergekit_evolve.study.search import FailureGuard
 
@@ -177,6 +178,16 @@ def test_a_held_run_folder_is_refused_naming_its_holder(ws, tiny_llama):
     error = one_error(result)
     assert f"process {os.getpid()} on {socket.gethostname()}" in error and "run.lock" in error
     assert snapshot(run_dir) == before and LOADED not in result.stderr
+
+
+def test_run_folders_of_earlier_versions_still_resume(ws, tiny_llama):
+    recipe = load_recipe(write(ws, "earlier", recipe_text(tiny_llama)))
+    folder = RunFolder(ws / "runs" / "earlier")
+    folder.path.mkdir(parents=True)
+    folder.run_file.write_text(json.dumps({"fingerprint": recipe.earlier_fingerprint()}))
+    folder.check(recipe.fingerprints())
+    with pytest.raises(RunDirError, match="different recipe"):
+        folder.check(recipe.fingerprint() + "x")
 
 
 def dead_pid() -> int:

@@ -80,6 +80,16 @@ class Recipe:
         space = {name: dataclasses.asdict(dim) for name, dim in self.search_space.dimensions.items()}
         return _digest({"space": space, "evolve": evolve})
 
+    def earlier_fingerprint(self) -> str:
+        """What run folders written before ``fingerprint`` covered only the search space hold
+        (the template and the settings): accepted on resume, so those runs go on."""
+        evolve = self.evolve.model_dump(mode="json", exclude=RESUMABLE) if self.evolve else None
+        return _digest({"config": self.template, "evolve": evolve})
+
+    def fingerprints(self) -> tuple[str, ...]:
+        """Every fingerprint a run folder of this recipe may hold."""
+        return self.fingerprint(), self.earlier_fingerprint()
+
     def config_fingerprint(self) -> str:
         """The whole mergekit template (models, methods, fixed values)."""
         return _digest(self.template)
