@@ -329,9 +329,11 @@ def test_a_changed_task_or_model_is_refused_and_the_run_folder_kept(ws, tiny_lla
     assert result.returncode == 1
     error = one_error(result)
     assert str(yaml) in error and "--overwrite" in error
-    path.write_text(path.read_text().replace(str(tiny_llama[2]), str(ws / "no-such-model")))
+    yaml.write_text(yaml.read_text().replace('doc_to_target: " {{answer}}"', 'doc_to_target: "{{answer}}"'))
+    # a mistake outside the search space (a model's name is part of its dimensions' names)
+    path.write_text(path.read_text().replace(f"{tiny_llama[0]}, layer_range: [0, 4]", f"{tiny_llama[0]}, layer_range: [0, 6]"))
     result = cli(path, "-o", run_dir, cwd=ws)
-    assert result.returncode == 1 and "no-such-model" in one_error(result)
+    assert result.returncode == 1 and "has 4 layers" in one_error(result)
     assert snapshot(run_dir) == before  # nothing lost, nothing added
 
 
