@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -86,7 +87,12 @@ def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are kept in the study; run the same command to resume.")
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Everything is unwound (the lock released, the trial failed); an interrupt that lands inside
+        # Optuna's trial shutdown can leave its heartbeat thread (not a daemon) beating, and a normal
+        # exit would wait for it forever. The SQLite files are safe to leave as a kill would.
+        os._exit(130)
     for report in reports:
         print_report(report)
 
