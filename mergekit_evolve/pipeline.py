@@ -16,10 +16,12 @@ from typing import Any
 
 import optuna
 import torch
+from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.suite import TaskSetupError
 from mergekit_evolve.merge.memory_plan import MemoryPlanError
-from mergekit_evolve.merge.resident import ModelNotFoundError
+from mergekit_evolve.merge.resident import ModelNotFoundError, WeightsError
+from mergekit_evolve.preflight import check_recipe
 from mergekit_evolve.publish.card import write_card
 from mergekit_evolve.publish.errors import PublishError
 from mergekit_evolve.publish.hub import publish_run, resolve_token
@@ -41,6 +43,7 @@ from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe
 from mergekit_evolve.study.jobs import (
     ParallelError,
     WorkerJob,
+    WorkerPlan,
     plan_workers,
     run_parallel,
 )
@@ -54,11 +57,17 @@ from mergekit_evolve.study.storage import (
     default_storage_url,
     open_storage,
 )
-from mergekit_evolve.study.worker import Worker, merge_options, plan_memory
+from mergekit_evolve.study.worker import (
+    CandidateError,
+    Worker,
+    merge_options,
+    plan_memory,
+    source_config,
+)
 
 LOG = logging.getLogger(__name__)
-SETUP_ERRORS = (RecipeError, ModelNotFoundError, TaskSetupError, SamplerSetupError, RunDirError, PublishError,
-                ParallelError, StorageError, MemoryPlanError)
+SETUP_ERRORS = (RecipeError, ModelNotFoundError, WeightsError, TaskSetupError, SamplerSetupError, RunDirError,
+                PublishError, ParallelError, StorageError, MemoryPlanError)
 
 
 class RunFailed(RuntimeError):
@@ -88,20 +97,98 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
     try:
         # Everything that can be wrong with the input is found before the run folder is touched.
         recipe = prepare_recipe(recipe)  # checks the sampler fits; CycleQD adds its mutation
-        folder.check(recipe.fingerprint(), options.overwrite)
+        folder.check(recipe.fingerprints(), options.overwrite)
         if publishes:
             resolve_token()  # the push at the end needs one: say so now, not after the search
             _check_license(recipe, run_dir)
         plan = plan_workers(recipe.evolve, options.ray)
         if recipe.evolve.storage:
             check_storage(recipe.evolve.storage)
+        suite = check_recipe(recipe, merge, options.allow_pickle)  # files, architectures, tasks: no weights yet
         memory = plan_memory(recipe, merge)
         LOG.info("\n".join(memory.lines()))
         memory.check()  # before any weight is loaded
-        worker = Worker(recipe, merge, allow_pickle=options.allow_pickle)
-        folder.prepare(recipe.fingerprint(), recipe.path, recipe.text, options.overwrite)
-    except SETUP_ERRORS as e:
+        facts = {"config": recipe.config_fingerprint(), "tasks": suite.files()}
+        changed = _changes(folder, recipe, facts, options.overwrite)
+        worker = Worker(recipe, merge, allow_pickle=options.allow_pickle, suite=suite)
+        worker.check_start_point()  # one merge and one example per objective: fails here, not in every trial
+    except (*SETUP_ERRORS, CandidateError) as e:
         raise RunFailed(str(e)) from None
+    try:
+        with folder.lock():
+            if changed and options.overwrite:
+                folder.clear()
+            elif changed.get("tasks"):
+                LOG.warning("%s changed since this run's trials; its stored per-example results are discarded",
+                            ", ".join(changed["tasks"]))
+                folder.examples_db.unlink(missing_ok=True)
+            folder.prepare(recipe.fingerprints(), recipe.path, recipe.text, options.overwrite, **facts)
+            worker.use_store(run_dir)
+            _check_objectives_vary(recipe, worker)
+            return _search(recipe, run_dir, worker, plan, merge, options)
+    except RunDirError as e:
+        raise RunFailed(str(e)) from None
+
+
+def _changes(folder: RunFolder, recipe: Recipe, facts: dict[str, Any], overwrite: bool) -> dict[str, list[str]]:
+    """What changed since the run in ``folder`` started, other than its search space (that is another run).
+
+    A changed merge config or task file makes completed trials' scores incomparable: refused
+    (``--overwrite`` starts over). A run with no completed trial (one stopped by a broken recipe)
+    resumes with the fix; per-example results of a changed task are discarded, never reused."""
+    stored = folder.stored()
+    if stored.get("fingerprint") not in recipe.fingerprints():
+        return {}
+    changed: dict[str, list[str]] = {}
+    if stored.get("config", facts["config"]) != facts["config"]:
+        changed["config"] = ["the merge config (models, methods, fixed values)"]
+    old_tasks = stored.get("tasks", facts["tasks"])
+    tasks = sorted(f for f in {*old_tasks, *facts["tasks"]} if old_tasks.get(f) != facts["tasks"].get(f))
+    if tasks:
+        changed["tasks"] = tasks
+    if not changed or overwrite:
+        return changed
+    complete = _completed(folder)
+    if complete:
+        what = "; ".join(x for v in changed.values() for x in v)
+        raise RunDirError(f"{folder.path}: {what} changed since its {complete} completed trials were scored, so their "
+                          "scores would not compare; pass --overwrite to delete this run and start over, or choose "
+                          "another --run-dir")
+    return changed
+
+
+def _completed(folder: RunFolder) -> int:
+    """Completed trials as the run's trials.jsonl lists them."""
+    if not folder.trials.exists():
+        return 0
+    lines = folder.trials.read_text(encoding="utf-8").splitlines()
+    return sum(json.loads(line).get("state") == "COMPLETE" for line in lines if line.strip())
+
+
+def _check_objectives_vary(recipe: Recipe, worker: Worker) -> None:
+    """Stop when every source scores the same extreme (all 0, all 1) on an objective: the search could
+    not tell candidates apart. The sources' results are stored; the report reuses them."""
+    assert recipe.evolve is not None
+    if recipe.evolve.allow_constant_objectives:
+        return
+    dtype = recipe.compile(recipe.search_space.default_point()).dtype
+    scores = [worker.score_config(source_config(model, dtype), "search") for model in worker.sources]
+    for i, obj in enumerate(recipe.evolve.objectives):
+        values = {s.values[obj.name] for s in scores}
+        if len(values) == 1 and values <= {0.0, 1.0}:
+            raise RunFailed(str(recipe.error(
+                ("evolve", "objectives", i, "task"),
+                f"every source model scores {values.pop():g} on {obj.name}, so the search cannot tell candidates "
+                "apart. Usual causes: a loglikelihood target without its leading space (lm-eval ignores "
+                "target_delimiter there), a metric or filter that reads the wrong field, an answer format the models "
+                "never produce, or too few examples (limit). If it is expected, set evolve.allow_constant_objectives: true",
+            )))
+
+
+def _search(recipe: Recipe, run_dir: Path, worker: Worker, plan: WorkerPlan, merge: MergeOptions,
+            options: RunOptions) -> dict[str, Any]:
+    assert recipe.evolve is not None
+    folder = RunFolder(run_dir)
     trials = recipe.evolve.trials
     try:
         if plan.parallel:
@@ -124,7 +211,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
     write_card(run_dir)  # needs report.json; replaces mergekit's plain card
     worker.evaluator.store.close()
     close_storage(study)  # before a push: study.db must hold every trial, not leave some in its WAL
-    if publishes:
+    if options.publish and recipe.publish and recipe.publish.repo:
         try:
             publish_run(run_dir, recipe.publish)
         except PublishError as e:
@@ -184,7 +271,9 @@ def _finished(stage: Stage) -> dict[str, Any] | None:
     folder = RunFolder(stage.run_dir)
     if not (folder.report.exists() and folder.best.exists()):
         return None
-    if folder.stored_fingerprint() != stage.recipe.fingerprint():
+    stored = folder.stored()
+    if stored.get("fingerprint") not in stage.recipe.fingerprints() or \
+            stored.get("config", stage.recipe.config_fingerprint()) != stage.recipe.config_fingerprint():
         return None
     settings = stage.recipe.evolve
     assert settings is not None
@@ -207,17 +296,22 @@ def run_stages(document: RecipeDocument, run_dir: Path, options: RunOptions = Ru
         except RecipeError as e:
             raise RunFailed(str(e)) from None
 
-    reports = []
-    for planned in parse():  # every stage is checked before any search
-        stage = parse(until=planned.name)[-1]  # again, now that earlier winners exist: real layer counts
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _check_upstream(stage, run_dir, options.overwrite)
-        report = _finished(stage)
-        if report is not None:
-            LOG.info("stage %s: already finished (%s); not run again", stage.name, stage.run_dir)
-            report = {**report, "run_dir": str(stage.run_dir)}
-        else:
-            LOG.info("stage %s: searching in %s", stage.name, stage.run_dir)
-            report = run_recipe(stage.recipe, stage.run_dir, options)
-        reports.append({**report, "stage": stage.name})
-    return reports
+    planned = parse()  # every stage is checked before any search
+    try:
+        with RunFolder(run_dir).lock():
+            return [_run_stage(parse(until=p.name)[-1], run_dir, options) for p in planned]
+    except RunDirError as e:
+        raise RunFailed(str(e)) from None
+
+
+def _run_stage(stage: Stage, run_dir: Path, options: RunOptions) -> dict[str, Any]:
+    """One stage (parsed again now that earlier winners exist: real layer counts), unless it already finished."""
+    _check_upstream(stage, run_dir, options.overwrite)
+    report = _finished(stage)
+    if report is not None:
+        LOG.info("stage %s: already finished (%s); not run again", stage.name, stage.run_dir)
+        report = {**report, "run_dir": str(stage.run_dir)}
+    else:
+        LOG.info("stage %s: searching in %s", stage.name, stage.run_dir)
+        report = run_recipe(stage.recipe, stage.run_dir, options)
+    return {**report, "stage": stage.name}

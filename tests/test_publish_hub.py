@@ -278,7 +278,7 @@ def test_a_run_with_a_publish_section_writes_its_card_and_pushes_at_the_end(hub,
         f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
         f"  - model: {v1}\n    parameters: {{weight: {{search: [0.0, 1.0]}}}}\n"
         f"  - model: {v2}\n    parameters: {{weight: {{search: [0.0, 1.0]}}}}\n"
-        "dtype: float32\nevolve:\n  sampler: random\n  trials: 2\n  task_paths: [tasks]\n"
+        "dtype: float32\nevolve:\n  allow_constant_objectives: true\n  sampler: random\n  trials: 2\n  task_paths: [tasks]\n"
         "  objectives: [{task: tiny_copy, metric: 'acc,none', heldout_task: tiny_copy_heldout}]\n"
         "publish:\n  repo: alice/searched\n  space: alice/searched-demo\n  license: mit\n"
     )

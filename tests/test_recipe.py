@@ -88,7 +88,7 @@ def test_plain_config_has_no_dimensions(tmp_path, tiny_llama):
         ("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: {var: nowhere}\n", 5,
          "names no annotation"),
         ("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: {search: [0, 1], bogus: 1}\n", 5,
-         "bad search annotation"),
+         "bad search annotation: 'bogus': Extra inputs are not permitted"),
         ("merge_method: linear\n\tmodels: x\n", 2, "not valid YAML"),
     ],
 )
@@ -108,6 +108,15 @@ def test_evolve_errors_point_into_the_section(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert err.value.line == 5 and "evolve.trials" in str(err.value)
+
+
+def test_a_union_setting_is_named_as_the_user_wrote_it(tmp_path):
+    path = tmp_path / "recipe.yml"
+    path.write_text("merge_method: linear\nmodels:\n  - model: a\nevolve:\n  batch_size: [64]\n  objectives: [{task: x}]\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.line == 5
+    assert "evolve.batch_size: Input should be a valid integer or a valid string" in str(err.value), str(err.value)
 
 
 def test_annotations_need_an_evolve_section(tmp_path):

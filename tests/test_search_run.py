@@ -42,6 +42,7 @@ def recipe(workspace, tiny_llama, *, trials=3, sampler="random", extra_model="",
                 parameters: {{weight: {{search: [0.0, 1.0], points: 2}}}}
         dtype: float32
         evolve:
+          allow_constant_objectives: true  # the tiny random models score 0 on tiny_copy
           sampler: {sampler}
           trials: {trials}
           seed: 3
@@ -119,9 +120,8 @@ def test_interrupt_then_resume_keeps_finished_trials(workspace, tiny_llama):
     assert len({x["number"] for x in lines}) == len(lines)  # each trial once
 
 
-@pytest.mark.slow
-def test_failing_candidates_become_failed_trials(workspace, tiny_llama):
-    # layer_range ends above 4 do not exist in the 4-layer models: those candidates fail in mergekit
+def test_a_searched_layer_range_past_the_models_depth_stops_before_search(workspace, tiny_llama):
+    # layer_range ends above 4 do not exist in the 4-layer models: found before any weight loads
     path = recipe(workspace, tiny_llama, trials=4, name="fails", end="{search: [2, 7], type: int, name: end}")
     text = path.read_text().replace("layer_range: [0, {search: [2, 7], type: int, name: end}]", "layer_range: [0, {var: end}]")
     text = text.replace("{model: " + str(tiny_llama[0]) + ", layer_range: [0, {var: end}]}",
@@ -129,11 +129,9 @@ def test_failing_candidates_become_failed_trials(workspace, tiny_llama):
     path.write_text(text)
     run_dir = workspace / "runs" / "fails"
     result = run_cli(path, "-o", run_dir)
-    assert result.exit_code == 0, result.output
-    lines = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
-    failed = [x for x in lines if x["state"] == "FAIL"]
-    assert failed and all(x["point"]["end"] > 4 and x["error"] for x in failed)
-    assert sum(x["state"] == "COMPLETE" for x in lines) == 4
+    assert result.exit_code == 1
+    assert "fails.yml:5: layer_range of" in result.output and "searched end reaches 7" in result.output
+    assert not run_dir.exists()
 
 
 def test_missing_model_stops_before_search(workspace, tiny_llama):

@@ -23,7 +23,7 @@ from mergekit_evolve.publish.run_files import RunFiles
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--port", type=int, default=7860, show_default=True, help="Port on 127.0.0.1.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port on 127.0.0.1.")
 def space(run_dir: Path, port: int) -> None:
     """Launch the Gradio demo on RUN_DIR's best/ and its local source models, on the CPU.
 

@@ -23,12 +23,15 @@ def setup_logging(verbose: int) -> None:
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     LOG.setLevel(logging.INFO if verbose == 0 else level)
+    # a failed trial is one line; its traceback is in the run folder's failures.log, here with -v
+    logging.getLogger("mergekit_evolve.tracebacks").setLevel(logging.INFO if verbose else logging.WARNING)
     for noisy in ("optuna", "lm_eval", "lm-eval", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
     if verbose < 2:
-        # Optuna logs every trial through its own handler and flags the heartbeat API as
-        # experimental; the progress bar and trials.jsonl already say all of it.
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Optuna logs every trial through its own handler (a failed one with its whole traceback,
+        # Ctrl-C included) and flags the heartbeat API as experimental; the progress bar,
+        # trials.jsonl and failures.log already say all of it.
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
         transformers.logging.set_verbosity_error()  # mergekit passes transformers' deprecated torch_dtype

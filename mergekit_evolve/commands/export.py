@@ -32,7 +32,7 @@ def _pareto_trials(run_dir: Path) -> list[int]:
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--trial", "trials", type=int, multiple=True, help="A trial number (repeat for several).")
+@click.option("--trial", "trials", type=click.IntRange(min=0), multiple=True, help="A trial number (repeat for several).")
 @click.option("--pareto", is_flag=True, help="Every trial of the run's Pareto front (pareto.json).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder; with --pareto or several trials, one OUT/trial-N folder each.")

@@ -122,7 +122,7 @@ def _merge(merge_options: MergeOptions, paths: tuple[str, ...], trial: int | Non
 
 @click.command("merge", cls=PrettyPrintHelp, help=USAGE)
 @click.argument("paths", nargs=-1, required=True, metavar="[CONFIG] OUT_PATH")
-@click.option("--trial", type=int, default=None, help="Merge the stored config of this trial of --run (instead of CONFIG).")
+@click.option("--trial", type=click.IntRange(min=0), default=None, help="Merge the stored config of this trial of --run (instead of CONFIG).")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="The run folder --trial refers to.")
 @add_merge_options

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,12 +13,20 @@ from rich.table import Table
 from mergekit_evolve.commands.common import console, print_report, setup_logging
 from mergekit_evolve.commands.migrate import legacy_run_options
 from mergekit_evolve.merge.resident import ModelNotFoundError
-from mergekit_evolve.pipeline import RunFailed, RunOptions, run_recipe, run_stages
+from mergekit_evolve.pipeline import (
+    SETUP_ERRORS,
+    RunFailed,
+    RunOptions,
+    run_recipe,
+    run_stages,
+)
+from mergekit_evolve.preflight import check_recipe
 from mergekit_evolve.recipe.document import load_document
 from mergekit_evolve.recipe.overrides import Overrides
 from mergekit_evolve.recipe.parse import Recipe
+from mergekit_evolve.recipe.stages import winner_dir
 from mergekit_evolve.recipe.yaml_lines import RecipeError
-from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe
+from mergekit_evolve.samplers.registry import prepare_recipe
 from mergekit_evolve.study.worker import merge_options, plan_memory
 
 
@@ -27,7 +36,7 @@ from mergekit_evolve.study.worker import merge_options, plan_memory
               help="Run folder (default: runs/<recipe name>). Running again resumes it.")
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Override evolve.trials (completed trials to reach).")
-@click.option("--timeout", type=float, default=None, help="Stop starting new trials after this many seconds (then write the winner).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting new trials after this many seconds (then write the winner).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: evolve.device, else auto).")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe, print the search space and one compiled config; load no weights.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run folder of a different recipe instead of refusing.")
@@ -65,9 +74,11 @@ def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool
     if dry_run:
         for stage in stages:
             click.echo(f"# stage '{stage.name}' (run folder {stage.run_dir})")
-            _print_dry_run(stage.recipe)
+            # the winners of earlier stages do not exist yet: the run checks them when it gets there
+            _print_dry_run(stage.recipe, trust_remote_code, allow_pickle,
+                           pending=tuple(winner_dir(run_dir, name) for name in stage.uses))
         if single is not None:
-            _print_dry_run(single)
+            _print_dry_run(single, trust_remote_code, allow_pickle)
         return
     if single is not None and single.evolve is None:
         raise click.ClickException(f"{recipe}: no search annotations and no 'evolve:' section; use `mergekit-evolve merge` for a plain merge")
@@ -80,17 +91,23 @@ def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are kept in the study; run the same command to resume.")
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Everything is unwound (the lock released, the trial failed); an interrupt that lands inside
+        # Optuna's trial shutdown can leave its heartbeat thread (not a daemon) beating, and a normal
+        # exit would wait for it forever. The SQLite files are safe to leave as a kill would.
+        os._exit(130)
     for report in reports:
         print_report(report)
 
 
-def _print_dry_run(recipe: Recipe) -> None:
-    if recipe.evolve:
-        try:
+def _print_dry_run(recipe: Recipe, trust_remote_code: bool, allow_pickle: bool, pending: tuple[Path, ...] = ()) -> None:
+    try:
+        if recipe.evolve:
             recipe = prepare_recipe(recipe)  # the space its sampler searches (CycleQD adds its mutation)
-        except SamplerSetupError as e:
-            raise click.ClickException(str(e)) from None
+        check_recipe(recipe, merge_options(recipe, trust_remote_code), allow_pickle, pending, dry_run=True)
+    except SETUP_ERRORS as e:
+        raise click.ClickException(str(e)) from None
     space = recipe.search_space
     table = Table(title=f"search space of {recipe.path.name}: {len(space)} dimensions")
     table.add_column("dimension")

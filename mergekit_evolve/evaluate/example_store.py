@@ -56,6 +56,14 @@ class ExampleStore:
             )
             self._db.commit()
 
+    def absorb(self, other: ExampleStore) -> None:
+        """Keep what ``other`` (say, the in-memory store of the checks before a run folder existed) computed."""
+        with other._lock:
+            rows = other._db.execute("SELECT digest, task, doc_id, metrics FROM examples").fetchall()
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?)", rows)
+            self._db.commit()
+
     def count(self, digest: str | None = None) -> int:
         with self._lock:
             if digest is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -29,13 +30,80 @@ Split = Literal["search", "heldout"]
 
 
 class TaskSetupError(ValueError):
-    pass
+    """A task an objective names cannot be used; ``task`` and ``field`` (of the objective) say where."""
+
+    def __init__(self, message: str, task: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.task, self.field = task, field
 
 
 def _quiet_lm_eval() -> None:
     # lm-eval warns on every HFLM over a model object that it ignores loading arguments: expected here
     for name in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.ERROR))
+
+
+def objective_tasks(settings: EvolveSettings) -> set[str]:
+    return {o.task for o in settings.objectives} | {o.heldout_task for o in settings.objectives if o.heldout_task}
+
+
+def task_manager(settings: EvolveSettings, base_dir: Path) -> TaskManager:
+    """lm-eval's index of the objectives' tasks: the recipe's task folders, and lm-eval's own tasks
+    only when the recipe names one of them (indexing its ~15k tasks takes many seconds)."""
+    paths = [str((base_dir / p).resolve()) for p in settings.task_paths]
+    for p, raw in zip(paths, settings.task_paths):
+        if not os.path.isdir(p):
+            raise TaskSetupError(f"evolve.task_paths: no folder '{raw}' (looked at {p})", field="task_paths")
+    names = objective_tasks(settings)
+    # keyed by the folders' YAML files and their times, so an edited task is indexed again
+    key = tuple((p, tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(p).rglob("*.yaml")))) for p in paths)
+    manager = _index(key, False)
+    if not names <= set(manager.all_tasks):
+        manager = _index(key, True)
+    missing = sorted(names - set(manager.all_tasks))
+    if missing:
+        raise TaskSetupError(
+            f"lm-eval cannot find task(s) {missing} in its registry"
+            + (f" or in task_paths {settings.task_paths}" if paths else " (add task_paths for custom YAMLs)"),
+            task=missing[0],
+        )
+    return manager
+
+
+@functools.lru_cache(maxsize=8)
+def _index(key: tuple[tuple[str, Any], ...], defaults: bool) -> TaskManager:
+    # once per process: the checks before the search, then the run loads its tasks from the same index
+    return TaskManager(include_path=[p for p, _ in key] or None, include_defaults=defaults)
+
+
+# metrics lm-eval gives a task without a metric_list, by output type
+DEFAULT_METRICS = {
+    "loglikelihood": {"perplexity", "acc"},
+    "multiple_choice": {"acc", "acc_norm", "acc_mutual_info"},
+    "generate_until": {"exact_match"},
+    "loglikelihood_rolling": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
+}
+
+
+def check_indexed(objective: Objective, manager: TaskManager) -> None:
+    """The objective's metric and filter exist in its tasks' configs, as lm-eval indexed them (no data loaded).
+
+    Groups and tags aggregate their tasks' metrics: those are checked once loaded (``TaskSuite.check``)."""
+    metric, _, flt = objective.metric.partition(",")
+    flt = flt or "none"
+    for name in filter(None, (objective.task, objective.heldout_task)):
+        cfg = getattr(manager.task_index.get(name), "cfg", None)
+        if not isinstance(cfg, dict) or "task" not in cfg or cfg.get("task") != name:
+            continue
+        listed = cfg.get("metric_list")
+        metrics = {m["metric"] for m in listed if isinstance(m.get("metric"), str)} if listed else \
+            DEFAULT_METRICS.get(cfg.get("output_type", "generate_until"), set())
+        if metrics and metric not in metrics:
+            raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(metrics)}", name, "metric")
+        filters = {f.get("name", "none") for f in cfg.get("filter_list") or [{"name": "none"}]}
+        if flt not in filters:
+            raise TaskSetupError(f"task '{name}' has no filter '{flt}' (metric '{objective.metric}'); it has "
+                                 f"{sorted(filters)}", name, "metric")
 
 
 class TaskSuite:
@@ -49,31 +117,20 @@ class TaskSuite:
         _quiet_lm_eval()
         self.settings = settings
         self.base_dir = base_dir
-        paths = [str((base_dir / p).resolve()) for p in settings.task_paths]
-        for p, raw in zip(paths, settings.task_paths):
-            if not os.path.isdir(p):
-                raise TaskSetupError(f"evolve.task_paths: no folder '{raw}' (looked at {p})")
-        names = {o.task for o in settings.objectives} | {o.heldout_task for o in settings.objectives if o.heldout_task}
-        manager = TaskManager(include_path=paths or None, include_defaults=False)
-        if not names <= set(manager.all_tasks):
-            # only index lm-eval's ~15k built-in tasks when the recipe needs one of them
-            manager = TaskManager(include_path=paths or None, include_defaults=True)
-        missing = sorted(names - set(manager.all_tasks))
-        if missing:
-            raise TaskSetupError(
-                f"lm-eval cannot find task(s) {missing} in its registry"
-                + (f" or in task_paths {settings.task_paths}" if paths else " (add task_paths for custom YAMLs)")
-            )
+        manager = task_manager(settings, base_dir)
+        names = objective_tasks(settings)
+        self.manager = manager
         self.tasks: dict[str, Any] = {}
         with contextlib.chdir(base_dir):
             for name in sorted(names):
                 try:
                     self.tasks[name] = get_task_dict([name], manager)
                 except Exception as e:
-                    raise TaskSetupError(f"lm-eval could not load task '{name}': {e}") from e
+                    raise TaskSetupError(f"lm-eval could not load task '{name}': {type(e).__name__}: {e}", task=name) from e
         unsafe = sorted(t.config.task for tree in self.tasks.values() for t in _leaf_tasks(tree) if getattr(t, "UNSAFE_CODE", False))
         if unsafe:  # lm-eval runs these only when confirmed; a search would run them unattended
-            raise TaskSetupError(f"task(s) {unsafe} execute model-written code; mergekit-evolve does not run them")
+            raise TaskSetupError(f"task(s) {unsafe} execute model-written code; mergekit-evolve does not run them",
+                                 task=unsafe[0])
         for obj in settings.objectives:
             if obj.num_fewshot is not None:
                 for task_name in filter(None, (obj.task, obj.heldout_task)):
@@ -91,6 +148,43 @@ class TaskSuite:
                         if isinstance(text, str) and text.strip() and text.strip() not in prompts:
                             prompts.append(text.strip()[:max_chars])
         return prompts
+
+    def files(self) -> dict[str, str]:
+        """Every task YAML and local data file the objectives read -> a hash of its content, so a
+        resumed run can tell that a task changed (built-in tasks' hub data is not covered)."""
+        paths: set[Path] = set()
+        leaves = [t for tree in self.tasks.values() for t in _leaf_tasks(tree)]
+        for name in {*self.tasks, *(t.config.task for t in leaves)}:
+            entry = self.manager.task_index.get(name)
+            if entry is not None and getattr(entry, "yaml_path", None):
+                paths.add(Path(entry.yaml_path))
+        for task in leaves:
+            data = (task.config.dataset_kwargs or {}).get("data_files")
+            values = data.values() if isinstance(data, dict) else [data] if isinstance(data, str) else data or []
+            for value in values:
+                for item in [value] if isinstance(value, str) else value:
+                    path = (self.base_dir / item).resolve()
+                    if path.is_file():
+                        paths.add(path)
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(paths)}
+
+    def check(self, objective: Objective) -> None:
+        """The objective's metric and filter exist in each of its tasks, and each split has examples."""
+        metric, _, flt = objective.metric.partition(",")
+        flt = flt or "none"
+        for split, field in (("search", "task"), ("heldout", "heldout_task" if objective.heldout_task else "task")):
+            name, _ = self.task_for(objective, split)
+            leaves = _leaf_tasks(self.tasks[name])
+            for task in leaves:
+                if not len(task.eval_docs):
+                    raise TaskSetupError(f"task '{task.config.task}' has no examples in its evaluation split", name, field)
+            metrics = {m for task in leaves for m in task.aggregation()}
+            if metric not in metrics:
+                raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(metrics)}", name, "metric")
+            filters = {f.get("name", "none") for task in leaves for f in (task.config.filter_list or [{"name": "none"}])}
+            if flt not in filters:
+                raise TaskSetupError(f"task '{name}' has no filter '{flt}' (metric '{objective.metric}'); it has "
+                                     f"{sorted(filters)}", name, "metric")
 
     def task_for(self, objective: Objective, split: Split) -> tuple[str, Any]:
         if split == "search":

@@ -22,6 +22,10 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+class WeightsError(ValueError):
+    """A weight file that cannot be read: the message names it and what is wrong."""
+
+
 class ResidentTensors(LazyTensorLoader):
     """A ``LazyTensorLoader`` whose tensors were all read once and stay resident.
 
@@ -141,10 +145,13 @@ def load_resident(
     tensors: dict[str, torch.Tensor] = {}
     for shard in index.shards:
         file = os.path.join(index.base_path, shard.filename)
-        if index.is_safetensors:
-            tensors.update(safetensors.torch.load_file(file, device=device))
-        else:
-            tensors.update(torch.load(file, map_location=device, weights_only=True))
+        try:
+            if index.is_safetensors:
+                tensors.update(safetensors.torch.load_file(file, device=device))
+            else:
+                tensors.update(torch.load(file, map_location=device, weights_only=True))
+        except Exception as e:  # SafetensorError, pickle and OS errors: the file is what is wrong
+            raise WeightsError(f"model '{model}': {file} cannot be read ({type(e).__name__}: {e})") from None
     LOG.info("loaded %s (%d tensors) into memory", model, len(tensors))
     return ResidentTensors(index, tensors)
 

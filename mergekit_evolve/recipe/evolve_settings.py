@@ -25,7 +25,8 @@ Sampler = Literal["cmaes", "cma", "tpe", "gp", "random", "nsga2", "cycleqd", "sw
 PRUNABLE_SAMPLERS = ("cmaes", "tpe", "gp", "random")
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 # Settings that may change between a run and its resume without changing what is searched.
-RESUMABLE = {"trials", "device", "batch_size", "max_failures", "workers", "heartbeat_grace", "threads"}
+RESUMABLE = {"trials", "device", "batch_size", "max_failures", "workers", "heartbeat_grace", "threads", "allow_crimes",
+             "allow_constant_objectives"}
 
 
 class Objective(BaseModel):
@@ -140,6 +141,13 @@ class EvolveSettings(BaseModel):
         "whole search split and the best of those wins (an estimate's noise would otherwise pick a lucky candidate)",
     )
     apply_chat_template: bool = False
+    allow_constant_objectives: bool = Field(
+        default=False, description="search even when every source scores the same 0 or 1 on an objective "
+        "(normally a broken task; tiny random test models do)",
+    )
+    allow_crimes: bool = Field(
+        default=False, description="let mergekit try to merge models of different architectures (its --allow-crimes)"
+    )
 
     @field_validator("sampler_options", mode="before")
     @classmethod

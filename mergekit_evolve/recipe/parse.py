@@ -6,6 +6,7 @@ A body is a mergekit config whose values may be search annotations, plus ``evolv
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -72,10 +73,30 @@ class Recipe:
         return compile_template(self.doc, self.template, self.search_space, point)
 
     def fingerprint(self) -> str:
-        """What is searched, so a resume can tell its own run folder from another recipe's."""
+        """What the study means: the search space and what the sampler and the objectives are, so a
+        resume can tell its own run folder from another recipe's. The rest of the config (models,
+        fixed values) is ``config_fingerprint``: a fix there may resume a run whose trials all failed."""
         evolve = self.evolve.model_dump(mode="json", exclude=RESUMABLE) if self.evolve else None
-        blob = json.dumps({"config": self.template, "evolve": evolve}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        space = {name: dataclasses.asdict(dim) for name, dim in self.search_space.dimensions.items()}
+        return _digest({"space": space, "evolve": evolve})
+
+    def earlier_fingerprint(self) -> str:
+        """What run folders written before ``fingerprint`` covered only the search space hold
+        (the template and the settings): accepted on resume, so those runs go on."""
+        evolve = self.evolve.model_dump(mode="json", exclude=RESUMABLE) if self.evolve else None
+        return _digest({"config": self.template, "evolve": evolve})
+
+    def fingerprints(self) -> tuple[str, ...]:
+        """Every fingerprint a run folder of this recipe may hold."""
+        return self.fingerprint(), self.earlier_fingerprint()
+
+    def config_fingerprint(self) -> str:
+        """The whole mergekit template (models, methods, fixed values)."""
+        return _digest(self.template)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _model_label(template: dict[str, Any], loc: Loc) -> str | None:
@@ -135,7 +156,9 @@ def build_space(doc: LocatedYaml, template: dict[str, Any], base_dir: Path | Non
         try:
             ann = parse_annotation(value)
         except pydantic.ValidationError as e:
-            raise doc.error(loc, "bad search annotation: " + "; ".join(err["msg"] for err in e.errors())) from None
+            where, message = validation_message(e)
+            key = f"'{'.'.join(map(str, where))}': " if where else ""
+            raise doc.error(loc + where, f"bad search annotation: {key}{message}") from None
         if isinstance(ann, VarAnnotation):
             pending_vars.append((loc, ann))
             continue
@@ -228,9 +251,28 @@ def _settings(doc: LocatedYaml, key: str, model: type[SettingsT]) -> SettingsT |
     try:
         return model.model_validate(doc.data[key])
     except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        loc = (key,) + tuple(err["loc"])
-        raise doc.error(loc, f"{'.'.join(map(str, loc))}: {err['msg']}") from None
+        where, message = validation_message(e)
+        loc = (key, *where)
+        raise doc.error(loc, f"{'.'.join(map(str, loc))}: {message}") from None
+
+
+def validation_message(e: pydantic.ValidationError) -> tuple[Loc, str]:
+    """The first error's place in the user's document and what is wrong there.
+
+    Pydantic names the member of a union each attempt tried (``batch_size.int``,
+    ``batch_size.str``): those are its names, not the user's, so they are dropped and the
+    attempts at one place are joined with "or"."""
+
+    def place(err: Any) -> Loc:
+        return tuple(k for k in err["loc"] if not (isinstance(k, str) and (k in _TYPE_TAGS or "[" in k)))
+
+    errors = e.errors()
+    where = place(errors[0])
+    messages = list(dict.fromkeys(err["msg"] for err in errors if place(err) == where))
+    return where, " or ".join([messages[0], *(m.removeprefix("Input should be ") for m in messages[1:])])
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none"}
 
 
 def parse_recipe(doc: LocatedYaml, path: Path, text: str) -> Recipe:

@@ -37,12 +37,13 @@ from mergekit_evolve.study.search import (
     FailureGuard,
     best_text,
     counted,
+    one_line,
     open_study,
     optimize_until,
     search_progress,
     write_sampler_files,
 )
-from mergekit_evolve.study.storage import WORKER_KEY, RetryLost, tagged
+from mergekit_evolve.study.storage import fail_orphans, tagged
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def work(job: WorkerJob, worker: Worker, stop: Callable[[], bool] = lambda: Fals
         worker.use_store(job.run_dir)
     worker.remember(study)
     ready()
-    guard = FailureGuard(job.recipe.evolve.max_failures)
+    guard = FailureGuard(job.recipe.evolve.max_failures, announce=False)  # the parent's monitor announces failures
     optimize_until(study, tagged(worker.objective), job.trials, guard, [stop_when(stop)], job.timeout)
     return not guard.tripped
 
@@ -119,24 +120,6 @@ def stop_when(stop: Callable[[], bool]) -> Callable[[optuna.Study, FrozenTrial],
             study.stop()
 
     return callback
-
-
-def reap(study: optuna.Study, name: str, why: str, quiet: bool = False) -> list[int]:
-    """Fail the running trials of the dead worker ``name`` and re-queue each point once.
-
-    ``why`` ends "worker NAME ..." in the warning; ``quiet`` logs nothing (a stop we asked for)."""
-    retry = RetryLost(max_retry=1)
-    lost = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_KEY) != name:
-            continue
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        retry(study, trial)  # uses only its point and attrs
-        lost.append(trial.number)
-    if not quiet:
-        requeued = f"; its trial {', '.join(map(str, lost))} failed and was re-queued" if lost else ""
-        LOG.warning("worker %s %s%s", name, why, requeued)
-    return lost
 
 
 class Monitor:
@@ -157,7 +140,7 @@ class Monitor:
             append_record(self.run_dir, trial)
             self.recorded.add(trial.number)
             if trial.state == TrialState.FAIL and trial.user_attrs.get("error"):
-                LOG.warning("trial %d failed: %s", trial.number, trial.user_attrs["error"])
+                LOG.warning("trial %d failed: %s", trial.number, one_line(trial.user_attrs["error"]))
         if new:
             write_sampler_files(self.study, self.run_dir)
         done = [t for t in trials if t.state in COUNTED]
@@ -171,6 +154,7 @@ def run_parallel(
 ) -> optuna.Study:
     """Run the search with ``plan``'s workers through ``runner``; returns the study once they have all stopped."""
     study = open_study(recipe, run_dir)
+    fail_orphans(study)
     export_records(run_dir, study)
     if counted(study):
         LOG.info("resuming study '%s': %d of %d trials already done", study.study_name, counted(study), job.trials)
@@ -186,10 +170,14 @@ def run_parallel(
 
 def last_failures(study: optuna.Study, limit: int) -> FailureGuard:
     """A guard filled with the study's latest failures, to report why another worker gave up."""
-    guard = FailureGuard(limit)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))[-limit:]:
+    guard = FailureGuard(limit, announce=False)
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))[-limit:]
+    for trial in failed:
         guard.streak += 1
         guard.last_error = trial.user_attrs.get("error") or guard.last_error
+    errors = [t.user_attrs.get("error") for t in failed[-2:]]
+    if len(errors) == 2 and errors[0] and errors[0] == errors[1] and not errors[0].startswith(FailureGuard.TRANSIENT):
+        guard.repeated = (failed[-2].number, failed[-1].number)
     return guard
 
 

@@ -24,12 +24,11 @@ from mergekit_evolve.study.jobs import (
     WorkerPlan,
     build_worker,
     last_failures,
-    reap,
     stop_when,
     work,
 )
 from mergekit_evolve.study.search import FailureGuard, optimize_until
-from mergekit_evolve.study.storage import tagged, worker_name
+from mergekit_evolve.study.storage import reap, tagged, worker_name
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ def run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.St
 
     watcher = threading.Thread(target=watch, name="mergekit-evolve-monitor", daemon=True)
     watcher.start()
-    guard = FailureGuard(job.recipe.evolve.max_failures)
+    guard = FailureGuard(job.recipe.evolve.max_failures, announce=False)  # the monitor announces failures
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

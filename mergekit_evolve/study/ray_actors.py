@@ -25,11 +25,10 @@ from mergekit_evolve.study.jobs import (
     WorkerPlan,
     build_worker,
     last_failures,
-    reap,
     work,
 )
 from mergekit_evolve.study.search import FailureGuard, counted
-from mergekit_evolve.study.storage import worker_name
+from mergekit_evolve.study.storage import reap, worker_name
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)

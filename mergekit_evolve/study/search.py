@@ -29,6 +29,7 @@ from mergekit_evolve.study.pruning import make_pruner
 from mergekit_evolve.study.records import append_record, export_records
 from mergekit_evolve.study.storage import (
     default_storage_url,
+    fail_orphans,
     open_storage,
     register_worker,
     tagged,
@@ -83,33 +84,57 @@ class Reached:
 
 
 class FailureGuard:
-    """Stops the study after ``limit`` failed candidates in a row (a broken recipe, not bad luck)."""
+    """Stops the study when a recipe is broken rather than unlucky: the same error on two failed
+    candidates in a row (it would recur), or ``limit`` failed candidates in a row of any kind.
 
-    def __init__(self, limit: int):
+    Errors that can pass (out of memory, a lost worker, Ctrl-C) never count as "the same"."""
+
+    TRANSIENT = ("OutOfMemoryError", "interrupted")
+
+    def __init__(self, limit: int, announce: bool = True):
         self.limit = limit
+        self.announce = announce  # the parallel monitor announces every worker's failures itself
         self.streak = 0
         self.last_error: str | None = None
+        self.repeated: tuple[int, int] | None = None  # the two trials that failed the same way
+        self._last_number: int | None = None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
-            self.streak += 1
-            self.last_error = trial.user_attrs.get("error")
-            LOG.warning("trial %d failed: %s", trial.number, self.last_error or "see log")
-            if self.streak >= self.limit:
-                study.stop()
-        else:
-            self.streak = 0
+        if trial.state != TrialState.FAIL:
+            self.streak, self.last_error, self._last_number = 0, None, None
+            return
+        error = trial.user_attrs.get("error")
+        if self.announce:
+            LOG.warning("trial %d failed: %s", trial.number, one_line(error or "its worker was lost"))
+        if (error and error == self.last_error and self._last_number is not None
+                and not error.startswith(self.TRANSIENT)):
+            self.repeated = (self._last_number, trial.number)
+        self.streak += 1
+        self.last_error, self._last_number = error, trial.number
+        if self.tripped:
+            study.stop()
 
     @property
     def tripped(self) -> bool:
-        return self.streak >= self.limit
+        return self.streak >= self.limit or self.repeated is not None
 
     def check(self, run_dir: Path) -> None:
-        if self.tripped:
-            raise TooManyFailures(
-                f"{self.limit} candidates failed in a row; the last error was: {(self.last_error or 'unknown').rstrip('.')}. "
-                f"Each failure is in {RunFolder(run_dir).trials}; fix the recipe and run again to resume."
-            )
+        if not self.tripped:
+            return
+        folder = RunFolder(run_dir)
+        where = f"tracebacks: {folder.log}; every trial: {folder.trials}."
+        again = "Fix the recipe and run the same command: a recipe with the same search space resumes this run."
+        error = one_line(self.last_error or "unknown").rstrip(".")
+        if self.repeated is not None:
+            first, second = self.repeated
+            raise TooManyFailures(f"trials {first} and {second} failed with the same error, so the search stopped: "
+                                  f"{error}. {where} {again}")
+        raise TooManyFailures(f"{self.limit} candidates failed in a row; the last error was: {error}. {where} {again}")
+
+
+def one_line(text: str) -> str:
+    """The first line of an error message (a console line stays one line)."""
+    return text.strip().splitlines()[0] if text.strip() else text
 
 
 def search_progress(show_progress: bool) -> Progress:
@@ -150,6 +175,7 @@ def run_search(
 ) -> optuna.Study:
     """Run until the study holds ``trials`` completed trials; an interrupted run resumes here."""
     study = open_study(recipe, run_dir)
+    fail_orphans(study)
     worker.use_store(run_dir)
     export_records(run_dir, study)
     worker.remember(study)

@@ -16,9 +16,10 @@ import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from mergekit_evolve.compat.optuna import HeartbeatJournalStorage, rdb_storage
-from mergekit_evolve.runfolder import RunFolder
+from mergekit_evolve.runfolder import RunFolder, process_gone
 
 LOG = logging.getLogger(__name__)
 # A worker that dies mid-trial stops its heartbeat; after the grace period the next ask marks
@@ -129,6 +130,35 @@ def register_worker(study: optuna.Study) -> int:
     study.set_user_attr(key, {"host": socket.gethostname(), "pid": os.getpid()})
     keys = sorted(k for k in study.user_attrs if k.startswith(WORKER_ATTR))
     return max(before, keys.index(key))
+
+
+def reap(study: optuna.Study, name: str, why: str, quiet: bool = False) -> list[int]:
+    """Fail the running trials of the dead worker ``name`` and re-queue each point once.
+
+    ``why`` ends "worker NAME ..." in the warning; ``quiet`` logs nothing (a stop we asked for)."""
+    retry = RetryLost(max_retry=1)
+    lost = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_KEY) != name:
+            continue
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        retry(study, trial)  # uses only its point and attrs
+        lost.append(trial.number)
+    if not quiet:
+        requeued = f"; its trial {', '.join(map(str, lost))} failed and was re-queued" if lost else ""
+        LOG.warning("worker %s %s%s", name, why, requeued)
+    return lost
+
+
+def fail_orphans(study: optuna.Study) -> list[int]:
+    """Fail (and re-queue once) the running trials of this host's processes that have ended (a kill -9,
+    a crash): at once, on resume, rather than after the heartbeat grace period."""
+    lost = []
+    for name in sorted({t.user_attrs.get(WORKER_KEY) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}):
+        host, _, pid = (name or "").rpartition(":")
+        if host and pid.isdigit() and process_gone(host, int(pid)):
+            lost += reap(study, name, "ended without finishing")
+    return lost
 
 
 def worker_name() -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,12 @@ from mergekit_evolve.study.pruning import staged_scores
 from mergekit_evolve.study.suggest import suggest_point
 
 LOG = logging.getLogger(__name__)
+# failed trials' tracebacks: always in the run folder's failures.log, on the console with -v
+TRACEBACKS = logging.getLogger("mergekit_evolve.tracebacks")
+
+
+class CandidateError(RuntimeError):
+    """The recipe's start point cannot be merged or scored: every trial would fail the same way."""
 
 
 def merge_options(recipe: Recipe, trust_remote_code: bool = False) -> MergeOptions:
@@ -40,6 +47,7 @@ def merge_options(recipe: Recipe, trust_remote_code: bool = False) -> MergeOptio
         device=dev,
         random_seed=settings.seed if settings else None,
         trust_remote_code=trust_remote_code,
+        allow_crimes=bool(settings and settings.allow_crimes),
         quiet=True,
     )
 
@@ -60,7 +68,7 @@ def plan_memory(recipe: Recipe, options: MergeOptions) -> MemoryPlan:
     """The run's memory plan, from file headers only (``--dry-run`` prints it; a run checks it first)."""
     sources = source_models(recipe)
     folders = {str(m): local_folder(m, options) for m in sources}
-    config = recipe.compile(recipe.space.default_point())
+    config = recipe.compile(recipe.search_space.default_point())
     return memory_plan(sources, folders, config.out_dtype or config.dtype, options.device or "cpu", recipe.evolve.batch_size)
 
 
@@ -70,13 +78,13 @@ def source_config(model: ModelReference, dtype: str | None) -> MergeConfiguratio
 
 
 class Worker:
-    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False):
+    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False, suite: TaskSuite | None = None):
         assert recipe.evolve is not None
         self.recipe = recipe
         self.merger = InMemoryMerger(options, allow_pickle=allow_pickle)
         self.sources = source_models(recipe)
         make_resident(self.sources, options, self.merger.storage_device, allow_pickle)
-        self.suite = TaskSuite(recipe.evolve, recipe.base_dir)
+        self.suite = suite or TaskSuite(recipe.evolve, recipe.base_dir)
         default = recipe.compile(recipe.search_space.default_point())
         donor = default.base_model or default.referenced_models()[0]
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -85,10 +93,13 @@ class Worker:
         self.evaluator = Evaluator(self.suite, self.tokenizer)
         # one-off costs (the resident model's instantiation, compiling the merge kernels) are
         # setup, paid here rather than by whichever trial happens to come first
+        self.warmup_error: Exception | None = None
         try:
             self.merger.materialize(default)
-        except Exception:  # not fatal here: the trial that meets it fails with its reason
+        except Exception as e:  # kept for check_start_point, which says so before any trial
+            self.warmup_error = e
             LOG.debug("warm-up merge of the recipe's default point failed", exc_info=True)
+        self.failure_log: Path | None = None
         self._anchors: dict[str, AnchorSet] | None = None  # chosen on first use, from the sources' results
         self.known: dict[str, tuple[int, float | list[float], dict[str, float]]] = {}
 
@@ -124,8 +135,34 @@ class Worker:
         return self._anchors
 
     def use_store(self, run_dir: Path) -> None:
-        """Keep per-example results in the run folder (shared by resumes and other workers)."""
-        self.evaluator.store = ExampleStore(RunFolder(run_dir).examples_db)
+        """Keep per-example results in the run folder (shared by resumes and other workers), with
+        those computed before it existed; failed trials' tracebacks go to its log."""
+        folder = RunFolder(run_dir)
+        if self.evaluator.store.path == folder.examples_db:
+            return
+        store = ExampleStore(folder.examples_db)
+        store.absorb(self.evaluator.store)
+        self.evaluator.store = store
+        self.failure_log = folder.log
+
+    def check_start_point(self) -> None:
+        """Merge the recipe's start point (init values, else the box centre) and score one example of
+        every objective on both splits: what would fail every trial fails here, once, before trial 0."""
+        config = self.recipe.compile(self.recipe.search_space.default_point())
+        try:
+            if self.warmup_error is not None:
+                raise self.warmup_error
+            model = self.merger.materialize(config)
+            for obj in self.objectives:
+                for split in ("search", "heldout"):
+                    plan = self.evaluator.plan(obj, split)
+                    if plan.ids:
+                        rows = self.evaluator.rows(model, config_digest(config), plan, self.evaluator.order(plan)[:1])
+                        plan.value(rows)
+        except Exception as e:
+            LOG.debug("the start point failed", exc_info=True)
+            raise CandidateError(f"the recipe's start point fails before any trial: {type(e).__name__}: {e} "
+                                 "(-vv shows the traceback)") from None
 
     def score_config(self, config: MergeConfiguration, split: Split) -> Scores:
         return self.evaluator.score(self.merger.materialize(config), split, digest=config_digest(config))
@@ -162,8 +199,20 @@ class Worker:
             return value
         except optuna.TrialPruned:
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted")
+            raise
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            self.log_failure(trial.number)
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
+
+    def log_failure(self, number: int) -> None:
+        """The traceback of the exception being handled: to failures.log, and with -v to the console."""
+        text = traceback.format_exc()
+        TRACEBACKS.info("trial %d:\n%s", number, text)
+        if self.failure_log is not None:
+            with self.failure_log.open("a", encoding="utf-8") as f:
+                f.write(f"--- trial {number} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n{text}\n")

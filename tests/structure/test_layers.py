@@ -151,6 +151,24 @@ def _dependency_classes(module: str) -> dict[str, tuple[list[type], set[str]]]:
     return out
 
 
+def _own_private_names() -> set[str]:
+    """The private names this package defines itself (methods, attributes set on self), which its
+    classes may use on their other instances."""
+    own = set()
+    for tree in MODULES.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("_"):
+                own.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "self":
+                own.add(node.attr)
+    return own
+
+
+OWN_PRIVATE = _own_private_names()
+STDLIB_PUBLIC = {("os", "_exit")}  # documented public API despite the underscore
+
+
 def private_uses(name: str, tree: ast.Module) -> list[str]:
     """Private names of the dependencies that ``name`` imports, reads or overrides."""
     found = []
@@ -167,6 +185,8 @@ def private_uses(name: str, tree: ast.Module) -> list[str]:
             owner = node.value
             if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
                 continue  # checked against the classes' dependency bases below
+            if node.attr in OWN_PRIVATE or (isinstance(owner, ast.Name) and (owner.id, node.attr) in STDLIB_PUBLIC):
+                continue
             found.append(f"line {node.lineno}: ._{node.attr[1:]} on {ast.unparse(owner)}")
     classes = _dependency_classes(name) if any(isinstance(n, ast.ClassDef) for n in ast.walk(tree)) else {}
     for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name in classes):
