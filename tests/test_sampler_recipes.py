@@ -59,6 +59,17 @@ def test_a_swarm_needs_two_experts_on_the_command_line(ws, family):
     assert result.exit_code == 1 and "at least two experts" in result.output and "has 1" in result.output
 
 
+def test_a_swarm_recipe_searches_its_weights_in_the_swarms_box(ws, family):
+    path = write_recipe(ws, family, sampler="swarm", name="swarm_box", two_objectives=False,
+                        params="parameters: {normalize: false}\n")
+    recipe = prepare_recipe(load_recipe(path))
+    weights = [d for n, d in recipe.space.dimensions.items() if n.endswith("weight")]
+    assert len(weights) == 3 and all((d.low, d.high) == (-5.0, 5.0) for d in weights)
+    assert prepare_recipe(recipe).space.dimensions == recipe.space.dimensions  # idempotent
+    config = recipe.compile({d.name: -1.5 for d in weights})  # an extrapolation compiles as written
+    assert [m.parameters["weight"] for m in config.models[1:]] == [-1.5, -1.5, -1.5]
+
+
 def test_cycleqd_candidates_are_reproducible_mergekit_configs(ws, family, tmp_path):
     recipe = prepare_recipe(load_recipe(write_recipe(ws, family, sampler="cycleqd", name="cqd_compile")))
     assert prepare_recipe(recipe) is recipe  # idempotent: a resumed stage may prepare twice

@@ -7,7 +7,7 @@ The recipe is validated once, into the model that fits its sampler.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,6 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # preset name -> option values it stands for (options the recipe writes still win)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> "_Options":
+        preset = getattr(self, "preset", None)
+        for key, value in self.PRESETS.get(preset or "", {}).items():
+            if key not in self.model_fields_set:
+                # not recorded as set: given() keeps writing just `preset: ...`
+                object.__setattr__(self, key, value)
+        return self
 
     def given(self) -> dict[str, Any]:
         """The options the recipe wrote (defaults left out), as a recipe would write them."""
@@ -72,8 +83,31 @@ class CycleQDOptions(_Options):
 
 
 class SwarmOptions(_Options):
-    """Model Swarms: particle swarm over the experts' weights (``sampler: swarm``)."""
+    """Model Swarms: particle swarm over the experts' weights (``sampler: swarm``).
 
+    The defaults are the paper's (Feng et al., arXiv 2410.11163, section 2 and appendix) except
+    ``box``: the paper's positions are unbounded, this package's stay within [-5, 5], five times
+    one expert's own weight and wider than any initial crossover. ``preset: paper`` pins every
+    number to the paper's, positions unbounded.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {
+            "particles": 20, "phi_v": 0.4, "phi_p": 0.3, "phi_g": 0.3, "phi_w": 0.3, "step": 1.0,
+            "step_decay": 0.95, "step_min": 0.1, "patience": 10, "max_iterations": 200,
+            "restart_fraction": 0.67,  # the paper's scripts; the released code's default is 0.5
+            "box": None,
+        },
+    }
+
+    preset: Literal["default", "paper"] = Field(
+        default="default", description="paper: every option at the paper's value (positions unbounded); options written beside it win"
+    )
+    box: tuple[float, float] | None = Field(
+        default=(-5.0, 5.0),
+        description="coefficient range the particles move in; the recipe's weight ranges are widened to include it "
+        "(initial crossovers reach [-1, 2], moves go further); null: unbounded, as in the paper",
+    )
     particles: int = Field(default=20, ge=2, description="swarm size N: the experts plus pairwise crossovers")
     phi_v: float = Field(default=0.4, ge=0, description="inertia")
     phi_p: float = Field(default=0.3, ge=0, description="pull to the personal best")
@@ -87,6 +121,12 @@ class SwarmOptions(_Options):
     restart_fraction: float = Field(
         default=0.67, gt=0, description="a particle whose best has not improved for this x patience iterations is reset to it"
     )
+
+    @model_validator(mode="after")
+    def _check_box(self) -> "SwarmOptions":
+        if self.box is not None and not (self.box[0] <= 0.0 and self.box[1] >= 1.0):
+            raise ValueError(f"box {list(self.box)} must include [0, 1]: the swarm starts at the experts themselves")
+        return self
 
 
 SamplerOptions = Union[OptunaOptions, PyCmaOptions, CycleQDOptions, SwarmOptions]

@@ -22,6 +22,7 @@ elites' coefficients without their mutations. Children are clipped to the recipe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -72,7 +73,7 @@ def with_mutation(recipe: Recipe, options: CycleQDOptions) -> Recipe:
         params[param] = {"search": [dim.low, dim.high]}
         space.dimensions[dim.name] = dim
         space.placements.append(Placement(("parameters", param), (dim.name,)))
-    return Recipe(recipe.path, recipe.doc, template, recipe.evolve, space, recipe.publish)
+    return dataclasses.replace(recipe, template=template, space=space)
 
 
 def crossover(c1: np.ndarray, c2: np.ndarray, w1: float, w2: float) -> np.ndarray:
