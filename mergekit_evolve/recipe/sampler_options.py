@@ -54,18 +54,44 @@ class PyCmaOptions(_Options):
 
 
 class CycleQDOptions(_Options):
-    """CycleQD: one MAP-Elites archive per objective, the quality task cycling (``sampler: cycleqd``)."""
+    """CycleQD: one MAP-Elites archive per objective, the quality task cycling (``sampler: cycleqd``).
 
+    Two sets of defaults. This package's (no preset) suit short searches of tens of trials:
+    several children a generation, a wide crossover (sigma 0.3) and a strong SVD mutation
+    (w ~ U[0, 2]), bins over (0, 1). ``preset: paper`` is the released code's settings for the
+    paper's method (SakanaAI/CycleQD, ``mutation=svd_uniform_noise``, ``sampling=elite_sampling``):
+    one child a generation, crossover weights N(1, 0.01^2), singular values scaled by U[1, 1.1]
+    (the code's additive 0.1 x U[0, 1] x S), elite sampling 0.5 + 0.8 norm, and the paper's bins
+    from 0.85 x the weakest expert to 1.15 x the strongest on each task.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {
+            "children": 1, "bins": 15, "bounds_from_experts": (0.85, 1.15), "elite_sampling": True,
+            "elite_slope": 0.8, "crossover_mu": 1.0, "crossover_sigma": 0.01, "mutation": "svd",
+            "w_min": 1.0, "w_max": 1.1, "merge_elites": True,
+        },
+    }
+
+    preset: Literal["default", "paper"] = Field(
+        default="default", description="paper: the released code's settings for the paper's method; options written beside it win"
+    )
     children: int = Field(default=4, ge=1, description="children per generation, all bred from the cycling task's archive")
     bins: int = Field(default=15, ge=1, description="equal bins per descriptor task between its low and high bound")
     bounds: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="objective name -> (low, high) score range binned; default (0, 1)"
     )
-    elite_sampling: bool = Field(default=True, description="parents drawn with prob. ~ prod(0.5 + 0.3 norm(f)); false: uniform")
+    bounds_from_experts: tuple[float, float] | None = Field(
+        default=None, description="(a, b): bin each task from a x the weakest expert's score to b x the strongest "
+        "(the paper: 0.85, 1.15); replaces `bounds`",
+    )
+    elite_sampling: bool = Field(default=True, description="parents drawn with prob. ~ prod(0.5 + slope norm(f)); false: uniform")
+    elite_slope: float = Field(default=0.3, gt=0, description="elite sampling's slope (paper text 0.3, released code 0.8)")
     crossover_mu: float = Field(default=1.0, description="mean of the crossover weights w1, w2 ~ N(mu, sigma^2)")
     crossover_sigma: float = Field(default=0.3, ge=0)
     mutation: Literal["svd", "gaussian", "none"] = "svd"
-    w_max: float = Field(default=2.0, gt=0, description="SVD mutation: singular values scaled by w ~ U[0, w_max]")
+    w_min: float = Field(default=0.0, ge=0, description="SVD mutation: singular values scaled by w ~ U[w_min, w_max]")
+    w_max: float = Field(default=2.0, gt=0, description="SVD mutation: singular values scaled by w ~ U[w_min, w_max]")
     noise: float = Field(default=0.1, gt=0, description="gaussian mutation: noise std in units of each task-vector matrix's std")
     merge_elites: bool = Field(
         default=True, description="after each full cycle, also evaluate the softmax-weighted merge of the archives' best elites"
@@ -76,6 +102,8 @@ class CycleQDOptions(_Options):
         for name, (low, high) in self.bounds.items():
             if not low < high:
                 raise ValueError(f"bounds of '{name}': low {low} must be below high {high}")
+        if not self.w_min < self.w_max:
+            raise ValueError(f"w_min {self.w_min} must be below w_max {self.w_max}")
         return self
 
     def bounds_of(self, objective: str) -> tuple[float, float]:
