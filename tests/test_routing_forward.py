@@ -52,18 +52,18 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, seed):
 
     rng = random.Random(seed)
     indicator = [rng.uniform(-1, 1) for _ in range(T)]
-    slot_scales = [rng.uniform(0.25, 4.0) for _ in range(T)]
-    last_scale = rng.uniform(0.25, 4.0)
+    W = [[rng.uniform(0.25, 4.0) for _ in range(M)] for _ in range(M)]  # the paper's W, by layout layer
     names = [n for n in recipe.space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
-    assert len(names) == T and len(recipe.space) == 2 * T + 1
+    assert len(names) == T and len(recipe.space) == T + M * M
     point = {n: v for n, v in zip(names, indicator)}
-    point |= {f"{n}.scale": s for n, s in zip(names, slot_scales)}
-    point["routing.last.scale"] = last_scale
+    labels = [f"{m}.L{layer}" for m in ("v1", "v2", "base") for layer in range(layers)]
+    point |= {f"routing.W.{labels[i]}.{labels[j]}": W[i][j] for i in range(M) for j in range(M)}
 
     # the paper's decoding, by hand: slot i is used when I[i] > 0; the layer is i mod M
     used = [i for i in range(T) if indicator[i] > 0]
     path = [(0, 0)] + [((i % M) // layers, (i % M) % layers) for i in used] + [(0, layers - 1)]
-    hop_scales = [1.0] + [slot_scales[i] for i in used] + [last_scale]  # hop k's scale ...
+    flat = [m * layers + layer for m, layer in path]  # rows and columns of W
+    hop_scales = [1.0] + [W[flat[k - 1]][flat[k]] for k in range(1, len(path))]  # hop k's scale ...
     mlp_scales = hop_scales[1:] + [1.0]  # ... multiplies hop k-1's MLP output
 
     config = recipe.compile(point)
