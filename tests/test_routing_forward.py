@@ -78,3 +78,37 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, seed):
         unscaled = by_hand(sources, path, [1.0] * len(path), ids)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
     assert not torch.allclose(got, unscaled, atol=1e-3), "the scales changed nothing: the check would be vacuous"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2"])
+def test_paths_longer_and_shorter_than_the_source_work_for_layer_types_families(tmp_path, arch):
+    """Qwen 2/3 and Gemma 2 list a type per layer: a routed merge rebuilds that list, in memory
+    and in a written model folder (what best/, merge --trial and export write), which loads and
+    computes what the in-memory candidate computed."""
+    from mergekit.merge import run_merge
+
+    from mergekit_evolve.merge.layer_types import layer_types_fixed
+    from tiny_models import make_family
+
+    base, v1 = make_family(tmp_path / arch, arch, variants=1)
+    path = tmp_path / "r.yml"
+    path.write_text(f"merge_method: passthrough\nrouting:\n  models: [{base}, {v1}]\n  repeats: 1\n"
+                    "dtype: float32\nevolve:\n  objectives: [{task: unused}]\n")
+    recipe = load_recipe(path)
+    names = [n for n in recipe.space.dimensions if n.startswith("routing.r")]
+    source_types = transformers.AutoConfig.from_pretrained(base).layer_types
+    ids = torch.tensor([[2, 5, 9, 13, 17, 21, 30, 33, 7]])
+    merger = InMemoryMerger(MergeOptions(quiet=True))
+    for opened, layers in (([1, 2, 5, 6], [0, 1, 2, 1, 2, 3]), ([2], [0, 2, 3])):  # slots 5, 6 = v1's L1, L2
+        config = recipe.compile({n: (0.5 if i in opened else -0.5) for i, n in enumerate(names)})
+        assert len(config.slices) == len(layers) != 4
+        with torch.no_grad():
+            want = merger.materialize(config)(ids).logits.clone()
+        assert merger.materialize(config).config.layer_types == [source_types[i] for i in layers]
+        out = tmp_path / f"out{len(layers)}"
+        with layer_types_fixed():
+            run_merge(config.model_copy(deep=True), str(out), options=MergeOptions(quiet=True))
+        written = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert written.config.num_hidden_layers == len(layers) == len(written.config.layer_types)
+        with torch.no_grad():
+            assert torch.allclose(written(ids).logits, want, atol=1e-5)

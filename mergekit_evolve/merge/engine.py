@@ -21,7 +21,6 @@ from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import ReturnTensor
-from mergekit.merge import _model_out_config
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.parameter_resolver import resolve_parameters
@@ -35,6 +34,7 @@ from mergekit_evolve.merge.chunked import (
     ChunkedMerge,
     chunk_if_possible,
 )
+from mergekit_evolve.merge.layer_types import out_config
 from mergekit_evolve.merge.resident import make_resident
 from mergekit_evolve.methods.registry import register_plugins
 
@@ -189,7 +189,7 @@ class InMemoryMerger:
             if models not in self._arch:  # architecture detection: once per model set, not per trial
                 self._arch[models] = memoised(get_architecture_info(config, self.options))
             arch_info = self._arch[models]
-            cfg_out = _model_out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
+            cfg_out = out_config(config, arch_info, trust_remote_code=self.options.trust_remote_code)
         key = self._shape_key(cfg_out)
         resident = self._resident.get(key)
         if resident is None:

@@ -15,6 +15,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.scores import Scores
+from mergekit_evolve.merge.layer_types import layer_types_fixed
 from mergekit_evolve.runfolder import RECIPE_FILE, RunFolder
 from mergekit_evolve.study.worker import Worker, source_config
 
@@ -34,10 +35,11 @@ def write_best(
     if staging.exists():
         shutil.rmtree(staging)
     # run_merge normalises the config it is given in place; keep ours (and its YAML) as the user wrote it
-    run_merge(
-        config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
-        options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}),
-    )
+    with layer_types_fixed():
+        run_merge(
+            config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
+            options=options.model_copy(update={"copy_tokenizer": True, "write_model_card": True}),
+        )
     shutil.copyfile(recipe_file, staging / RECIPE_FILE)
     if target.exists():
         shutil.rmtree(target)
