@@ -25,7 +25,8 @@ What each method searches, as a recipe would let it:
 Reported per method: the winner's (best search score's) held-out score, mean and 95% interval
 (Student t) over the seeds; trials until the incumbent reaches 95% of the best search score any
 method found on that seed (median, and how many seeds reached it). Ablations: ``cycleqd_nomut``
-(CycleQD without mutation), ``cycleqd_paper``/``swarm_paper`` (``preset: paper``),
+and ``cycleqd_paper_nomut`` (CycleQD without mutation), ``cycleqd_paper``/``swarm_paper``
+(``preset: paper``),
 ``swarm_clip`` (positions clipped to [0, 1], the old behaviour).
 """
 
@@ -61,6 +62,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cycleqd": ("cycleqd", {}),
     "cycleqd_paper": ("cycleqd", {"preset": "paper"}),
     "cycleqd_nomut": ("cycleqd", {"mutation": "none"}),
+    "cycleqd_paper_nomut": ("cycleqd", {"preset": "paper", "mutation": "none"}),
     "swarm": ("swarm", {"particles": 8}),
     "swarm_paper": ("swarm", {"preset": "paper", "particles": 8}),
     "swarm_clip": ("swarm", {"particles": 8, "box": [0.0, 1.0]}),
