@@ -209,8 +209,7 @@ def run(problem: Problem, method: str, seed: int, trials: int, points: int) -> R
             coefficients = np.array([params[f"e{k}.weight"] for k in range(problem.experts)])
             delta = np.einsum("k,kl...->l...", coefficients, problem.tau)
             if isinstance(sampler, CycleQDSampler):
-                member = sampler.member_of(trial)
-                mix = sampler._mixes.get(member, ()) if member else ()
+                mix = sampler.inherits(trial)
                 seed_dim = params.get("mutation.seed", 0)
                 scale = params.get("mutation.w_max", 0.0)
                 delta = cycleqd_delta(problem, sampler, coefficients, mix, (seed_dim, scale) if scale else None, memo)

@@ -132,7 +132,7 @@ def test_the_final_merge_carries_the_elites_mutations():
 def test_lineage_rebuilds_each_ancestor_as_its_own_merge_computed_it():
     register_plugins()
     g = group()
-    base, x, y = g.tensors
+    base, x, _ = g.tensors
     # the ancestor: trial 3, 0.6 x + 0.4 y, SVD-mutated with seed 7
     (parent,) = get("svd_mutation")([g], parameters={"weight": {"x": 0.6, "y": 0.4}, "seed": 7, "w_max": 2.0})
     # its child: 0.5 tau_3 + 0.5 (0.2 x), mutated with seed 8
@@ -151,7 +151,7 @@ def test_lineage_rebuilds_each_ancestor_as_its_own_merge_computed_it():
 def test_svd_mutation_between_w_min_and_w_max_is_the_released_codes_form():
     register_plugins()
     g = group()
-    base, x, y = g.tensors
+    base, x, _ = g.tensors
     (out,) = get("svd_mutation")([g], parameters={"weight": {"x": 1.0, "y": 0.0}, "seed": 2, "w_max": 1.1, "w_min": 1.0})
     u, s, vh = torch.linalg.svd(x - base, full_matrices=False)
     w = 1.0 + torch.rand(4, generator=tensor_generator(2, g.metadata.name)) * 0.1

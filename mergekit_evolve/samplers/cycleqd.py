@@ -216,9 +216,14 @@ class CycleQDSampler(GenerationalSampler):
 
     # -- the config a member compiles to --------------------------------------------------
 
+    def inherits(self, trial: optuna.Trial) -> Mix:
+        """The mutated ancestors (trial, coefficient) the member ``trial`` holds inherits."""
+        member = self.member_of(trial)
+        return self._mixes.get(member, ()) if member is not None else ()
+
     def extend_config(self, trial: optuna.Trial, config: MergeConfiguration) -> MergeConfiguration:
         """``config`` with the ``lineage`` of the member ``trial`` holds: the mutated ancestors it inherits."""
-        mix = self._mixes.get(self.member_of(trial), ())
+        mix = self.inherits(trial)
         if not mix:
             return config
         models = self.experts.models_in(config)
