@@ -43,9 +43,11 @@ def by_hand(models, path, scales, ids):
     return a.lm_head(a.model.norm(h))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, seed):
-    base, v1, v2 = tiny_llama
+@pytest.mark.parametrize("arch, seed", [("llama", 0), ("llama", 1), ("mistral", 0), ("qwen2", 0), ("qwen3", 0), ("phi3", 0)])
+def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, arch, seed):
+    from tiny_models import make_family
+
+    base, v1, v2 = tiny_llama if arch == "llama" else make_family(tmp_path / arch, arch)
     recipe = write_recipe(tmp_path, [v1, v2, base])
     layers, r = 4, 2
     M, T = 3 * layers, 3 * layers * 2
@@ -112,3 +114,31 @@ def test_paths_longer_and_shorter_than_the_source_work_for_layer_types_families(
         assert written.config.num_hidden_layers == len(layers) == len(written.config.layer_types)
         with torch.no_grad():
             assert torch.allclose(written(ids).logits, want, atol=1e-5)
+
+
+def test_gpt2_routed_merge_scales_the_mlp_output_with_its_bias(tmp_path):
+    """GPT-2's MLP output projection has a bias: the scale filter (mlp.c_proj) takes weight and bias."""
+    from tiny_models import make_family
+
+    base, v1 = make_family(tmp_path / "gpt2", "gpt2", variants=1)
+    recipe = write_recipe(tmp_path, [base, v1], repeats=1)
+    names = [n for n in recipe.space.dimensions if n.startswith("routing.r")]
+    point = {n: (0.5 if i in (1, 5, 2) else -0.5) for i, n in enumerate(names)}  # base L0, L1, L2, v1 L1, base L3
+    labels = [f"{m}.L{layer}" for m in ("base", "v1") for layer in range(4)]
+    W = {(i, j): 1.0 + 0.1 * i + 0.05 * j for i in range(8) for j in range(8)}
+    point |= {f"routing.W.{labels[i]}.{labels[j]}": w for (i, j), w in W.items()}
+    path = [(0, 0), (0, 1), (0, 2), (1, 1), (0, 3)]
+    flat = [m * 4 + layer for m, layer in path]
+    mlp_scales = [W[(flat[k], flat[k + 1])] for k in range(4)] + [1.0]
+    merged = InMemoryMerger(MergeOptions(quiet=True)).materialize(recipe.compile(point))
+    models = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (base, v1)]
+    ids = torch.tensor([[2, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        a = models[0].transformer
+        h = a.wte(ids) + a.wpe(torch.arange(ids.shape[1])[None])
+        for (m, layer), scale in zip(path, mlp_scales):
+            block = models[m].transformer.h[layer]
+            h = h + block.attn(block.ln_1(h))[0]
+            h = h + scale * block.mlp(block.ln_2(h))
+        want = models[0].lm_head(a.ln_f(h))
+        assert torch.allclose(merged(ids).logits, want, atol=1e-5)
