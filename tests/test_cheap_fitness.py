@@ -168,15 +168,18 @@ def test_rungs_put_anchors_first_only_under_a_pruner():
 def test_auto_pruner_halves_slices_or_cuts_on_the_anchors():
     from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 
-    plain = EvolveSettings(objectives=[{"task": "t"}])
+    plain = EvolveSettings(sampler="tpe", objectives=[{"task": "t"}])
     assert plain.pruning.pruner == "successive_halving" and plain.pruning.stages == [0.25, 0.5, 1.0]
-    anchored = EvolveSettings(objectives=[{"task": "t", "anchors": 16}])
+    anchored = EvolveSettings(sampler="random", objectives=[{"task": "t", "anchors": 16}])
     assert anchored.pruning.model_dump() == {
         "pruner": "percentile", "stages": [1.0], "options": {"percentile": 25.0, "n_startup_trials": 4}}
     # what the recipe sets is kept
-    own = EvolveSettings(objectives=[{"task": "t", "anchors": 16}], pruning={"stages": [0.5, 1.0], "options": {"percentile": 40}})
+    own = EvolveSettings(sampler="gp", objectives=[{"task": "t", "anchors": 16}],
+                         pruning={"stages": [0.5, 1.0], "options": {"percentile": 40}})
     assert own.pruning.stages == [0.5, 1.0] and own.pruning.options == {"percentile": 40, "n_startup_trials": 4}
-    for other in ({"sampler": "cycleqd"}, {"multi_objective": True, "objectives": [{"task": "t"}, {"task": "u"}]}):
+    # population methods see every member's full score: CMA-ES (the default, as the paper ran it) too
+    for other in ({}, {"sampler": "cmaes"}, {"sampler": "cma"}, {"sampler": "cycleqd"}, {"sampler": "swarm"},
+                  {"multi_objective": True, "sampler": "tpe", "objectives": [{"task": "t"}, {"task": "u"}]}):
         assert EvolveSettings(**{"objectives": [{"task": "t", "anchors": 16}], **other}).pruning.pruner == "none"
 
 
@@ -234,7 +237,9 @@ def test_anchors_as_first_rung_prune_there_and_completed_values_are_full_scores(
     again = pruned[0]
     study.enqueue_trial(again.params)
     resumed = Worker(recipe, MergeOptions(device="cpu", quiet=True))
-    study = run_search(recipe, tmp_path, resumed, trials=11, show_progress=False)
-    last = study.trials[-1]
+    study = run_search(recipe, tmp_path, resumed, trials=len(complete) + 1, show_progress=False)
+    last = study.trials[len(pruned) + len(complete)]  # the enqueued one (pruned, the run goes on to a completed trial)
     assert last.params == again.params and resumed.anchor_sets()[f"{task}/perplexity,none"].ids == anchor.ids
-    assert resumed.evaluator.computed == (0 if last.state == optuna.trial.TrialState.PRUNED else 24 - len(anchor.ids))
+    later = study.trials[last.number + 1:]  # new configs the run went on to, to reach its completed trials
+    cost = sum(24 if t.state == optuna.trial.TrialState.COMPLETE else len(anchor.ids) for t in later)
+    assert resumed.evaluator.computed == cost + (0 if last.state == optuna.trial.TrialState.PRUNED else 24 - len(anchor.ids))

@@ -13,9 +13,9 @@ from mergekit_evolve.methods.common import tensor_generator
 from mergekit_evolve.methods.registry import register_plugins
 from mergekit_evolve.samplers.archive import Archive, Elite, bin_index, elite_probabilities
 from mergekit_evolve.runfolder import RunFolder
-from mergekit_evolve.samplers.cycleqd import crossover
+from mergekit_evolve.samplers.cycleqd import combine, crossover, experts_bounds
 from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
-from mergekit_evolve.samplers.generations import MEMBER_ATTR
+from mergekit_evolve.samplers.generations import MEMBER_ATTR, Outcome
 from mergekit_evolve.recipe.search_space import Dimension
 from sampler_harness import expert_space, run_study, settings
 
@@ -76,7 +76,7 @@ def test_child_draws_parents_weights_and_mutation_as_documented():
     for e in [Elite(0, (1.0, 0.0, 0.0), None, q(a=0.2, b=0.9)), Elite(1, (0.0, 1.0, 0.0), None, q(a=0.6, b=0.5)),
               Elite(2, (0.0, 0.0, 1.0), None, q(a=1.0, b=0.1))]:
         archive.cells[archive.cell_of(e.qualities)] = e
-    coefficients, mutation = sampler.child(archive, np.random.default_rng(9))
+    coefficients, mutation, mix = sampler.child(archive, np.random.default_rng(9))
     rng = np.random.default_rng(9)
     elites = archive.elites()
     assert len(elites) == 3
@@ -84,16 +84,93 @@ def test_child_draws_parents_weights_and_mutation_as_documented():
     w1, w2 = rng.normal(1.0, 0.3, size=2)
     c1, c2 = np.array(elites[i].coefficients), np.array(elites[j].coefficients)
     assert coefficients == pytest.approx(np.clip((w1 * c1 + w2 * c2) / (w1 + w2), 0.0, 1.0))
-    assert mutation == (int(rng.integers(0, 2**31 - 1)), 2.0)
+    assert mutation == (int(rng.integers(0, 2**31 - 1)), 2.0) and mix == ()
 
     uniform, _, _ = _sampler(elite_sampling=False)
     uniform.archives[0].cells = dict(archive.cells)
-    coefficients, _ = uniform.child(uniform.archives[0], np.random.default_rng(9))
+    coefficients, _, _ = uniform.child(uniform.archives[0], np.random.default_rng(9))
     rng = np.random.default_rng(9)
     i, j = rng.choice(3, size=2, replace=False, p=None)
     w1, w2 = rng.normal(1.0, 0.3, size=2)
     c1, c2 = np.array(elites[i].coefficients), np.array(elites[j].coefficients)
     assert coefficients == pytest.approx(np.clip((w1 * c1 + w2 * c2) / (w1 + w2), 0.0, 1.0))
+
+
+def test_a_child_inherits_its_mutated_parents_whole_and_folds_in_unmutated_ones():
+    # parent 7 was mutated: the child carries all of tau_7 (the mutation included), at a1;
+    # parent 9 was not, but inherits 7 itself: tau_9 = 0.5 e1 + 0.2 e3 + 0.4 tau_7, folded in at a2
+    mutated = Elite(7, (0.6, 0.4, 0.0), (123, 2.0), q(a=0.9, b=0.2))
+    plain = Elite(9, (0.5, 0.0, 0.2), None, q(a=0.3, b=0.8), mix=((7, 0.4),))
+    coefficients, mix = combine([(mutated, 0.3), (plain, 0.7)], 3)
+    assert coefficients == pytest.approx([0.35, 0.0, 0.14])  # 0.7 x (0.5, 0, 0.2): 7's own weights are not copied
+    assert dict(mix) == pytest.approx({7: 0.3 + 0.7 * 0.4})
+    # the old sampler crossed over coefficients only: 0.3 x (0.6, 0.4, 0) + 0.7 x (0.5, 0, 0.2), mutation lost
+    assert not np.allclose(coefficients, [0.53, 0.12, 0.14])
+
+    sampler, _, _ = _sampler(crossover_sigma=0.0)  # w1 = w2 = 1: a1 = a2 = 1/2
+    archive = sampler.archives[0]
+    for e in (mutated, plain):
+        archive.cells[archive.cell_of(e.qualities)] = e
+    coefficients, mutation, mix = sampler.child(archive, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    i, j = rng.choice(2, size=2, replace=False, p=elite_probabilities(archive.elites(), list(q(a=0, b=0))))
+    expected = combine([(archive.elites()[int(i)], 0.5), (archive.elites()[int(j)], 0.5)], 3)
+    assert coefficients == pytest.approx(expected[0]) and dict(mix) == pytest.approx(dict(expected[1]))
+    assert dict(mix)[7] == pytest.approx(0.5 + 0.5 * 0.4) and mutation[1] == 2.0
+
+
+def test_the_final_merge_carries_the_elites_mutations():
+    sampler, _, _ = _sampler(tasks=("a", "b"))
+    a, b = sampler.archives
+    a.offer(Elite(4, (0.7, 0.3, 0.0), (55, 2.0), q(a=0.8, b=0.1)))
+    b.offer(Elite(5, (0.0, 1.0, 0.0), None, q(a=0.1, b=0.6)))
+    beta = np.exp([0.8, 0.6]) / np.exp([0.8, 0.6]).sum()
+    coefficients, mix = sampler.merged_elites()
+    assert coefficients == pytest.approx([0.0, beta[1], 0.0]) and dict(mix) == pytest.approx({4: beta[0]})
+
+
+def test_lineage_rebuilds_each_ancestor_as_its_own_merge_computed_it():
+    register_plugins()
+    g = group()
+    base, x, _ = g.tensors
+    # the ancestor: trial 3, 0.6 x + 0.4 y, SVD-mutated with seed 7
+    (parent,) = get("svd_mutation")([g], parameters={"weight": {"x": 0.6, "y": 0.4}, "seed": 7, "w_max": 2.0})
+    # its child: 0.5 tau_3 + 0.5 (0.2 x), mutated with seed 8
+    lineage = json.dumps({"mix": [["t3", 0.5]], "nodes": {"t3": {"weights": {"x": 0.6, "y": 0.4}, "mix": [], "mutation": [7, 2.0]}}})
+    params = {"weight": {"x": 0.1, "y": 0.0}, "seed": 8, "w_max": 2.0, "lineage": lineage}
+    (child,) = get("svd_mutation")([g], parameters=params)
+    delta = 0.1 * (x - base) + 0.5 * (parent - base)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    w = torch.rand(4, generator=tensor_generator(8, g.metadata.name)) * 2.0
+    assert torch.allclose(child, base + u @ torch.diag(s * w) @ vh, atol=1e-5)
+    # without the lineage the child would lack its parent's mutation entirely
+    (orphan,) = get("svd_mutation")([g], parameters={**params, "lineage": ""})
+    assert not torch.allclose(orphan, child, atol=1e-3)
+
+
+def test_svd_mutation_between_w_min_and_w_max_is_the_released_codes_form():
+    register_plugins()
+    g = group()
+    base, x, _ = g.tensors
+    (out,) = get("svd_mutation")([g], parameters={"weight": {"x": 1.0, "y": 0.0}, "seed": 2, "w_max": 1.1, "w_min": 1.0})
+    u, s, vh = torch.linalg.svd(x - base, full_matrices=False)
+    w = 1.0 + torch.rand(4, generator=tensor_generator(2, g.metadata.name)) * 0.1
+    # released code: child += U diag(0.1 U[0, 1] S) V^T on the expert's own SVD
+    assert torch.allclose(out, base + u @ torch.diag(s * w) @ vh, atol=1e-6)
+
+
+def test_paper_preset_and_bins_from_the_experts():
+    options = settings("a", "b", sampler="cycleqd", sampler_options={"preset": "paper"}).sampler_options
+    assert (options.children, options.crossover_mu, options.crossover_sigma) == (1, 1.0, 0.01)
+    assert (options.w_min, options.w_max, options.elite_slope, options.bounds_from_experts) == (1.0, 1.1, 0.8, (0.85, 1.15))
+    default = settings("a", "b", sampler="cycleqd").sampler_options
+    assert (default.children, default.crossover_sigma, default.w_max, default.bounds_from_experts) == (4, 0.3, 2.0, None)
+    bounds = experts_bounds([q(a=0.2, b=0.5), q(a=0.4, b=0.1)], (0.85, 1.15))
+    assert bounds["a/acc,none"] == pytest.approx((0.17, 0.46)) and bounds["b/acc,none"] == pytest.approx((0.085, 0.575))
+    sampler, _, _ = _sampler(preset="paper")
+    sampler._plan(0)
+    sampler._learn(0, [Outcome(i, sampler._plan_of(0)[i], 0.0, qs) for i, qs in enumerate([q(a=0.2, b=0.5), q(a=0.4, b=0.1), q(a=0.3, b=0.3)])])
+    assert sampler.archives[0].bounds["b/acc,none"] == pytest.approx((0.085, 0.575))
 
 
 def test_quality_task_cycles_and_the_merged_elites_close_each_cycle():
@@ -103,7 +180,8 @@ def test_quality_task_cycles_and_the_merged_elites_close_each_cycle():
     a.offer(Elite(0, (1.0, 0.0, 0.0), None, q(a=0.8, b=0.1, c=0.1)))
     b.offer(Elite(1, (0.0, 1.0, 0.0), None, q(a=0.1, b=0.6, c=0.1)))
     beta = np.exp([0.8, 0.6]) / np.exp([0.8, 0.6]).sum()  # archive c is empty
-    assert sampler.merged_elites() == pytest.approx([beta[0], beta[1], 0.0])
+    coefficients, mix = sampler.merged_elites()
+    assert coefficients == pytest.approx([beta[0], beta[1], 0.0]) and mix == ()
     plans = [sampler._plan(g) for g in (1, 2, 3)]
     assert [len(p) for p in plans] == [2, 2, 3]  # + the merged elites after task c's generation
     merged = plans[2][-1]

@@ -45,8 +45,10 @@ def test_paper_recipes_keep_the_paper_settings(tmp_path):
     for recipe in (dfs, staged_dfs):
         block = recipe.template["routing"]
         assert block["repeats"] == 3 and len(block["models"]) == 2 and block["models"][1] == "augmxnt/shisa-gamma-7b-v1"
-        assert len(recipe.search_space) == 64 * 3 * 2 + 1  # T = M x r = 192 indicators, 192 slot scales, the last hop
-        assert (recipe.evolve.sampler, recipe.evolve.sampler_options.given(), recipe.evolve.trials) == ("cmaes", {"popsize": 128}, 12800)
+        assert len(recipe.search_space) == 64 * 3 + 64 * 64  # T = M x r = 192 indicators and the paper's W (M x M)
+        assert block["max_layers"] >= 65  # the paper's own model has 65 hops
+        assert (recipe.evolve.sampler, recipe.evolve.sampler_options.given(), recipe.evolve.trials) == (
+            "cma", {"popsize": 128, "sigma0": 0.05}, 12800)
         assert recipe.evolve.objectives[0].limit == 200
     assert staged_dfs.template["routing"]["models"][0] == str((tmp_path / "ps" / "best").resolve())
     known = builtin_lm_eval_tasks()

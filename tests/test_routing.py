@@ -30,15 +30,19 @@ def indicator_names(recipe):
     return [n for n in recipe.search_space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
 
 
-def test_dimensions_and_init_is_model_a(tiny_llama, tmp_path):
+def test_dimensions_and_init_is_the_papers(tiny_llama, tmp_path):
     _, v1, v2 = tiny_llama
     recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 3\n  scales: [0.5, 2.0]\n"))
     names = indicator_names(recipe)
     assert len(names) == 8 * 3  # M x r
     assert names[:5] == ["routing.r0.v1.L0", "routing.r0.v1.L1", "routing.r0.v1.L2", "routing.r0.v1.L3", "routing.r0.v2.L0"]
     assert names[-1] == "routing.r2.v2.L3"
-    assert len(recipe.search_space) == 2 * 24 + 1  # indicator, a scale per slot, the hop into the forced last layer
+    assert len(recipe.search_space) == 24 + 8 * 8  # the indicator and the paper's W (M x M)
     assert all(recipe.search_space.dimensions[n].low == -1.0 and recipe.search_space.dimensions[n].high == 1.0 for n in names)
+    # the paper's init: I = 0 except A's first-repetition layers at 2 sigma0 = 0.2 (A's forced ends need no slot)
+    init = {n: recipe.search_space.dimensions[n].init for n in names}
+    assert init == {n: (0.2 if n in ("routing.r0.v1.L1", "routing.r0.v1.L2") else 0.0) for n in names}
+    assert {d.init for n, d in recipe.search_space.dimensions.items() if n.startswith("routing.W.")} == {1.0}
     # the init point (first trial, dry-run config) is model A unchanged
     config = recipe.compile(recipe.search_space.default_point())
     assert [(str(s.sources[0].model), s.sources[0].layer_range) for s in config.slices] == [(str(v1), (i, i + 1)) for i in range(4)]
@@ -49,8 +53,9 @@ def test_dimensions_and_init_is_model_a(tiny_llama, tmp_path):
 def test_compiled_config_pinned(tiny_llama, tmp_path):
     """Two 4-layer models, r = 2: M = 8, T = 16; slots 2, 5, 9, 12 open."""
     _, v1, v2 = tiny_llama
-    recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 2\n  scales: [0.5, 2.0]\n"))
+    recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 2\n  scales: [0.5, 2.0]\n  scale_form: slot\n"))
     names = indicator_names(recipe)
+    assert len(recipe.search_space) == 2 * 16 + 1  # indicator, a scale per slot, the hop into the forced last layer
     point = {n: -0.3 for n in names} | {f"{n}.scale": 1.0 for n in names} | {"routing.last.scale": 1.75}
     for slot, value, scale in [(2, 0.9, 0.6), (5, 0.1, 1.5), (9, 0.4, 0.8), (12, 0.7, 1.2)]:
         point[names[slot]] = value
@@ -73,6 +78,55 @@ def test_compiled_config_pinned(tiny_llama, tmp_path):
     }
     got = recipe.compile(point).model_dump(mode="json", exclude_none=True)
     assert got == expected
+
+
+def test_w_scales_a_hop_by_the_layers_it_leaves_and_enters(tiny_llama, tmp_path):
+    """The same path as above; W_ij scales the hop from layout layer i to layout layer j (v1 L0-3 = 0-3, v2 L0-3 = 4-7)."""
+    _, v1, v2 = tiny_llama
+    recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 2\n  scales: [0.5, 2.0]\n"))
+    names = indicator_names(recipe)
+    layers = ["v1.L0", "v1.L1", "v1.L2", "v1.L3", "v2.L0", "v2.L1", "v2.L2", "v2.L3"]
+    point = {n: -0.3 for n in names} | {f"routing.W.{a}.{b}": 1.0 for a in layers for b in layers}
+    for slot in (2, 5, 9, 12):
+        point[names[slot]] = 0.5
+    # path v1 L0 -> v1 L2 -> v2 L1 -> v1 L1 -> v2 L0 -> v1 L3: hops (0,2) (2,5) (5,1) (1,4) (4,3)
+    for (i, j), w in {(0, 2): 0.6, (2, 5): 1.5, (5, 1): 0.8, (1, 4): 1.2, (4, 3): 1.75}.items():
+        point[f"routing.W.{layers[i]}.{layers[j]}"] = w
+    point["routing.W.v1.L2.v1.L0"] = 1.9  # W is not symmetric: the reverse hop is another number
+    point["routing.W.v2.L1.v1.L2"] = 0.51
+
+    def hop(model, layer, scale=None):
+        source = {"model": str(model), "layer_range": [layer, layer + 1]}
+        if scale is not None:
+            source["parameters"] = {"scale": [{"filter": "down_proj", "value": scale}]}
+        return {"sources": [source]}
+
+    got = recipe.compile(point).model_dump(mode="json", exclude_none=True)["slices"]
+    assert got == [hop(v1, 0, 0.6), hop(v1, 2, 1.5), hop(v2, 1, 0.8), hop(v1, 1, 1.2), hop(v2, 0, 1.75), hop(v1, 3)]
+    # one number for a layer pair, whichever slots (repetitions) the two layers sit in
+    again = dict(point)
+    for slot in (2, 5, 9, 12):
+        again[names[slot]] = -0.3
+    again[names[8 + 2]], again[names[8 + 5]] = 0.5, 0.5  # v1 L2 and v2 L1 from the second repetition
+    got = recipe.compile(again).model_dump(mode="json", exclude_none=True)["slices"]
+    assert got == [hop(v1, 0, 0.6), hop(v1, 2, 1.5), hop(v2, 1), hop(v1, 3)]  # W[v2 L1, v1 L3] = 1: no scale
+
+
+def test_scale_tensor_is_chosen_per_architecture_or_refused(tmp_path):
+    from tiny_models import make_family
+
+    gpt2 = make_family(tmp_path / "gpt2", "gpt2", variants=1)
+    recipe = load(tmp_path, recipe_text(gpt2, "  scales: [0.5, 2.0]\n"))
+    point = recipe.search_space.default_point() | {"routing.W.base.L0.base.L1": 1.5}  # the path is A: L0 -> L1 -> ...
+    slices = recipe.compile(point).model_dump(mode="json", exclude_none=True)["slices"]
+    assert slices[0]["sources"][0]["parameters"] == {"scale": [{"filter": "mlp.c_proj", "value": 1.5}]}
+    gemma = make_family(tmp_path / "gemma2", "gemma2", variants=1)
+    with pytest.raises(RecipeError, match="cannot be applied to gemma2 models: its post_feedforward_layernorm"):
+        load(tmp_path, recipe_text(gemma, "  scales: [0.5, 2.0]\n"))
+    assert load(tmp_path, recipe_text(gemma, "")) is not None  # a path without W is fine
+    neox = make_family(tmp_path / "neox", "gpt_neox", variants=1)
+    with pytest.raises(RecipeError, match="does not know which tensor of a gpt_neox layer"):
+        load(tmp_path, recipe_text(neox, "  scales: [0.5, 2.0]\n"))
 
 
 def block(slots=8, lo=None, hi=None):

@@ -43,27 +43,29 @@ def by_hand(models, path, scales, ids):
     return a.lm_head(a.model.norm(h))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, seed):
-    base, v1, v2 = tiny_llama
+@pytest.mark.parametrize("arch, seed", [("llama", 0), ("llama", 1), ("mistral", 0), ("qwen2", 0), ("qwen3", 0), ("phi3", 0)])
+def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, arch, seed):
+    from tiny_models import make_family
+
+    base, v1, v2 = tiny_llama if arch == "llama" else make_family(tmp_path / arch, arch)
     recipe = write_recipe(tmp_path, [v1, v2, base])
     layers, r = 4, 2
     M, T = 3 * layers, 3 * layers * 2
 
     rng = random.Random(seed)
     indicator = [rng.uniform(-1, 1) for _ in range(T)]
-    slot_scales = [rng.uniform(0.25, 4.0) for _ in range(T)]
-    last_scale = rng.uniform(0.25, 4.0)
+    W = [[rng.uniform(0.25, 4.0) for _ in range(M)] for _ in range(M)]  # the paper's W, by layout layer
     names = [n for n in recipe.search_space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
-    assert len(names) == T and len(recipe.search_space) == 2 * T + 1
+    assert len(names) == T and len(recipe.search_space) == T + M * M
     point = {n: v for n, v in zip(names, indicator)}
-    point |= {f"{n}.scale": s for n, s in zip(names, slot_scales)}
-    point["routing.last.scale"] = last_scale
+    labels = [f"{m}.L{layer}" for m in ("v1", "v2", "base") for layer in range(layers)]
+    point |= {f"routing.W.{labels[i]}.{labels[j]}": W[i][j] for i in range(M) for j in range(M)}
 
     # the paper's decoding, by hand: slot i is used when I[i] > 0; the layer is i mod M
     used = [i for i in range(T) if indicator[i] > 0]
     path = [(0, 0)] + [((i % M) // layers, (i % M) % layers) for i in used] + [(0, layers - 1)]
-    hop_scales = [1.0] + [slot_scales[i] for i in used] + [last_scale]  # hop k's scale ...
+    flat = [m * layers + layer for m, layer in path]  # rows and columns of W
+    hop_scales = [1.0] + [W[flat[k - 1]][flat[k]] for k in range(1, len(path))]  # hop k's scale ...
     mlp_scales = hop_scales[1:] + [1.0]  # ... multiplies hop k-1's MLP output
 
     config = recipe.compile(point)
@@ -78,3 +80,65 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, seed):
         unscaled = by_hand(sources, path, [1.0] * len(path), ids)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
     assert not torch.allclose(got, unscaled, atol=1e-3), "the scales changed nothing: the check would be vacuous"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2"])
+def test_paths_longer_and_shorter_than_the_source_work_for_layer_types_families(tmp_path, arch):
+    """Qwen 2/3 and Gemma 2 list a type per layer: a routed merge rebuilds that list, in memory
+    and in a written model folder (what best/, merge --trial and export write), which loads and
+    computes what the in-memory candidate computed."""
+    from mergekit.merge import run_merge
+
+    from mergekit_evolve.merge.layer_types import layer_types_fixed
+    from tiny_models import make_family
+
+    base, v1 = make_family(tmp_path / arch, arch, variants=1)
+    path = tmp_path / "r.yml"
+    path.write_text(f"merge_method: passthrough\nrouting:\n  models: [{base}, {v1}]\n  repeats: 1\n"
+                    "dtype: float32\nevolve:\n  objectives: [{task: unused}]\n")
+    recipe = load_recipe(path)
+    names = [n for n in recipe.search_space.dimensions if n.startswith("routing.r")]
+    source_types = transformers.AutoConfig.from_pretrained(base).layer_types
+    ids = torch.tensor([[2, 5, 9, 13, 17, 21, 30, 33, 7]])
+    merger = InMemoryMerger(MergeOptions(quiet=True))
+    for opened, layers in (([1, 2, 5, 6], [0, 1, 2, 1, 2, 3]), ([2], [0, 2, 3])):  # slots 5, 6 = v1's L1, L2
+        config = recipe.compile({n: (0.5 if i in opened else -0.5) for i, n in enumerate(names)})
+        assert len(config.slices) == len(layers) != 4
+        with torch.no_grad():
+            want = merger.materialize(config)(ids).logits.clone()
+        assert merger.materialize(config).config.layer_types == [source_types[i] for i in layers]
+        out = tmp_path / f"out{len(layers)}"
+        with layer_types_fixed():
+            run_merge(config.model_copy(deep=True), str(out), options=MergeOptions(quiet=True))
+        written = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert written.config.num_hidden_layers == len(layers) == len(written.config.layer_types)
+        with torch.no_grad():
+            assert torch.allclose(written(ids).logits, want, atol=1e-5)
+
+
+def test_gpt2_routed_merge_scales_the_mlp_output_with_its_bias(tmp_path):
+    """GPT-2's MLP output projection has a bias: the scale filter (mlp.c_proj) takes weight and bias."""
+    from tiny_models import make_family
+
+    base, v1 = make_family(tmp_path / "gpt2", "gpt2", variants=1)
+    recipe = write_recipe(tmp_path, [base, v1], repeats=1)
+    names = [n for n in recipe.search_space.dimensions if n.startswith("routing.r")]
+    point = {n: (0.5 if i in (1, 5, 2) else -0.5) for i, n in enumerate(names)}  # base L0, L1, L2, v1 L1, base L3
+    labels = [f"{m}.L{layer}" for m in ("base", "v1") for layer in range(4)]
+    W = {(i, j): 1.0 + 0.1 * i + 0.05 * j for i in range(8) for j in range(8)}
+    point |= {f"routing.W.{labels[i]}.{labels[j]}": w for (i, j), w in W.items()}
+    path = [(0, 0), (0, 1), (0, 2), (1, 1), (0, 3)]
+    flat = [m * 4 + layer for m, layer in path]
+    mlp_scales = [W[(flat[k], flat[k + 1])] for k in range(4)] + [1.0]
+    merged = InMemoryMerger(MergeOptions(quiet=True)).materialize(recipe.compile(point))
+    models = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (base, v1)]
+    ids = torch.tensor([[2, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        a = models[0].transformer
+        h = a.wte(ids) + a.wpe(torch.arange(ids.shape[1])[None])
+        for (m, layer), scale in zip(path, mlp_scales):
+            block = models[m].transformer.h[layer]
+            h = h + block.attn(block.ln_1(h))[0]
+            h = h + scale * block.mlp(block.ln_2(h))
+        want = models[0].lm_head(a.ln_f(h))
+        assert torch.allclose(merged(ids).logits, want, atol=1e-5)

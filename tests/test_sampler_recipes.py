@@ -7,7 +7,9 @@ import re
 import pytest
 import safetensors.torch
 import torch
+import yaml
 from click.testing import CliRunner
+from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
@@ -59,6 +61,17 @@ def test_a_swarm_needs_two_experts_on_the_command_line(ws, family):
     assert result.exit_code == 1 and "at least two experts" in result.output and "has 1" in result.output
 
 
+def test_a_swarm_recipe_searches_its_weights_in_the_swarms_box(ws, family):
+    path = write_recipe(ws, family, sampler="swarm", name="swarm_box", two_objectives=False,
+                        params="parameters: {normalize: false}\n")
+    recipe = prepare_recipe(load_recipe(path))
+    weights = [d for n, d in recipe.search_space.dimensions.items() if n.endswith("weight")]
+    assert len(weights) == 3 and all((d.low, d.high) == (-5.0, 5.0) for d in weights)
+    assert prepare_recipe(recipe).search_space.dimensions == recipe.search_space.dimensions  # idempotent
+    config = recipe.compile({d.name: -1.5 for d in weights})  # an extrapolation compiles as written
+    assert [m.parameters["weight"] for m in config.models[1:]] == [-1.5, -1.5, -1.5]
+
+
 def test_cycleqd_candidates_are_reproducible_mergekit_configs(ws, family, tmp_path):
     recipe = prepare_recipe(load_recipe(write_recipe(ws, family, sampler="cycleqd", name="cqd_compile")))
     assert prepare_recipe(recipe) is recipe  # idempotent: a resumed stage may prepare twice
@@ -107,6 +120,33 @@ def test_cycleqd_run_keeps_archives_and_resumes(ws, family):
     assert len(lines) == 12 and len({x["number"] for x in lines}) == 12
     best = (run_dir / "best" / "mergekit_config.yml").read_text()
     assert "svd_mutation" in best
+
+
+@pytest.mark.slow
+def test_cycleqd_children_inherit_mutations_and_merge_trial_replays_them(ws, family, tmp_path):
+    path = write_recipe(ws, family, sampler="cycleqd", name="cqd_lineage", trials=16, options="{children: 2}")
+    run_dir = ws / "runs" / "cqd_lineage"
+    assert run_cli(path, "-o", run_dir).exit_code == 0
+    lines = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
+    heirs = [x for x in lines if "lineage" in x["config"]]
+    assert heirs, "no child of a mutated parent in 16 trials"
+    heir = heirs[-1]
+    config = yaml.safe_load(heir["config"])
+    tree = json.loads(config["parameters"]["lineage"])
+    mutated = {int(ref[1:]) for ref in tree["nodes"]}
+    assert all(lines[t]["point"]["mutation.w_max"] > 0 for t in mutated)  # ancestors carried whole are mutated ones
+    out = tmp_path / "replayed"
+    result = CliRunner().invoke(cli, ["merge", "--run", str(run_dir), "--trial", str(heir["number"]), str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    on_disk = safetensors.torch.load_file(out / "model.safetensors")
+    merger = InMemoryMerger(MergeOptions(quiet=True))
+    state = merger.materialize(MergeConfiguration.model_validate(config)).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in on_disk.items())
+    # and the inherited mutation matters: the same config without its lineage is another model
+    orphan = {**config, "parameters": {k: v for k, v in config["parameters"].items() if k != "lineage"}}
+    other = merger.materialize(MergeConfiguration.model_validate(orphan)).state_dict()
+    assert not torch.allclose(other["model.layers.0.mlp.down_proj.weight"], on_disk["model.layers.0.mlp.down_proj.weight"])
 
 
 @pytest.mark.slow

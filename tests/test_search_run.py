@@ -176,13 +176,17 @@ def test_trial_budget_counts_the_trials_other_workers_finish():
 
     def objective(trial):
         ran.append(trial.number)
-        if len(ran) == 1:  # meanwhile another worker finishes three trials
+        if len(ran) == 1:  # meanwhile another worker finishes three trials and prunes one
             for value in (0.1, 0.2, 0.3):
                 study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
+            study.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=optuna.trial.TrialState.PRUNED))
+        if len(ran) == 2:
+            raise optuna.TrialPruned()
         return 0.5
 
     optimize_until(study, objective, 5, FailureGuard(3), [])
-    assert len(ran) == 2 and counted(study) == 5
+    # pruned trials (this worker's and the other's) do not count toward the 5 completed
+    assert len(ran) == 3 and counted(study) == 5 and len(study.trials) == 7
 
 
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
@@ -198,4 +202,4 @@ def test_progress_shows_the_best_of_the_trials_just_counted(direction):
     reached(study, study.trials[-1])
     best = study.best_trial
     assert best_text(study, reached.finished) == best_text(study) == f"best {best.value:.4f} (trial {best.number})"
-    assert len(reached.finished) == 4  # completed and pruned count
+    assert len(reached.finished) == 3  # `trials` counts completed trials, not pruned ones

@@ -59,7 +59,7 @@ def test_stages_parse_with_a_previewed_winner(tiny_llama, tmp_path):
     block = dfs.recipe.template["routing"]
     winner = str((tmp_path / "runs" / "ps" / "best").resolve())
     assert block["models"][0] == winner and block["num_layers"][winner] == 4
-    assert len([n for n in dfs.recipe.search_space.dimensions if not n.endswith(".scale")]) == (4 + 4) * 2
+    assert len([n for n in dfs.recipe.search_space.dimensions if n.startswith("routing.r")]) == (4 + 4) * 2
     assert any(n.startswith("routing.r0.ps.L") for n in dfs.recipe.search_space.dimensions)  # a winner is named by its stage
 
 
@@ -67,7 +67,7 @@ def test_num_layers_can_name_a_stage(tiny_llama, tmp_path):
     path = staged(tmp_path, tiny_llama)
     path.write_text(path.read_text().replace("max_layers: 8", "max_layers: 8\n      num_layers: {stage:ps: 6}"))
     _, dfs = load_document(path).stages(tmp_path / "runs")
-    assert len([n for n in dfs.recipe.search_space.dimensions if not n.endswith(".scale")]) == (6 + 4) * 2
+    assert len([n for n in dfs.recipe.search_space.dimensions if n.startswith("routing.r")]) == (6 + 4) * 2
 
 
 @pytest.mark.parametrize(

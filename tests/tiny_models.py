@@ -23,6 +23,22 @@ CONFIGS = {
         vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     ),
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4, head_dim=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    ),
+    "phi3": lambda: transformers.Phi3Config(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        pad_token_id=0,
+    ),
+    "gemma2": lambda: transformers.Gemma2Config(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4, head_dim=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=len(VOCAB), n_embd=32, n_layer=4, n_head=4, n_positions=64, tie_word_embeddings=False,
+    ),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
         num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False,

@@ -18,6 +18,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
+from mergekit_evolve.merge.layer_types import layer_types_fixed
 from mergekit_evolve.methods.registry import register_plugins
 from mergekit_evolve.recipe.document import load_document
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
@@ -116,7 +117,8 @@ def _merge(merge_options: MergeOptions, paths: tuple[str, ...], trial: int | Non
             config = config_from_file(Path(paths[0]))
     except RecipeError as e:
         raise click.ClickException(str(e)) from None
-    run_merge(config, str(out_path), options=merge_options)
+    with layer_types_fixed():
+        run_merge(config, str(out_path), options=merge_options)
     click.echo(f"merged into {out_path}")
 
 

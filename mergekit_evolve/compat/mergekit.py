@@ -7,6 +7,7 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import mergekit.merge
 import transformers
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -19,6 +20,17 @@ from mergekit.plan import MergePlanner
 def out_config(config: MergeConfiguration, arch_info: Any, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
     """The merged model's config, as ``run_merge`` writes it."""
     return _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def run_merge_out_config(build: Any) -> Iterator[None]:
+    """Inside: mergekit's ``run_merge`` builds its output config with ``build`` (``out_config``'s signature)."""
+    original = mergekit.merge._model_out_config
+    mergekit.merge._model_out_config = build
+    try:
+        yield
+    finally:
+        mergekit.merge._model_out_config = original
 
 
 class WorkingReturnTensor(ReturnTensor):

@@ -28,7 +28,6 @@ from transformers.initialization import no_init_weights
 from mergekit_evolve.compat.mergekit import (
     WorkingReturnTensor,
     cached_model_configs,
-    out_config,
     plan_all,
     planned_tensors,
     planner_merges_tokenizer,
@@ -40,6 +39,7 @@ from mergekit_evolve.merge.chunked import (
     ChunkedMerge,
     chunk_if_possible,
 )
+from mergekit_evolve.merge.layer_types import out_config
 from mergekit_evolve.merge.resident import make_resident
 from mergekit_evolve.methods.registry import register_plugins
 

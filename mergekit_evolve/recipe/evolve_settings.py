@@ -20,9 +20,11 @@ from mergekit_evolve.recipe.sampler_options import (
 )
 
 Sampler = Literal["cmaes", "cma", "tpe", "gp", "random", "nsga2", "cycleqd", "swarm"]
-# Optuna's own samplers take pruned trials in stride; the population methods need every
-# member's full score
-PRUNABLE_SAMPLERS = ("cmaes", "tpe", "gp", "random")
+# Samplers that `pruner: auto` prunes: they take trials one by one and learn from pruned ones
+# (TPE from their intermediate values). Population methods, CMA-ES included, are left unpruned:
+# Optuna's CmaEsSampler drops pruned trials from its generation (it fills only with completed
+# members), so pruning would spend their cost without teaching it anything.
+PRUNABLE_SAMPLERS = ("tpe", "gp", "random")
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
 # Settings that may change between a run and its resume without changing what is searched.
 RESUMABLE = {"trials", "device", "batch_size", "max_failures", "workers", "heartbeat_grace", "threads", "allow_crimes",
@@ -86,8 +88,7 @@ class PruningSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # auto: where pruning can apply (one objective, an Optuna sampler that takes trials one by
-    # one), successive halving over the stages, or with anchors the percentile pruner described
+    # auto: where pruning can apply (one objective, a sampler in PRUNABLE_SAMPLERS), successive halving over the stages, or with anchors the percentile pruner described
     # in EvolveSettings; none elsewhere. bench/cheap_fitness.py measures the choices.
     pruner: Literal["auto", "none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"] = "auto"
     stages: list[float] = Field(
@@ -115,7 +116,9 @@ class EvolveSettings(BaseModel):
         default=False, description="one study direction per objective (a Pareto front) instead of their weighted mean"
     )
     select: SelectRule = Field(default_factory=SelectRule, description="multi-objective: which Pareto trial is best/")
-    trials: int = Field(default=50, ge=1, description="completed trials to reach (resumes count)")
+    trials: int = Field(
+        default=50, ge=1, description="completed trials to reach (resumes count; pruned and failed trials do not)"
+    )
     seed: int = 0
     objectives: list[Objective] = Field(min_length=1)
     task_paths: list[str] = Field(default_factory=list, description="folders of lm-eval task YAMLs, relative to the recipe")

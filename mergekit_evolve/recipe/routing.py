@@ -12,20 +12,26 @@ A recipe asks for this with a top-level block instead of ``models``/``slices``::
     routing:
       models: [A, B]        # A first; all must share hidden size and layer shapes
       repeats: 3            # r
-      scales: [0.5, 2.0]    # search one scale per slot in this range; omit for none
+      scales: [0.5, 2.0]    # search the hop scales W in this range; omit for none
+      scale_form: matrix    # matrix: the paper's W (M x M); slot: one scale per slot, for very large M
       min_layers: 32        # path length, forced first and last layers included
       max_layers: 64
       num_layers: {B: 32}   # only for models whose config.json is not reachable (dry runs)
-      scale_filter: down_proj   # the MLP output projection's name in this architecture
+      scale_filter: down_proj   # optional: the tensor the scales multiply (default: per architecture)
 
 Search dimensions (all floats, so CMA-ES can search them as in the paper):
 
 - ``routing.r{rep}.{model}.L{layer}`` in [-1, 1], one per slot: the indicator;
-- ``routing.r{rep}.{model}.L{layer}.scale``, one per slot, when ``scales`` is given: the scale
+- with ``scales`` and ``scale_form: matrix`` (the default), the paper's W: one scale
+  ``routing.W.{from}.{to}`` per ordered pair of the M layers (``{model}.L{layer}`` each); the hop
+  from layer i to layer j is scaled by W_ij, whichever slots they sit in;
+- with ``scale_form: slot``, ``routing.r{rep}.{model}.L{layer}.scale``, one per slot: the scale
   of the hop *into* that slot; plus ``routing.last.scale`` for the hop into A's forced last layer.
 
-Their ``init`` is model A unchanged (A's own layers in the first repetition, scales 1), so the
-first trial of a search is A itself.
+Their ``init`` is the paper's: every indicator 0 (off: a slot is on when I > 0) except model A's
+layers in the first repetition at 0.2 (2 sigma of the paper's sigma0 = 0.1), scales 1; so the
+first trial of a search is A itself, and a search started at the init point (``sampler: cma``)
+is one step from switching any slot.
 
 Length limits: a decoded path outside [min_layers, max_layers] is repaired deterministically
 (too long: keep the slots with the largest indicator values; too short: also open the closed
@@ -33,10 +39,12 @@ slots with the largest values), so every point of the box is a valid candidate.
 
 Where each scale lands (the released EvoLLM-JP 10B model multiplies the previous hop's MLP
 output by the scale of the hop, before it joins the residual stream): the scale of hop k >= 1
-becomes a passthrough ``scale`` parameter, filtered to ``scale_filter``, on the slice of hop
-k - 1, i.e. on tensor ``model.layers.{k-1}.mlp.down_proj.weight`` of the merged model (source:
-layer ``path[k-1]``'s ``mlp.down_proj.weight``). Scaling that weight scales the MLP output
-exactly (Llama-family MLPs have no output bias). Hop 0's input, the embedding, is never scaled,
+becomes a passthrough ``scale`` parameter, filtered to the architecture's MLP output tensor
+(``SCALE_TENSORS``: ``down_proj`` for Llama-like families, ``mlp.c_proj`` weight and bias for
+GPT-2), on the slice of hop k - 1. Scaling those tensors scales exactly what the MLP adds to the
+residual stream. Families whose MLP output is re-normalised before it joins (Gemma 2 and 3:
+``post_feedforward_layernorm``) or is not a separate tensor are refused with their name.
+Hop 0's input, the embedding, is not scaled (the released model scales it too; not done here),
 and a scale of exactly 1 is left out of the config.
 """
 
@@ -45,7 +53,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import transformers
@@ -57,7 +65,19 @@ from mergekit_evolve.runfolder import BEST_DIR
 
 KEY = "routing"
 INDICATOR_RANGE = (-1.0, 1.0)
-ON, OFF = 0.5, -0.5  # indicator init values that reproduce model A
+# the paper's init: I = 0 (off) except A's first-repetition layers at 2 sigma0 = 0.2 (on), model A itself
+ON, OFF = 0.2, 0.0
+# What each model_type's layer adds to the residual stream from its MLP, as a passthrough filter
+# (scaling it scales that output exactly: no bias, or the bias matched too).
+SCALE_TENSORS = {
+    "llama": "down_proj", "mistral": "down_proj", "qwen2": "down_proj", "qwen3": "down_proj", "phi3": "down_proj",
+    "gpt2": "mlp.c_proj",
+}
+UNSCALABLE = {
+    "gemma2": "its post_feedforward_layernorm re-normalises the MLP output before it joins the residual stream",
+    "gemma3": "its post_feedforward_layernorm re-normalises the MLP output before it joins the residual stream",
+    "gemma3_text": "its post_feedforward_layernorm re-normalises the MLP output before it joins the residual stream",
+}
 # Config keys that must agree between routed models for their layers to stack in one model.
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
 
@@ -70,10 +90,15 @@ class Routing(BaseModel):
     models: list[str] = Field(min_length=1, description="routed models; the first supplies embeddings, head, tokenizer")
     repeats: int = Field(default=1, description="r: how many times the layers of all models are laid out")
     scales: tuple[float, float] | None = Field(default=None, description="range of the per-hop scales; none: no scales")
+    scale_form: Literal["matrix", "slot"] = Field(
+        default="matrix", description="matrix: the paper's W, a scale per (from layer, to layer); slot: one per slot"
+    )
     min_layers: int | None = Field(default=None, ge=1, description="fewest layers in the path (forced first/last included)")
     max_layers: int | None = Field(default=None, ge=1, description="most layers in the path (forced first/last included)")
     num_layers: dict[str, int] = Field(default_factory=dict, description="layer counts of models without a config.json")
-    scale_filter: str = Field(default="down_proj", description="name of the MLP output projection the scales multiply")
+    scale_filter: str | None = Field(
+        default=None, description="the tensor the scales multiply; default: the architecture's MLP output (SCALE_TENSORS)"
+    )
 
     @field_validator("repeats")
     @classmethod
@@ -128,6 +153,10 @@ class Routing(BaseModel):
                 return i, j
             j -= self.layers_of(m)
         raise AssertionError("unreachable")
+
+    def global_layer(self, model_index: int, layer: int) -> int:
+        """The index in [0, M) of a model's layer in the layout (W's row or column)."""
+        return sum(self.layers_of(m) for m in self.models[:model_index]) + layer
 
     @property
     def length_limits(self) -> tuple[int, int]:
@@ -202,7 +231,10 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
             )
         counts[m] = n
     _check_shapes(doc, shapes, written)
-    block = block.model_copy(update={"models": resolved, "num_layers": counts})
+    scale_filter = block.scale_filter
+    if block.scales and scale_filter is None:
+        scale_filter = _scale_tensor(doc, shapes, written)
+    block = block.model_copy(update={"models": resolved, "num_layers": counts, "scale_filter": scale_filter})
     lo, hi = block.length_limits
     if hi < 2:
         raise doc.error((KEY, "max_layers"), f"routing.max_layers {hi} is below 2: the first and last layers of {written[0]} are always in the path")
@@ -231,6 +263,23 @@ def _check_shapes(doc: LocatedYaml, shapes: dict[str, dict[str, Any]], written: 
             )
 
 
+def _scale_tensor(doc: LocatedYaml, shapes: dict[str, dict[str, Any]], written: list[str]) -> str:
+    """The passthrough filter that scales what a layer's MLP adds to the residual stream, for this family."""
+    family = next((s["model_type"] for s in shapes.values() if s.get("model_type")), None)
+    if family is None:  # no config readable (a dry run on layer counts): the Llama-family name
+        return "down_proj"
+    if family in UNSCALABLE:
+        raise doc.error((KEY, "scales"), f"routing.scales cannot be applied to {family} models: {UNSCALABLE[family]}, so "
+                                         "scaling a tensor does not scale it; drop routing.scales (a path without W)")
+    if family not in SCALE_TENSORS:
+        raise doc.error(
+            (KEY, "scales"),
+            f"routing.scales does not know which tensor of a {family} layer carries its MLP output into the residual "
+            f"stream (known: {', '.join(sorted(SCALE_TENSORS))}); name it in routing.scale_filter, or drop routing.scales",
+        )
+    return SCALE_TENSORS[family]
+
+
 def _labels(block: Routing) -> list[str]:
     """Short model names for dimension names: folder names (a run's ``best/`` is named by its run)."""
     names = []
@@ -253,8 +302,27 @@ def slot_names(block: Routing) -> list[str]:
 LAST_SCALE = f"{KEY}.last.scale"
 
 
+def layer_names(block: Routing) -> list[str]:
+    """``{model}.L{layer}`` for the M layers in layout order (W's rows and columns)."""
+    return [name.split(".", 2)[2] for name in slot_names(block)[: block.width]]
+
+
+def w_name(block: Routing, names: list[str], src: int, dst: int) -> str:
+    """W's dimension for the hop from layout layer ``src`` to layout layer ``dst``."""
+    return f"{KEY}.W.{names[src]}.{names[dst]}"
+
+
+def scale_names(block: Routing) -> list[str]:
+    if not block.scales:
+        return []
+    if block.scale_form == "slot":
+        return [f"{n}.scale" for n in slot_names(block)] + [LAST_SCALE]
+    names = layer_names(block)
+    return [w_name(block, names, i, j) for i in range(block.width) for j in range(block.width)]
+
+
 def add_dimensions(space: SearchSpace, block: Routing) -> None:
-    """The indicator (and scale) dimensions; their init reproduces model A."""
+    """The indicator (and scale) dimensions; their init is the paper's, which decodes to model A."""
     a_layers = block.layers_of(block.models[0])
     for slot, name in enumerate(slot_names(block)):
         i, layer = block.slot_layer(slot)
@@ -263,8 +331,7 @@ def add_dimensions(space: SearchSpace, block: Routing) -> None:
     if block.scales:
         lo, hi = block.scales
         init = 1.0 if lo <= 1.0 <= hi else None
-        for name in slot_names(block) + [LAST_SCALE]:
-            scale = name if name == LAST_SCALE else f"{name}.scale"
+        for scale in scale_names(block):
             space.dimensions[scale] = Dimension(scale, "float", low=lo, high=hi, init=init)
 
 
@@ -288,11 +355,19 @@ def decode(block: Routing, point: dict[str, Any]) -> list[Hop]:
     """The path a point stands for: A's first layer, the open slots in order, A's last layer."""
     names = slot_names(block)
     a = block.models[0]
+    last = (0, block.layers_of(a) - 1)
+    slots: list[int | None] = [None, *open_slots(block, [point[n] for n in names]), None]  # None: A's forced layers
+    path = [(0, 0)] + [block.slot_layer(s) for s in slots[1:-1] if s is not None] + [last]
+    layers = layer_names(block)
     hops = [Hop(a, 0)]
-    for slot in open_slots(block, [point[n] for n in names]):
-        i, layer = block.slot_layer(slot)
-        hops.append(Hop(block.models[i], layer, float(point[f"{names[slot]}.scale"]) if block.scales else 1.0))
-    hops.append(Hop(a, block.layers_of(a) - 1, float(point[LAST_SCALE]) if block.scales else 1.0))
+    for k in range(1, len(path)):
+        (i, layer), scale = path[k], 1.0
+        if block.scales and block.scale_form == "matrix":
+            src, dst = block.global_layer(*path[k - 1]), block.global_layer(i, layer)
+            scale = float(point[w_name(block, layers, src, dst)])
+        elif block.scales:
+            scale = float(point[LAST_SCALE if slots[k] is None else f"{names[slots[k]]}.scale"])
+        hops.append(Hop(block.models[i], layer, scale))
     return hops
 
 

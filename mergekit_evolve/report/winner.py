@@ -17,6 +17,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.scores import Scores
+from mergekit_evolve.merge.layer_types import layer_types_fixed
 from mergekit_evolve.runfolder import LORA_MERGES_PREFIX, RECIPE_FILE, RunFolder
 from mergekit_evolve.study.worker import Worker, source_config
 
@@ -42,7 +43,9 @@ def write_best(
         if not options.lora_merge_cache:
             update["lora_merge_cache"] = lora_cache
         # run_merge normalises the config it is given in place; keep ours (and its YAML) as the user wrote it
-        run_merge(config.model_copy(deep=True), str(staging), config_source=config.to_yaml(), options=options.model_copy(update=update))
+        with layer_types_fixed():  # a routed path that changes the layer count of a layer_types family
+            run_merge(config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
+                      options=options.model_copy(update=update))
     shutil.copyfile(recipe_file, staging / RECIPE_FILE)
     if target.exists():
         shutil.rmtree(target)

@@ -11,17 +11,20 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Elite:
-    """A scored individual: coefficients over the experts' task vectors plus its mutation."""
+    """A scored individual: its task vector is ``mutation(sum_j coefficients_j tau_j + sum_t c_t tau_t)``,
+    the experts' task vectors weighted, plus the mutated ancestors it inherits (``mix``: trial, c)."""
 
     trial: int
     coefficients: tuple[float, ...]
     mutation: tuple[int, float] | None  # (seed, scale); None: unmutated
     qualities: dict[str, float]  # per task, higher is better
+    mix: tuple[tuple[int, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "trial": self.trial, "coefficients": list(self.coefficients),
             "mutation": None if self.mutation is None else {"seed": self.mutation[0], "scale": self.mutation[1]},
+            "inherits": [{"trial": t, "coefficient": c} for t, c in self.mix],
             "qualities": self.qualities,
         }
 
@@ -67,10 +70,11 @@ class Archive:
         }
 
 
-def elite_probabilities(elites: list[Elite], tasks: list[str]) -> np.ndarray:
-    """CycleQD's elite sampling: ``p ~ prod_i (0.5 + 0.3 norm(f_i))``, min-max normalised per task."""
+def elite_probabilities(elites: list[Elite], tasks: list[str], slope: float = 0.3) -> np.ndarray:
+    """CycleQD's elite sampling: ``p ~ prod_i (0.5 + slope norm(f_i))``, min-max normalised per task
+    (the paper's text: slope 0.3; the released code: 0.8)."""
     f = np.array([[e.qualities[t] for t in tasks] for e in elites], dtype=float)
     span = f.max(axis=0) - f.min(axis=0)
     norm = np.divide(f - f.min(axis=0), span, out=np.zeros_like(f), where=span > 0)
-    weights = np.prod(0.5 + 0.3 * norm, axis=1)
+    weights = np.prod(0.5 + slope * norm, axis=1)
     return weights / weights.sum()

@@ -74,6 +74,7 @@ class UnitBox:
 class Expert:
     label: str
     dims: tuple[str, ...]
+    entry: tuple[Any, ...] = ()  # where the expert's model entry is in the config, e.g. ("models", 2)
 
 
 class ExpertWeights:
@@ -104,7 +105,7 @@ class ExpertWeights:
                 "give those a plain value, or use another sampler (cmaes, cma, tpe, ...)"
             )
         self.experts = [
-            Expert(dims[0].split(".weight")[0] or ".".join(map(str, owner)), tuple(dict.fromkeys(dims)))
+            Expert(dims[0].split(".weight")[0] or ".".join(map(str, owner)), tuple(dict.fromkeys(dims)), owner)
             for owner, dims in owners.items()
         ]
         self.distributions: dict[str, FloatDistribution] = {}
@@ -141,6 +142,16 @@ class ExpertWeights:
             for expert, c in zip(self.experts, coefficients)
             for name in expert.dims
         }
+
+    def models_in(self, config: Any) -> list[str]:
+        """Each expert's model in a compiled config, as mergekit names it (``str`` of its ModelReference)."""
+        out = []
+        for expert in self.experts:
+            entry = config
+            for key in expert.entry:
+                entry = entry[key] if isinstance(key, int) else getattr(entry, key)
+            out.append(str(entry.model))
+        return out
 
     def coefficients(self, params: dict[str, Any]) -> np.ndarray:
         """A trial's coefficient per expert (the mean of its dimensions, for gradients)."""

@@ -1,22 +1,26 @@
 """CycleQD (Sakana AI, arXiv 2410.14735) as an Optuna sampler (``sampler: cycleqd``).
 
-An individual is a coefficient vector over the experts' task vectors (the recipe's annotated
-weights) plus at most one seeded mutation; it compiles to an ``svd_mutation`` (or
-``gaussian_mutation``) config, a plain mergekit config of this package's plugin methods.
+An individual's task vector is ``mutation(sum_j c_j tau_j + sum_t m_t tau_t)``: coefficients
+``c`` over the experts' task vectors (the recipe's annotated weights), plus the mutated
+ancestors ``t`` it inherits with coefficients ``m``, then at most one seeded mutation of its own.
+It compiles to an ``svd_mutation`` (or ``gaussian_mutation``) config, a plain mergekit config of
+this package's plugin methods whose ``lineage`` parameter names those ancestors (their own
+coefficients, ancestors and seeds), so any elite is rebuilt from the experts' weights alone:
+``merge --trial`` and ``export`` replay it, no intermediate checkpoint is needed.
 
 - Generation 0 evaluates the experts (coefficient 1 on one, 0 on the others), and each is
-  offered to every archive.
+  offered to every archive (with ``bounds_from_experts``, their scores first set the bins).
 - Generation g >= 1 works on task q = (g - 1) mod K: ``children`` times, two parents are drawn
   from archive q (elite sampling or uniform), crossed over as
-  ``c = (w1 c_p1 + w2 c_p2) / (w1 + w2)`` with ``w_i ~ N(mu, sigma^2)``, and mutated with a
-  fresh seed. Every child is scored on all K tasks and offered to every archive.
-- After each full cycle (when ``merge_elites``), the generation also holds the final-model
-  candidate: ``sum_k beta_k c_k`` over each archive's best elite, ``beta = softmax(f_k)``.
+  ``tau_c = (w1 tau_p1 + w2 tau_p2) / (w1 + w2)`` with ``w_i ~ N(mu, sigma^2)`` on the parents'
+  whole task vectors (a mutated parent's mutation is inherited; an unmutated one is linear in
+  its own terms, which are folded in), and mutated with a fresh seed. Every child is scored on
+  all K tasks and offered to every archive.
+- After each full cycle (when ``merge_elites``), the generation also holds the paper's final
+  model: ``theta_base + sum_k beta_k tau_k`` over each archive's best elite (mutations
+  included), ``beta = softmax(f_k)``; it is a trial like any other, so it wins when it scores best.
 
-Where this differs from the paper, and why: the crossover acts on the parents' coefficients,
-so a parent's own mutation is not inherited (mutation is nonlinear; carrying it would make a
-child's config grow with its ancestry), and the merged final model likewise combines the
-elites' coefficients without their mutations. Children are clipped to the recipe's ranges.
+A child's own expert coefficients are clipped to the recipe's ranges (they are Optuna params).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+from mergekit.config import MergeConfiguration
 from optuna.distributions import BaseDistribution
 
 from mergekit_evolve.recipe.evolve_settings import Objective
@@ -69,6 +74,8 @@ def with_mutation(recipe: Recipe, options: CycleQDOptions) -> Recipe:
         Dimension(f"mutation.{scale_param}", "float", low=0.0, high=scale),
     ]
     space = copy.deepcopy(recipe.search_space)
+    if options.mutation == "svd" and options.w_min:
+        params["w_min"] = options.w_min  # fixed for the run: only the seed and w_max vary
     for dim, param in zip(dims, ("seed", scale_param)):
         params[param] = {"search": [dim.low, dim.high]}
         space.dimensions[dim.name] = dim
@@ -86,6 +93,36 @@ def softmax(f: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+Mix = tuple[tuple[int, float], ...]  # (ancestor trial, coefficient) of mutated ancestors
+
+
+def combine(parents: list[tuple[Elite, float]], n_experts: int) -> tuple[np.ndarray, Mix]:
+    """``sum_k a_k tau(parent_k)`` as (expert coefficients, mix): an unmutated parent is linear in its
+    own terms and is folded in; a mutated one is kept whole, as an ancestor."""
+    coefficients = np.zeros(n_experts)
+    mix: dict[int, float] = {}
+    for elite, a in parents:
+        if elite.mutation is None:
+            coefficients = coefficients + a * np.array(elite.coefficients)
+            for t, c in elite.mix:
+                mix[t] = mix.get(t, 0.0) + a * c
+        else:
+            mix[elite.trial] = mix.get(elite.trial, 0.0) + a
+    return coefficients, tuple(sorted(mix.items()))
+
+
+def experts_bounds(qualities: list[dict[str, float]], factors: tuple[float, float]) -> dict[str, tuple[float, float]]:
+    """The paper's bins: from a x the weakest expert's score to b x the strongest, per task
+    (for negative scores the same margins, so the range still holds every expert)."""
+    a, b = factors
+    out = {}
+    for task in qualities[0]:
+        low, high = min(q[task] for q in qualities), max(q[task] for q in qualities)
+        low, high = low - (1 - a) * abs(low), high + (b - 1) * abs(high)
+        out[task] = (low, high) if low < high else (low - 0.5, high + 0.5)
+    return out
+
+
 class CycleQDSampler(GenerationalSampler):
     def __init__(
         self, distributions: dict[str, BaseDistribution], objectives: list[Objective], seed: int,
@@ -98,10 +135,12 @@ class CycleQDSampler(GenerationalSampler):
         self.mutation_dims = mutation_dims(options)
         bounds = {t: options.bounds_of(t) for t in self.tasks}
         self.archives = [
-            Archive(t, [d for d in self.tasks if d != t], options.bins, bounds) for t in self.tasks
+            Archive(t, [d for d in self.tasks if d != t], options.bins, dict(bounds)) for t in self.tasks
         ]
         self.merged: list[int] = []  # trials that held the merged elites
         self._merge_slots: set[tuple[int, int]] = set()
+        self._mixes: dict[tuple[int, int], Mix] = {}  # (generation, index) -> the ancestors that member inherits
+        self.individuals: dict[int, Elite] = {}  # trial -> its definition (qualities empty when it failed)
 
     @property
     def cycle(self) -> int:
@@ -118,45 +157,55 @@ class CycleQDSampler(GenerationalSampler):
             return [self._params(self.experts.one_hot(j), None) for j in range(len(self.experts))]
         rng = stream(self._seed, generation)
         archive = self.archives[self.quality_task(generation)]
-        plan = [self._params(*self.child(archive, rng)) for _ in range(self.options.children)]
+        plan = []
+        for index in range(self.options.children):
+            coefficients, mutation, mix = self.child(archive, rng)
+            self._mixes[(generation, index)] = mix
+            plan.append(self._params(coefficients, mutation))
         if self.options.merge_elites and self.quality_task(generation) == self.cycle - 1:
             merged = self.merged_elites()
             if merged is not None:
                 self._merge_slots.add((generation, len(plan)))
-                plan.append(self._params(merged, None))
+                self._mixes[(generation, len(plan))] = merged[1]
+                plan.append(self._params(merged[0], None))
         return plan
 
-    def parents(self, archive: Archive, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def parents(self, archive: Archive, rng: np.random.Generator) -> tuple[Elite, Elite]:
         elites = archive.elites()
         if not elites:  # every expert failed in this archive: start from the experts
             a, b = rng.choice(len(self.experts), size=2, replace=len(self.experts) < 2)
-            return self.experts.one_hot(int(a)), self.experts.one_hot(int(b))
-        probs = elite_probabilities(elites, self.tasks) if self.options.elite_sampling else None
+            return self._expert(int(a)), self._expert(int(b))
+        probs = elite_probabilities(elites, self.tasks, self.options.elite_slope) if self.options.elite_sampling else None
         i, j = rng.choice(len(elites), size=2, replace=len(elites) < 2, p=probs)
-        return np.array(elites[int(i)].coefficients), np.array(elites[int(j)].coefficients)
+        return elites[int(i)], elites[int(j)]
 
-    def child(self, archive: Archive, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, float] | None]:
+    def _expert(self, j: int) -> Elite:
+        return Elite(-1, tuple(self.experts.one_hot(j)), None, {})
+
+    def child(self, archive: Archive, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, float] | None, Mix]:
         """Parents, crossover weights and mutation seed are drawn in that order from ``rng``."""
         p1, p2 = self.parents(archive, rng)
         w1, w2 = rng.normal(self.options.crossover_mu, self.options.crossover_sigma, size=2)
         if abs(w1 + w2) < 1e-6:  # the weighted mean is undefined; take the plain mean
             w1 = w2 = 1.0
+        a1, a2 = float(w1 / (w1 + w2)), float(w2 / (w1 + w2))
+        coefficients, mix = combine([(p1, a1), (p2, a2)], len(self.experts))
         low, high = self.experts.bounds()
-        coefficients = np.clip(crossover(p1, p2, float(w1), float(w2)), low, high)
+        coefficients = np.clip(coefficients, low, high)
         mutation = None
         if self.mutation_dims:
             scale = self.options.w_max if self.options.mutation == "svd" else self.options.noise
             mutation = (int(rng.integers(0, SEED_HIGH)), scale)
-        return coefficients, mutation
+        return coefficients, mutation, mix
 
-    def merged_elites(self) -> np.ndarray | None:
-        """``sum_k beta_k c_k`` over each archive's best elite, ``beta = softmax(f_k)``."""
+    def merged_elites(self) -> tuple[np.ndarray, Mix] | None:
+        """``sum_k beta_k tau_k`` over each archive's best elite, ``beta = softmax(f_k)``."""
         best = [(a.best(), a.task) for a in self.archives]
         best = [(e, t) for e, t in best if e is not None]
         if not best:
             return None
         beta = softmax(np.array([e.qualities[t] for e, t in best]))
-        return sum(b * np.array(e.coefficients) for b, (e, _) in zip(beta, best))
+        return combine([(e, float(b)) for b, (e, _) in zip(beta, best)], len(self.experts))
 
     def _params(self, coefficients: np.ndarray, mutation: tuple[int, float] | None) -> dict[str, Any]:
         params: dict[str, Any] = self.experts.params(coefficients)
@@ -165,18 +214,54 @@ class CycleQDSampler(GenerationalSampler):
             params[seed_dim], params[scale_dim] = mutation if mutation else (0, 0.0)
         return params
 
+    # -- the config a member compiles to --------------------------------------------------
+
+    def inherits(self, trial: optuna.Trial) -> Mix:
+        """The mutated ancestors (trial, coefficient) the member ``trial`` holds inherits."""
+        member = self.member_of(trial)
+        return self._mixes.get(member, ()) if member is not None else ()
+
+    def extend_config(self, trial: optuna.Trial, config: MergeConfiguration) -> MergeConfiguration:
+        """``config`` with the ``lineage`` of the member ``trial`` holds: the mutated ancestors it inherits."""
+        mix = self.inherits(trial)
+        if not mix:
+            return config
+        models = self.experts.models_in(config)
+        nodes: dict[str, Any] = {}
+        todo = [t for t, _ in mix]
+        while todo:
+            t = todo.pop()
+            if f"t{t}" in nodes:
+                continue
+            e = self.individuals[t]
+            nodes[f"t{t}"] = {
+                "weights": {m: c for m, c in zip(models, e.coefficients) if c},
+                "mix": [[f"t{u}", c] for u, c in e.mix],
+                "mutation": list(e.mutation) if e.mutation else None,
+            }
+            todo.extend(u for u, _ in e.mix)
+        lineage = json.dumps({"mix": [[f"t{t}", c] for t, c in mix], "nodes": nodes}, sort_keys=True)
+        return config.model_copy(update={"parameters": {**(config.parameters or {}), "lineage": lineage}})
+
     # -- learning ------------------------------------------------------------------------
 
     def _learn(self, generation: int, outcomes: list[Outcome]) -> None:
+        if generation == 0 and self.options.bounds_from_experts:
+            scored = [o.qualities for o in outcomes if o.qualities is not None]
+            if scored:
+                bounds = experts_bounds(scored, self.options.bounds_from_experts)
+                for archive in self.archives:
+                    archive.bounds = dict(bounds)
         for index, outcome in enumerate(outcomes):
             if (generation, index) in self._merge_slots:
                 self.merged.append(outcome.trial)
-            if outcome.qualities is None:
-                continue
             elite = Elite(
                 outcome.trial, tuple(float(c) for c in self.experts.coefficients(outcome.params)),
-                self._mutation_of(outcome.params), outcome.qualities,
+                self._mutation_of(outcome.params), outcome.qualities or {}, self._mixes.get((generation, index), ()),
             )
+            self.individuals[outcome.trial] = elite
+            if outcome.qualities is None:
+                continue
             for archive in self.archives:
                 archive.offer(elite)
 

@@ -63,6 +63,7 @@ class GenerationalSampler(BaseSampler, abc.ABC):
         self._independent = RandomSampler(seed=seed)
         self._plans: dict[int, list[dict[str, Any]]] = {}
         self._learned = 0  # generations whose outcomes have been learned
+        self._handed: dict[int, tuple[int, int]] = {}  # trial number -> the member it took
 
     @abc.abstractmethod
     def _plan(self, generation: int) -> list[dict[str, Any]]:
@@ -99,7 +100,19 @@ class GenerationalSampler(BaseSampler, abc.ABC):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 fail_stale_trials(study)  # a dead worker's member becomes free again
         set_trial_system_attr(study, trial, MEMBER_ATTR, [generation, index])
+        self._handed[trial.number] = (generation, index)
         return dict(self._plan_of(generation)[index])
+
+    def member_of(self, trial: optuna.Trial) -> tuple[int, int] | None:
+        """The (generation, index) ``trial`` holds: handed out here, or (a retry) read from the study."""
+        if trial.number not in self._handed:
+            frozen = next((t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number), None)
+            tag = frozen.system_attrs.get(MEMBER_ATTR) if frozen is not None else None
+            if tag is None:
+                return None
+            self._handed[trial.number] = (int(tag[0]), int(tag[1]))
+            self._plan_of(int(tag[0]))  # its plan (and what the plan records) exists in this process too
+        return self._handed[trial.number]
 
     # -- replay --------------------------------------------------------------------------
 

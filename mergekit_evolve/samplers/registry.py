@@ -33,7 +33,7 @@ from mergekit_evolve.samplers.cycleqd import (
     with_mutation,
 )
 from mergekit_evolve.samplers.pycma import PyCmaSampler
-from mergekit_evolve.samplers.swarm import SwarmSampler
+from mergekit_evolve.samplers.swarm import SwarmSampler, with_box
 
 LOG = logging.getLogger(__name__)
 # Methods whose per-model ``weight`` is a coefficient on a task vector (or on the model, for linear).
@@ -69,6 +69,18 @@ def _no_categorical(settings: EvolveSettings, space: SearchSpace) -> None:
         raise SamplerSetupError(
             f"CMA-ES cannot search categorical dimensions {categorical}; use sampler: tpe "
             "(or random), or turn the choice into a fixed value"
+        )
+
+
+def _warn_pruned_cmaes(settings: EvolveSettings) -> None:
+    """A recipe that asks to prune CMA-ES (``auto`` does not) is told once what that costs."""
+    options = settings.sampler_options
+    if settings.sampler == "cmaes" and settings.pruning.pruner != "none" and isinstance(options, OptunaOptions) \
+            and not options.kwargs().get("consider_pruned_trials"):
+        LOG.warning(
+            "cmaes with pruner '%s': Optuna's CMA-ES learns only from completed trials, so every pruned trial is "
+            "spent without moving the search, and a generation fills only with completed members; set "
+            "pruning.pruner: none to run CMA-ES as the paper did", settings.pruning.pruner,
         )
 
 
@@ -201,5 +213,10 @@ def prepare_recipe(recipe: Recipe) -> Recipe:
         if sampler == "cycleqd":
             assert isinstance(recipe.evolve.sampler_options, CycleQDOptions)
             recipe = with_mutation(recipe, recipe.evolve.sampler_options)
+        if sampler == "swarm":
+            assert isinstance(recipe.evolve.sampler_options, SwarmOptions)
+            check_sampler(recipe.evolve, recipe.search_space)  # the experts' own ranges, named as the recipe wrote them
+            recipe = with_box(recipe, recipe.evolve.sampler_options)
     check_sampler(recipe.evolve, recipe.search_space)
+    _warn_pruned_cmaes(recipe.evolve)
     return recipe

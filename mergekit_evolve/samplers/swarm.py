@@ -5,7 +5,9 @@ weights of a task_arithmetic, or normalize-free linear, recipe), so every partic
 plain mergekit config. Utility: the weighted objective.
 
 - Initial swarm: the experts (one-hot) plus pairwise crossovers ``w p1 + (1 - w) p2``,
-  ``w ~ U[0, 2)``, up to N particles; initial velocity ``x_j - x_i`` toward a random other j.
+  ``w ~ U[0, 2)``, of two members of the growing pool (experts and earlier crossovers, as the
+  released code draws them), up to N particles; initial velocity ``x_j - x_i`` toward a random
+  other j, from the positions the swarm starts at.
 - Each iteration, with fresh ``r ~ U(0, 1)^4`` per particle:
   ``C = r_v phi_v + r_p phi_p + r_g phi_g + r_w phi_w``,
   ``v <- [r_v phi_v v + r_p phi_p (p - x) + r_g phi_g (g - x) - r_w phi_w (g_w - x)] / C``,
@@ -15,11 +17,16 @@ plain mergekit config. Utility: the weighted objective.
   iterations (or after ``max_iterations``), the paper stops; here a fresh swarm starts, so
   the trial budget is spent (the study keeps every earlier particle).
 
-Positions are clipped to the recipe's weight ranges (Optuna params must lie inside them).
+Positions move in ``box`` (default [-5, 5]; the paper's are unbounded, ``box: null``), and
+the recipe's weight ranges are widened to it (``with_box``: Optuna params must lie inside the
+trial's ranges), so crossovers and moves extrapolate beyond the experts as in the paper. A
+position outside the box is clipped there, and the particle's velocity is what it was computed.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +35,36 @@ import numpy as np
 from optuna.distributions import BaseDistribution
 
 from mergekit_evolve.recipe.evolve_settings import Objective
+from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.recipe.sampler_options import SwarmOptions
-from mergekit_evolve.samplers.coordinates import ExpertWeights
+from mergekit_evolve.recipe.search_space import SearchSpace
+from mergekit_evolve.samplers.coordinates import CoordinateError, ExpertWeights
 from mergekit_evolve.samplers.generations import GenerationalSampler, Outcome, stream
 
 LOG = logging.getLogger(__name__)
+# `box: null` (the paper's unbounded positions) as a range Optuna can store: no swarm gets there
+UNBOUNDED = 1e6
+
+
+def box_of(options: SwarmOptions) -> tuple[float, float]:
+    return options.box if options.box is not None else (-UNBOUNDED, UNBOUNDED)
+
+
+def swarm_space(space: SearchSpace, options: SwarmOptions) -> SearchSpace:
+    """``space`` with every expert weight's range widened to include the swarm's box."""
+    low, high = box_of(options)
+    experts = ExpertWeights(space, "swarm")
+    wide = copy.deepcopy(space)
+    for expert in experts.experts:
+        for name in expert.dims:
+            dim = wide.dimensions[name]
+            wide.dimensions[name] = dataclasses.replace(dim, low=min(dim.low, low), high=max(dim.high, high))
+    return wide
+
+
+def with_box(recipe: Recipe, options: SwarmOptions) -> Recipe:
+    """The recipe as the swarm searches it: its weights' ranges widened to the box."""
+    return dataclasses.replace(recipe, search_space=swarm_space(recipe.search_space, options))
 
 
 def velocity(
@@ -45,13 +77,16 @@ def velocity(
     return (terms[0] * v + terms[1] * (p - x) + terms[2] * (g - x) - terms[3] * (g_w - x)) / c
 
 
-def initial_swarm(n_experts: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Experts plus crossovers of random expert pairs up to ``size``; velocities toward random others."""
+def initial_swarm(
+    n_experts: int, size: int, rng: np.random.Generator, low: float = -np.inf, high: float = np.inf,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Experts plus crossovers of random pairs from the growing pool up to ``size``, each kept in
+    [low, high]; velocities toward random others, from those positions."""
     x = [np.eye(n_experts)[j] for j in range(n_experts)]
     while len(x) < size:
-        a, b = rng.choice(n_experts, size=2, replace=False)
+        a, b = rng.choice(len(x), size=2, replace=False)
         w = rng.uniform(0.0, 2.0)
-        x.append(w * x[a] + (1 - w) * x[b])
+        x.append(np.clip(w * x[a] + (1 - w) * x[b], low, high))
     x = np.array(x)
     v = np.empty_like(x)
     for i in range(len(x)):
@@ -85,7 +120,13 @@ class SwarmSampler(GenerationalSampler):
         super().__init__(distributions, objectives, seed)
         self.options = options
         self.experts = experts
-        self.low, self.high = experts.bounds()
+        self.low, self.high = box_of(options)
+        wide_low, wide_high = experts.bounds()
+        if (wide_low > self.low).any() or (wide_high < self.high).any():
+            raise CoordinateError(
+                f"swarm moves in [{self.low}, {self.high}] but the search space's weights span [{wide_low.min()}, "
+                f"{wide_high.max()}]; load the recipe through prepare_recipe() (with_box widens them)"
+            )
         self.swarm: Swarm | None = None  # None: the next generation starts a fresh swarm
         self.restarts = 0
 
@@ -97,8 +138,7 @@ class SwarmSampler(GenerationalSampler):
     def _plan(self, generation: int) -> list[dict[str, Any]]:
         rng = stream(self._seed, generation)
         if self.swarm is None:
-            x, v = initial_swarm(len(self.experts), max(self.options.particles, len(self.experts)), rng)
-            x = np.clip(x, self.low, self.high)
+            x, v = initial_swarm(len(self.experts), max(self.options.particles, len(self.experts)), rng, self.low, self.high)
             self.swarm = Swarm(x, v, x.copy(), np.full(len(x), -np.inf), self.options.step, stale=np.zeros(len(x), int))
         else:
             self.move(self.swarm, rng)

@@ -37,7 +37,8 @@ from mergekit_evolve.study.storage import (
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+# `trials` counts completed trials only: a pruned one is cheap extra exploration, not a budget unit
+COUNTED = (TrialState.COMPLETE,)
 
 
 class TooManyFailures(RuntimeError):

@@ -178,6 +178,10 @@ class Worker:
         try:
             point = suggest_point(trial, self.recipe.search_space)
             config = self.recipe.compile(point)
+            # what the point cannot hold (CycleQD: the mutated ancestors a child inherits)
+            extend = getattr(trial.study.sampler, "extend_config", None)
+            if extend is not None:
+                config = extend(trial, config)
             digest = config_digest(config)
             trial.set_user_attr("config", config.to_yaml())
             trial.set_user_attr("config_digest", digest)

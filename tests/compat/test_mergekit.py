@@ -85,3 +85,12 @@ def test_genome_tables_cover_the_methods_genome_files_use():
     assert {"linear", "task_arithmetic", "ties", "dare_ties"} <= set(method_params)
     assert "models" in genome_definition.model_fields
     assert "genome" in compat.evol_merge_configuration().model_fields
+
+
+def test_run_merge_out_config_replaces_the_builder_run_merge_calls_and_restores_it():
+    import mergekit.merge
+
+    original = mergekit.merge._model_out_config
+    with compat.run_merge_out_config(lambda *args, **kwargs: "built"):
+        assert mergekit.merge._model_out_config(None, None) == "built"
+    assert mergekit.merge._model_out_config is original

@@ -1,0 +1,301 @@
+"""Search quality where search matters: the samplers at equal trial budgets on a weight-space problem
+whose best merge is far from the middle of the box, over several seeds.
+
+    python bench/search_quality.py [--trials 60] [--seeds 0 1 2 3 4] [--methods ...] [--markdown OUT.md]
+
+The problem (synthetic, CPU, milliseconds a candidate; no lm-eval): ``--experts`` experts are a
+random base plus random task vectors, ``--layers`` square matrices each. Two tasks, ``a`` and
+``b``; each has a hidden target model: the base plus a per-layer mix of the experts' task vectors
+(in each layer one expert at 0.95 and the others at 0.05, the leading expert changing across the
+layers in each task's own order: no single coefficient per expert fits every layer),
+with each layer's singular values then rescaled by a factor in [0.7, 1.3] (so only a mutation
+that rescales singular values, CycleQD's SVD mutation, can leave the experts' span towards it).
+A candidate's score on a task is ``1 / (1 + err)``, ``err`` the relative squared error of its layers'
+outputs against the target's on that split's inputs (``--inputs`` random vectors a split: the
+search split and the held-out split differ). The searched objective is the mean over the tasks.
+
+What each method searches, as a recipe would let it:
+
+- ``random``, ``tpe``, ``cmaes`` (Optuna, unpruned), ``cma`` (pycma): a gradient weight per expert,
+  ``--points`` control points interpolated over the layers (experts x points dimensions), in [0, 1];
+- ``cycleqd*``, ``swarm*``: one coefficient per expert (their individuals are expert mixtures),
+  CycleQD with the package's SVD mutation (rebuilt here in numpy: the same formula and
+  inheritance, a numpy random stream instead of torch's) and lineage, from the sampler's own record.
+
+Reported per method: the winner's (best search score's) held-out score, mean and 95% interval
+(Student t) over the seeds; trials until the incumbent reaches 95% of the best search score any
+method found on that seed (median, and how many seeds reached it). Ablations: ``cycleqd_nomut``
+and ``cycleqd_paper_nomut`` (CycleQD without mutation), ``cycleqd_paper``/``swarm_paper``
+(``preset: paper``),
+``swarm_clip`` (positions clipped to [0, 1], the old behaviour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from scipy import stats
+
+from mergekit_evolve.evaluate.scores import study_values
+from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from mergekit_evolve.recipe.sampler_options import CycleQDOptions, SwarmOptions
+from mergekit_evolve.recipe.search_space import Dimension, Placement, SearchSpace
+from mergekit_evolve.samplers.cycleqd import CycleQDSampler, mutation_dims
+from mergekit_evolve.samplers.registry import make_sampler
+from mergekit_evolve.samplers.swarm import swarm_space
+
+LOG = logging.getLogger("search_quality")
+TASKS = ("a", "b")
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "random": ("random", {}),
+    "tpe": ("tpe", {}),
+    "cmaes": ("cmaes", {}),
+    "cma": ("cma", {}),
+    "cycleqd": ("cycleqd", {}),
+    "cycleqd_paper": ("cycleqd", {"preset": "paper"}),
+    "cycleqd_nomut": ("cycleqd", {"mutation": "none"}),
+    "cycleqd_paper_nomut": ("cycleqd", {"preset": "paper", "mutation": "none"}),
+    "swarm": ("swarm", {"particles": 8}),
+    "swarm_paper": ("swarm", {"preset": "paper", "particles": 8}),
+    "swarm_clip": ("swarm", {"particles": 8, "box": [0.0, 1.0]}),
+}
+
+
+@dataclass
+class Problem:
+    base: np.ndarray  # layers x d x d
+    tau: np.ndarray  # experts x layers x d x d
+    targets: dict[str, np.ndarray]  # task -> layers x d x d (target task vectors)
+    inputs: dict[str, np.ndarray]  # split -> d x n
+
+    @property
+    def experts(self) -> int:
+        return self.tau.shape[0]
+
+    @property
+    def layers(self) -> int:
+        return self.tau.shape[1]
+
+    def scores(self, delta: np.ndarray, split: str) -> dict[str, float]:
+        x = self.inputs[split]
+        out = {}
+        for task, target in self.targets.items():
+            err = sum(np.linalg.norm((delta[k] - target[k]) @ x) ** 2 for k in range(self.layers))
+            norm = sum(np.linalg.norm(target[k] @ x) ** 2 for k in range(self.layers))
+            out[f"{task}/acc,none"] = 1.0 / (1.0 + err / norm)
+        return out
+
+
+def make_problem(seed: int, experts: int, layers: int, d: int, inputs: int) -> Problem:
+    """The problem is fixed by ``--problem-seed``; the search seeds vary only the samplers."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(layers, d, d))
+    tau = rng.normal(size=(experts, layers, d, d)) / math.sqrt(d)
+    targets = {}
+    for t in TASKS:
+        # per-layer coefficient profiles: each layer is owned by one expert (0.95), the others near 0
+        # (0.05), the owner moving across the layers in a task's own order; the middle of the box
+        # (0.5 everywhere) is far from it, and no single coefficient per expert fits every layer
+        order = rng.permutation(experts)
+        owner = order[np.arange(layers) * experts // layers]
+        profile = np.full((experts, layers), 0.05)
+        profile[owner, np.arange(layers)] = 0.95
+        mix = np.einsum("kl,kl...->l...", profile, tau)
+        u, s, vh = np.linalg.svd(mix)
+        gain = rng.uniform(0.7, 1.3, size=s.shape)
+        targets[t] = np.einsum("lij,lj,ljk->lik", u, s * gain, vh)
+    xs = {split: rng.normal(size=(d, inputs)) for split in ("search", "heldout")}
+    return Problem(base, tau, targets, xs)
+
+
+# -- spaces ------------------------------------------------------------------------------
+
+
+def gradient_space(problem: Problem, points: int) -> SearchSpace:
+    space = SearchSpace()
+    for k in range(problem.experts):
+        names = tuple(f"e{k}.g{i}" for i in range(points))
+        for n in names:
+            space.dimensions[n] = Dimension(n, "float", low=0.0, high=1.0)
+        space.placements.append(Placement(("models", k, "parameters", "weight"), names, gradient=True))
+    return space
+
+
+def expert_space(problem: Problem, options: Any) -> SearchSpace:
+    space = SearchSpace()
+    for k in range(problem.experts):
+        name = f"e{k}.weight"
+        space.dimensions[name] = Dimension(name, "float", low=0.0, high=1.0)
+        space.placements.append(Placement(("models", k, "parameters", "weight"), (name,)))
+    if isinstance(options, CycleQDOptions):
+        for name in mutation_dims(options):
+            high = (2**31 - 1) if name.endswith("seed") else (options.w_max if options.mutation == "svd" else options.noise)
+            space.dimensions[name] = Dimension(name, "int" if name.endswith("seed") else "float", low=0, high=high)
+            space.placements.append(Placement(("parameters", name.split(".")[-1]), (name,)))
+    if isinstance(options, SwarmOptions):
+        space = swarm_space(space, options)
+    return space
+
+
+# -- candidates --------------------------------------------------------------------------
+
+
+def gradient_delta(problem: Problem, params: dict[str, float], points: int) -> np.ndarray:
+    grid = np.linspace(0, 1, points)
+    at = np.linspace(0, 1, problem.layers)
+    coef = np.array([np.interp(at, grid, [params[f"e{k}.g{i}"] for i in range(points)]) for k in range(problem.experts)])
+    return np.einsum("kl,kl...->l...", coef, problem.tau)
+
+
+def svd_mutate(delta: np.ndarray, seed: int, w_min: float, w_max: float) -> np.ndarray:
+    out = np.empty_like(delta)
+    for k in range(delta.shape[0]):
+        u, s, vh = np.linalg.svd(delta[k])
+        w = w_min + np.random.default_rng([seed, k]).uniform(size=s.shape) * (w_max - w_min)
+        out[k] = (u * (s * w)) @ vh
+    return out
+
+
+def cycleqd_delta(problem: Problem, sampler: CycleQDSampler, coefficients: np.ndarray,
+                  mix: tuple[tuple[int, float], ...], mutation: tuple[int, float] | None,
+                  memo: dict[int, np.ndarray]) -> np.ndarray:
+    """What ``svd_mutation`` with a ``lineage`` computes, in numpy: weighted experts, the mutated
+    ancestors' task vectors, then this individual's own mutation."""
+    delta = np.einsum("k,kl...->l...", coefficients, problem.tau)
+    for t, c in mix:
+        if t not in memo:
+            e = sampler.individuals[t]
+            memo[t] = cycleqd_delta(problem, sampler, np.array(e.coefficients), e.mix, e.mutation, memo)
+        delta = delta + c * memo[t]
+    if mutation is not None and mutation[1] > 0:
+        delta = svd_mutate(delta, mutation[0], sampler.options.w_min, mutation[1])
+    return delta
+
+
+@dataclass
+class Run:
+    method: str
+    seed: int
+    search: list[float]  # search score a trial
+    heldout: list[float]
+    seconds: float
+
+
+def run(problem: Problem, method: str, seed: int, trials: int, points: int) -> Run:
+    sampler_name, options = METHODS[method]
+    evolve = EvolveSettings(objectives=[{"task": t} for t in TASKS], sampler=sampler_name, seed=seed,
+                            sampler_options=options, pruning={"pruner": "none"})
+    space = gradient_space(problem, points) if sampler_name in ("random", "tpe", "cmaes", "cma") \
+        else expert_space(problem, evolve.sampler_options)
+    sampler = make_sampler(evolve, space)
+    memo: dict[int, np.ndarray] = {}
+    search: list[float] = []
+    heldout: list[float] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {n: (trial.suggest_int(n, int(d.low), int(d.high)) if d.kind == "int" else trial.suggest_float(n, d.low, d.high))
+                  for n, d in space.dimensions.items()}
+        if sampler_name in ("random", "tpe", "cmaes", "cma"):
+            delta = gradient_delta(problem, params, points)
+        else:
+            coefficients = np.array([params[f"e{k}.weight"] for k in range(problem.experts)])
+            delta = np.einsum("k,kl...->l...", coefficients, problem.tau)
+            if isinstance(sampler, CycleQDSampler):
+                mix = sampler.inherits(trial)
+                seed_dim = params.get("mutation.seed", 0)
+                scale = params.get("mutation.w_max", 0.0)
+                delta = cycleqd_delta(problem, sampler, coefficients, mix, (seed_dim, scale) if scale else None, memo)
+        scores = problem.scores(delta, "search")
+        trial.set_user_attr("scores", scores)
+        search.append(float(np.mean(list(scores.values()))))
+        heldout.append(float(np.mean(list(problem.scores(delta, "heldout").values()))))
+        return study_values(evolve, scores)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    t0 = time.perf_counter()
+    study.optimize(objective, n_trials=trials)
+    return Run(method, seed, search, heldout, time.perf_counter() - t0)
+
+
+def winner_heldout(r: Run) -> float:
+    return r.heldout[int(np.argmax(r.search))]
+
+
+def trials_to(r: Run, target: float) -> int | None:
+    best = -math.inf
+    for i, s in enumerate(r.search):
+        best = max(best, s)
+        if best >= target:
+            return i + 1
+    return None
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% Student-t interval."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, half
+
+
+def table(runs: list[Run], methods: list[str], seeds: list[int], problem: Problem) -> str:
+    best_by_seed = {s: max(max(r.search) for r in runs if r.seed == s) for s in seeds}
+    experts = [float(np.mean(list(problem.scores(problem.tau[k], "heldout").values()))) for k in range(problem.experts)]
+    lines = [
+        "| method | held-out (mean ± 95% CI) | search (mean) | trials to 95% of the seed's best (median, reached) | s a run |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m in methods:
+        mine = [r for r in runs if r.method == m]
+        mean, half = interval([winner_heldout(r) for r in mine])
+        reach = [trials_to(r, 0.95 * best_by_seed[r.seed]) for r in mine]
+        got = [x for x in reach if x is not None]
+        med = f"{statistics.median(got):.0f}" if got else "-"
+        lines.append(f"| {m} | {mean:.4f} ± {half:.4f} | {statistics.fmean(max(r.search) for r in mine):.4f} | "
+                     f"{med}, {len(got)}/{len(mine)} | {statistics.fmean(r.seconds for r in mine):.1f} |")
+    lines.append(f"| best expert alone | {max(experts):.4f} | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--experts", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--points", type=int, default=6, help="gradient control points per expert (box samplers)")
+    parser.add_argument("--dim", type=int, default=16, help="matrix size of a layer")
+    parser.add_argument("--inputs", type=int, default=8, help="input vectors a split")
+    parser.add_argument("--problem-seed", type=int, default=0)
+    parser.add_argument("--markdown", default=None, help="also write the table here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    problem = make_problem(args.problem_seed, args.experts, args.layers, args.dim, args.inputs)
+    runs = []
+    for seed in args.seeds:
+        for method in args.methods:
+            r = run(problem, method, seed, args.trials, args.points)
+            LOG.info("%-14s seed %d: search %.4f held-out %.4f (%.1f s)", method, seed, max(r.search), winner_heldout(r), r.seconds)
+            runs.append(r)
+    head = (f"{args.trials} trials a run, seeds {args.seeds}, {args.experts} experts x {args.layers} layers "
+            f"({args.experts * args.points} gradient dimensions for the box samplers), problem seed {args.problem_seed}")
+    text = f"{head}\n\n{table(runs, args.methods, args.seeds, problem)}\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
