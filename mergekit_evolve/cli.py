@@ -131,12 +131,13 @@ def run(recipe: Path, run_dir: Path | None, trials: int | None, timeout: float |
         raise click.ClickException(f"{recipe}: no search annotations and no 'evolve:' section; use `mergekit-evolve merge` for a plain merge")
     from mergekit_evolve.pipeline import RunFailed, run_recipe
     from mergekit_evolve.stages import run_stages
+    from mergekit_evolve.study.storage import StorageLost
 
     options = dict(trials=trials, timeout=timeout, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
                    allow_pickle=allow_pickle, show_progress=not no_progress, workers=workers, ray=ray_address, storage=storage)
     try:
         reports = run_stages(recipe, run_dir, **options) if stages else [run_recipe(loaded, run_dir, **options)]
-    except RunFailed as e:
+    except (RunFailed, StorageLost) as e:  # StorageLost: the database went away during the run, at any step
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are kept in the study; run the same command to resume.")

@@ -41,7 +41,7 @@ from mergekit_evolve.study.records import append_record, export_records
 from mergekit_evolve.study.search import (
     COUNTED, _best_text, _FailureGuard, _write_sampler_files, counted, open_study, optimize_until, search_progress,
 )
-from mergekit_evolve.study.storage import WORKER_KEY, RetryLost, tagged, worker_name
+from mergekit_evolve.study.storage import WORKER_KEY, RetryLost, StorageLost, tagged, worker_name
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -210,6 +210,9 @@ def _child_main(job: WorkerJob, ready: threading.Event, stop_all: threading.Even
         ok = work(job, worker, lambda: stop_all.is_set() or (parent is not None and not parent.is_alive()), ready.set)
     except KeyboardInterrupt:
         sys.exit(130)
+    except StorageLost as e:  # one line, as the parent says it; not a traceback per worker
+        LOG.error("%s", e)
+        sys.exit(1)
     sys.exit(0 if ok else FAILURES_EXIT)
 
 
@@ -251,6 +254,12 @@ def _run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.S
     parent_done = threading.Event()
 
     def watch() -> None:
+        try:
+            follow()
+        except StorageLost:  # the search in this process meets it too, and says so
+            LOG.debug("monitor stopped: the study storage is lost", exc_info=True)
+
+    def follow() -> None:
         handled: set[int] = set()
         while True:
             for proc in children:
