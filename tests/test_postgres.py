@@ -24,7 +24,7 @@ from test_multi_host import start
 from test_parallel import wait_for, write_recipe
 from tiny_models import write_copy_task
 
-TRIALS = 60
+TRIALS = 40
 
 
 def unavailable(reason: str):
@@ -95,3 +95,134 @@ def test_an_outage_longer_than_the_grace_period_stops_with_one_line(postgres, ca
     postgres.start()  # a restart resumes: the finished trials are there
     again = optuna.load_study(study_name="s", storage=open_storage(postgres.url, grace_seconds=2))
     assert [t.state for t in again.trials][:2] == [TrialState.COMPLETE] * 2
+
+
+# --- two processes, each with its own run folder, on one PostgreSQL study -----------------
+
+
+def study_of(url: str, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:  # not created yet
+        return None
+
+
+def joined(url: str, name: str, count: int) -> bool:
+    study = study_of(url, name)
+    return study is not None and sum(k.startswith("mergekit_evolve:worker:") for k in study.user_attrs) >= count
+
+
+def running_in(url: str, name: str, pid: int, after: int = 4) -> optuna.trial.FrozenTrial | None:
+    """A trial process ``pid`` is running, once the study holds ``after`` completed trials."""
+    study = study_of(url, name)
+    if study is None or len(study.get_trials(states=(TrialState.COMPLETE,))) < after:
+        return None
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    return next((t for t in running if t.user_attrs.get(WORKER_KEY, "").endswith(f":{pid}")), None)
+
+
+def agrees_with_study(run_dir: Path, study: optuna.Study, upto: set[int] | None = None) -> None:
+    """``trials.jsonl`` holds each finished trial of the study once, as the study has it (``upto``: those
+    finished when the process stopped), and ``best/`` is the best of them."""
+    trials = {t.number: t for t in study.trials}
+    upto = upto if upto is not None else {n for n, t in trials.items() if t.state.is_finished()}
+    lines = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert sorted(x["number"] for x in lines) == sorted(upto)
+    for line in lines:
+        trial = trials[line["number"]]
+        assert (line["state"], line["value"], line["point"]) == (trial.state.name, trial.value, trial.params)
+    winner = json.loads((run_dir / "report.json").read_text())["winner"]["trial"]
+    complete = [trials[n] for n in upto if trials[n].state == TrialState.COMPLETE]
+    assert trials[winner].value == max(t.value for t in complete)
+    best = yaml.safe_load((run_dir / "best" / "mergekit_config.yml").read_text())
+    assert best == yaml.safe_load(trials[winner].user_attrs["config"])
+
+
+def finished_numbers(run_dir: Path) -> set[int]:
+    return {json.loads(x)["number"] for x in (run_dir / "trials.jsonl").read_text().splitlines()}
+
+
+def no_trial_lost_or_run_twice(study: optuna.Study, budget: int) -> list[optuna.trial.FrozenTrial]:
+    trials = study.trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], "a trial was left behind"
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert budget <= len(complete) <= budget + 1  # shared: the other process may finish the trial it had started
+    points = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(points)) == len(points)  # no point scored twice, the re-queued one included
+    for failed in (t for t in trials if t.state == TrialState.FAIL):  # each failure re-queued once, not more
+        assert len([t for t in trials if t.system_attrs.get("failed_trial") == failed.number]) == 1
+    return complete
+
+
+@pytest.mark.slow
+def test_two_hosts_on_postgres_survive_a_killed_process(postgres, workspace, tiny_llama):
+    path = write_recipe(workspace, tiny_llama, "pgkill", trials=TRIALS, grace=2)
+    a = start(path, workspace / "pgkill-a", postgres.url)
+    b = start(path, workspace / "pgkill-b", postgres.url)
+    wait_for(lambda: joined(postgres.url, "pgkill", 2), 300, "both processes to join the study")
+    victim = wait_for(lambda: running_in(postgres.url, "pgkill", b.pid), 300, "process B to be in the middle of a trial")
+    b.send_signal(signal.SIGKILL)  # nobody watches B: only its stopped heartbeat frees its trial
+    b.wait()
+    out, _ = a.communicate(timeout=600)
+    assert a.returncode == 0, out.decode()
+
+    study = study_of(postgres.url, "pgkill")
+    complete = no_trial_lost_or_run_twice(study, TRIALS)
+    assert study.trials[victim.number].state == TrialState.FAIL  # failed by A after the grace period
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry[0].params == victim.params and retry[0].state == TrialState.COMPLETE
+    assert {t.user_attrs[WORKER_KEY].rsplit(":", 1)[1] for t in complete} == {str(a.pid), str(b.pid)}
+    agrees_with_study(workspace / "pgkill-a", study)
+
+    # the killed host runs the same command again (two more trials): it resumes the shared study
+    restarted = start(path, workspace / "pgkill-b", postgres.url, "--trials", str(len(complete) + 2))
+    out, _ = restarted.communicate(timeout=600)
+    assert restarted.returncode == 0, out.decode()
+    study = study_of(postgres.url, "pgkill")
+    no_trial_lost_or_run_twice(study, len(complete) + 2)
+    agrees_with_study(workspace / "pgkill-b", study)
+
+
+@pytest.mark.slow
+def test_two_hosts_on_postgres_ride_out_a_server_restart(postgres, workspace, tiny_llama):
+    path = write_recipe(workspace, tiny_llama, "pgrestart", trials=TRIALS, grace=60)
+    a = start(path, workspace / "pgrestart-a", postgres.url)
+    b = start(path, workspace / "pgrestart-b", postgres.url)
+    wait_for(lambda: joined(postgres.url, "pgrestart", 2), 300, "both processes to join the study")
+    wait_for(lambda: running_in(postgres.url, "pgrestart", a.pid) and running_in(postgres.url, "pgrestart", b.pid, 0),
+             300, "both processes to be in the middle of a trial")
+    postgres.restart()  # both lose every connection, mid-trial
+    outs = [p.communicate(timeout=600)[0].decode() for p in (a, b)]
+    assert [a.returncode, b.returncode] == [0, 0], outs
+    assert any("study storage unreachable" in out for out in outs)  # they noticed, and carried on
+
+    study = study_of(postgres.url, "pgrestart")
+    no_trial_lost_or_run_twice(study, TRIALS)
+    assert not study.get_trials(states=(TrialState.FAIL,))  # a restart within the grace period costs no trial
+    for run_dir in (workspace / "pgrestart-a", workspace / "pgrestart-b"):
+        agrees_with_study(run_dir, study, finished_numbers(run_dir))
+
+
+@pytest.mark.slow
+def test_two_hosts_stop_with_one_line_when_the_server_stays_down_and_a_restart_resumes(postgres, workspace, tiny_llama):
+    path = write_recipe(workspace, tiny_llama, "pgdown", trials=TRIALS, grace=3)
+    a = start(path, workspace / "pgdown-a", postgres.url)
+    b = start(path, workspace / "pgdown-b", postgres.url)
+    wait_for(lambda: joined(postgres.url, "pgdown", 2), 300, "both processes to join the study")
+    wait_for(lambda: running_in(postgres.url, "pgdown", a.pid), 300, "process A to be in the middle of a trial")
+    postgres.stop()
+    outs = [p.communicate(timeout=300)[0].decode() for p in (a, b)]
+    assert [a.returncode, b.returncode] == [1, 1], outs
+    for out in outs:
+        assert f"Error: lost the study storage postgresql://evolve@127.0.0.1:{postgres.port}/evolve for over 3 s" in out
+        assert "Traceback" not in out, out
+
+    postgres.start()
+    done = len(study_of(postgres.url, "pgdown").get_trials(states=(TrialState.COMPLETE,)))
+    assert done < TRIALS
+    again = start(path, workspace / "pgdown-a", postgres.url)  # the same command: it resumes
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out.decode()
+    study = study_of(postgres.url, "pgdown")
+    no_trial_lost_or_run_twice(study, TRIALS)  # the trials left running were failed and re-queued
+    agrees_with_study(workspace / "pgdown-a", study)

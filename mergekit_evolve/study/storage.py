@@ -100,15 +100,32 @@ class ReconnectingRDBStorage(RDBStorage):
             LOG.warning("heartbeat of trial id %d not sent, the study storage is unreachable: %s", trial_id, _reason(e))
 
 
+BLAME_THE_STATEMENT = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.DataError, sqlalchemy.exc.ProgrammingError,
+                       sqlalchemy.exc.NotSupportedError)
+
+
+def lost_storage(error: BaseException) -> StorageLost | None:
+    """The :class:`StorageLost` behind ``error``: Optuna's trial clean-up, reading the trial back
+    after its ``tell`` failed, fails too and raises an error of its own over ours."""
+    while error is not None and not isinstance(error, StorageLost):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _cause(error: BaseException) -> BaseException:
     return error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
 
 
 def _unreachable(error: BaseException) -> bool:
-    """A lost connection (as opposed to bad data): what a server restart gives its clients."""
+    """A lost connection, as opposed to bad data or a bug: what a server restart gives its clients.
+
+    A fast shutdown ends sessions in the middle of statements; the driver then reports more
+    than OperationalError (an aborted transaction, a closed cursor), so everything the server
+    or the connection says is retried except the errors that blame the statement itself."""
     cause = _cause(error)
-    return isinstance(cause, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or (
-        isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated)
+    if isinstance(cause, sqlalchemy.exc.DBAPIError):
+        return cause.connection_invalidated or not isinstance(cause, BLAME_THE_STATEMENT)
+    return isinstance(cause, sqlalchemy.exc.PendingRollbackError | sqlalchemy.exc.ResourceClosedError)
 
 
 def _reason(error: BaseException) -> str:
