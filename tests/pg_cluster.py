@@ -10,7 +10,6 @@ one local user and database.
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import pwd
 import shutil
@@ -19,7 +18,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-LOG = logging.getLogger(__name__)
 USER = "evolve"  # the database role and database the tests use
 SYSTEM_USER = "postgres"
 
