@@ -193,8 +193,9 @@ def test_two_hosts_on_postgres_ride_out_a_server_restart(postgres, workspace, ti
              300, "both processes to be in the middle of a trial")
     postgres.restart()  # both lose every connection, mid-trial
     outs = [p.communicate(timeout=600)[0].decode() for p in (a, b)]
+    # (whether a call met the server down, and logged "study storage unreachable", depends on timing:
+    # a call after the restart only finds its pooled connection dead, and reconnects)
     assert [a.returncode, b.returncode] == [0, 0], outs
-    assert any("study storage unreachable" in out for out in outs)  # they noticed, and carried on
 
     study = study_of(postgres.url, "pgrestart")
     no_trial_lost_or_run_twice(study, TRIALS)
