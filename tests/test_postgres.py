@@ -25,6 +25,9 @@ from test_parallel import wait_for, write_recipe
 from tiny_models import write_copy_task
 
 TRIALS = 40
+# the survivor must still be asking for trials once the killed one's heartbeat is 2 s old: with
+# tiny trials (~0.1 s, less on a quiet machine) 40 could be done first, as in test_multi_host
+KILL_TRIALS = 80
 
 
 def unavailable(reason: str):
@@ -156,7 +159,7 @@ def no_trial_lost_or_run_twice(study: optuna.Study, budget: int) -> list[optuna.
 
 @pytest.mark.slow
 def test_two_hosts_on_postgres_survive_a_killed_process(postgres, workspace, tiny_llama):
-    path = write_recipe(workspace, tiny_llama, "pgkill", trials=TRIALS, grace=2)
+    path = write_recipe(workspace, tiny_llama, "pgkill", trials=KILL_TRIALS, grace=2)
     a = start(path, workspace / "pgkill-a", postgres.url)
     b = start(path, workspace / "pgkill-b", postgres.url)
     wait_for(lambda: joined(postgres.url, "pgkill", 2), 300, "both processes to join the study")
@@ -167,7 +170,7 @@ def test_two_hosts_on_postgres_survive_a_killed_process(postgres, workspace, tin
     assert a.returncode == 0, out.decode()
 
     study = study_of(postgres.url, "pgkill")
-    complete = no_trial_lost_or_run_twice(study, TRIALS)
+    complete = no_trial_lost_or_run_twice(study, KILL_TRIALS)
     assert study.trials[victim.number].state == TrialState.FAIL  # failed by A after the grace period
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retry[0].params == victim.params and retry[0].state == TrialState.COMPLETE
