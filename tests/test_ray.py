@@ -4,11 +4,12 @@ its second node in the middle of a trial."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -77,6 +78,9 @@ class RayNodes:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[subprocess.Popen] = []
+        # Without this process's RAY_* settings: a local runtime started in it (the test above) set
+        # RAY_AUTH_MODE=token. HOME: Ray reads ~/.ray, where such a runtime leaves its token.
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "HOME": str(self.temp)}
         try:
             self.head = self._start("head", ["--head", "--port", str(self.port), "--temp-dir", str(self.temp),
                                              "--include-dashboard=false"], FAST_HEALTH_CHECKS)
@@ -87,9 +91,8 @@ class RayNodes:
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.temp / f"{name}.log"
-        # HOME: Ray reads ~/.ray (an auth token another Ray user left there would lock the second node out)
         proc = subprocess.Popen(["ray", "start", *args, *RAY_NODE], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "HOME": str(self.temp), **(env or {})})
+                                start_new_session=True, env={**self.env, **(env or {})})
         self.nodes.append(proc)
         wait_for(lambda: proc.poll() is not None or "block forever" in log.read_text(), 180, f"Ray's {name} node to start")
         assert proc.poll() is None, log.read_text()
@@ -138,18 +141,19 @@ def ray_nodes():
     nodes.remove()
 
 
-TWO_NODE_TRIALS = 40
+TWO_NODE_TRIALS = 16
 
 
 @pytest.mark.slow
 def test_two_node_cluster_loses_its_second_node_and_the_head_finishes(tmp_path, tiny_llama, postgres, ray_nodes):
-    write_copy_task(tmp_path, n_search=192)  # trials long enough that the head is still searching when Ray notices the loss
+    # trials of ~1-2 s: the kill lands inside the trial it aims at, and the head is still searching when Ray notices the loss
+    write_copy_task(tmp_path, n_search=768)
     path = write_recipe(tmp_path, tiny_llama, "twonodes", trials=TWO_NODE_TRIALS, method="gaussian_mutation")
     run_dir = tmp_path / "runs" / "twonodes"
     # the storage every node reaches: PostgreSQL, as on several hosts
     cmd = [sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--ray", ray_nodes.address,
            "--workers", "2", "--storage", postgres.url, "--no-progress"]
-    search = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    search = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ray_nodes.env)
 
     def second_node_actor() -> int | None:  # one CPU a node, one CPU an actor: one actor on each node
         study = study_of(postgres.url, "twonodes")
@@ -158,7 +162,11 @@ def test_two_node_cluster_loses_its_second_node_and_the_head_finishes(tmp_path, 
 
     try:
         pid = wait_for(second_node_actor, 300, "the actor on the second node to join the study")
-        victim = wait_for(lambda: running_in(postgres.url, "twonodes", pid), 300, "the second node's actor to be in a trial")
+        def fresh_trial() -> optuna.trial.FrozenTrial | None:  # just started: far from its end when the kill lands
+            trial = running_in(postgres.url, "twonodes", pid)
+            return trial if trial and (datetime.now() - trial.datetime_start).total_seconds() < 0.3 else None
+
+        wait_for(fresh_trial, 300, "the second node's actor to start a trial")
         ray_nodes.lose_second_node()
         out, _ = search.communicate(timeout=600)
     finally:
@@ -168,7 +176,8 @@ def test_two_node_cluster_loses_its_second_node_and_the_head_finishes(tmp_path, 
 
     study = study_of(postgres.url, "twonodes")
     no_trial_lost_or_run_twice(study, TWO_NODE_TRIALS)
-    assert study.trials[victim.number].state == TrialState.FAIL
+    [victim] = study.get_trials(states=(TrialState.FAIL,))  # the trial the second node was in
+    assert victim.user_attrs[WORKER_KEY].endswith(f":{pid}")
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number)
     assert retry.params == victim.params and retry.state == TrialState.COMPLETE
     assert not retry.user_attrs[WORKER_KEY].endswith(f":{pid}")  # the head's actor ran it
