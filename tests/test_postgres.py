@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -25,9 +26,6 @@ from test_parallel import wait_for, write_recipe
 from tiny_models import write_copy_task
 
 TRIALS = 40
-# the survivor must still be asking for trials once the killed one's heartbeat is 2 s old: with
-# tiny trials (~0.1 s, less on a quiet machine) 40 could be done first, as in test_multi_host
-KILL_TRIALS = 80
 
 
 def unavailable(reason: str):
@@ -159,19 +157,29 @@ def no_trial_lost_or_run_twice(study: optuna.Study, budget: int) -> list[optuna.
 
 @pytest.mark.slow
 def test_two_hosts_on_postgres_survive_a_killed_process(postgres, workspace, tiny_llama):
-    path = write_recipe(workspace, tiny_llama, "pgkill", trials=KILL_TRIALS, grace=2)
+    # trials of ~0.5 s (384 examples): the kill lands inside the trial it aims at, and the survivor
+    # is still asking for trials once the killed one's heartbeat is 2 s old
+    folder = workspace / "long"
+    write_copy_task(folder, n_search=384)
+    path = write_recipe(folder, tiny_llama, "pgkill", trials=TRIALS, grace=2)
     a = start(path, workspace / "pgkill-a", postgres.url)
     b = start(path, workspace / "pgkill-b", postgres.url)
     wait_for(lambda: joined(postgres.url, "pgkill", 2), 300, "both processes to join the study")
-    victim = wait_for(lambda: running_in(postgres.url, "pgkill", b.pid), 300, "process B to be in the middle of a trial")
+
+    def fresh_trial() -> optuna.trial.FrozenTrial | None:  # B's trial, just started: far from its end
+        trial = running_in(postgres.url, "pgkill", b.pid)
+        return trial if trial and (datetime.now() - trial.datetime_start).total_seconds() < 0.15 else None
+
+    wait_for(fresh_trial, 300, "process B to start a trial")
     b.send_signal(signal.SIGKILL)  # nobody watches B: only its stopped heartbeat frees its trial
     b.wait()
     out, _ = a.communicate(timeout=600)
     assert a.returncode == 0, out.decode()
 
     study = study_of(postgres.url, "pgkill")
-    complete = no_trial_lost_or_run_twice(study, KILL_TRIALS)
-    assert study.trials[victim.number].state == TrialState.FAIL  # failed by A after the grace period
+    complete = no_trial_lost_or_run_twice(study, TRIALS)
+    [victim] = study.get_trials(states=(TrialState.FAIL,))  # B's trial, failed by A after the grace period
+    assert victim.user_attrs[WORKER_KEY].endswith(f":{b.pid}")
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retry[0].params == victim.params and retry[0].state == TrialState.COMPLETE
     assert {t.user_attrs[WORKER_KEY].rsplit(":", 1)[1] for t in complete} == {str(a.pid), str(b.pid)}
