@@ -141,7 +141,7 @@ def ray_nodes():
     nodes.remove()
 
 
-TWO_NODE_TRIALS = 16
+TWO_NODE_TRIALS = 32
 
 
 @pytest.mark.slow
@@ -163,7 +163,7 @@ def test_two_node_cluster_loses_its_second_node_and_the_head_finishes(tmp_path, 
     try:
         pid = wait_for(second_node_actor, 300, "the actor on the second node to join the study")
         def fresh_trial() -> optuna.trial.FrozenTrial | None:  # just started: far from its end when the kill lands
-            trial = running_in(postgres.url, "twonodes", pid)
+            trial = running_in(postgres.url, "twonodes", pid, after=2)
             return trial if trial and (datetime.now() - trial.datetime_start).total_seconds() < 0.3 else None
 
         wait_for(fresh_trial, 300, "the second node's actor to start a trial")
