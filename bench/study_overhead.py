@@ -22,6 +22,7 @@ import os
 import pstats
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -75,8 +76,9 @@ def loop_ms(recipe: Recipe, worker: Worker, trials: int, profile: bool, storage:
     """Wall-clock and CPU milliseconds per trial (CPU time does not count other processes' load), SQL per trial."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        if storage == "journal":
-            evolve = recipe.evolve.model_copy(update={"storage": f"journal:{run_dir / 'study.journal'}"})
+        if storage != "sqlite":  # a journal file, or any URL (bench/workers.py --long: PostgreSQL): a study of its own
+            url = f"journal:{run_dir / 'study.journal'}" if storage == "journal" else storage
+            evolve = recipe.evolve.model_copy(update={"storage": url, "study_name": f"overhead-{uuid.uuid4().hex[:8]}"})
             recipe = dataclasses.replace(recipe, evolve=evolve)
         run_search(recipe, run_dir, worker, 2, show_progress=False)  # creates study.db, warms the imports
         worker.known.clear()

@@ -1,6 +1,7 @@
 """Trial throughput of the search with 1 and 2 worker processes, measured side by side in one run.
 
     python bench/workers.py [--trials 24]
+    python bench/workers.py --long [--examples 240] [--trials 12]
 
 Runs `mergekit-evolve RECIPE --workers N` on the demo recipe (recipes/demo.yml), or on tiny
 Llama models with a 96-example copy task while the demo's models are not built, each in a fresh run
@@ -10,12 +11,23 @@ folder: 1 worker with torch's default threads (one per core), 1 worker with one 
 per second between the first trial's start and the last one's end, read from the study (the
 workers start searching together, once all are loaded); the command's wall time, start-up and
 report included, is printed beside it, and the load average, since the machine may be shared.
+
+``--long``: trials of realistic length (seconds, as a real checkpoint gives). The demo with
+``--examples`` search examples per skill (its own 80 and its held-out ones, repeated: a trial
+scores each; the default 240 makes a trial 2-4 s on one core), every row with one torch thread
+a worker: 1 worker, 2 workers (``--workers 2``), and two separate processes, each with its
+own run folder, on one SQLite file and on one PostgreSQL study (a throwaway server from
+tests/pg_cluster.py, with PostgreSQL's durable defaults), as several hosts would run. Then
+the storage's own cost per trial on each (bench/study_overhead.py's loop: the demo's trials
+with the merge and the evaluation taken out).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,8 +43,11 @@ import optuna  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from pg_cluster import ClusterUnavailable, PostgresCluster  # noqa: E402
 from test_parallel import write_recipe  # noqa: E402
 from tiny_models import make_family, write_copy_task  # noqa: E402
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def bench_recipe(folder: Path) -> tuple[Path, str]:
@@ -44,24 +59,116 @@ def bench_recipe(folder: Path) -> tuple[Path, str]:
     return recipe, "tiny llama (the demo's models are not built yet)"
 
 
+def long_recipe(folder: Path, examples: int) -> Path:
+    """A copy of the demo whose search split has ``examples`` examples a skill (the models linked, not copied)."""
+    demo = REPO / "recipes" / "demo"
+    if not (demo / "models" / "base").is_dir():
+        sys.exit("--long needs the demo's models: python recipes/demo/train.py")
+    shutil.copytree(demo, folder / "demo", ignore=shutil.ignore_patterns("models"))
+    (folder / "demo" / "models").symlink_to(demo / "models")
+    for skill in ("copy", "reverse", "sort"):
+        pool = [line for split in ("search", "heldout") for line in (demo / "data" / f"{skill}_{split}.jsonl").read_text().splitlines()]
+        lines = [pool[i % len(pool)] for i in range(examples)]
+        (folder / "demo" / "data" / f"{skill}_search.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.copyfile(REPO / "recipes" / "demo.yml", folder / "demo.yml")
+    return folder / "demo.yml"
+
+
+def command(recipe: Path, run_dir: Path, trials: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mergekit_evolve", str(recipe), "-o", str(run_dir), "--trials", str(trials), "--no-progress", *extra]
+
+
+def searched(url: str) -> tuple[int, float, float]:
+    """(finished trials, mean seconds a trial, trials per second between the first start and the last end)."""
+    study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+    done = study.get_trials(states=FINISHED)
+    span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    mean = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / len(done)
+    return len(done), mean, len(done) / span
+
+
 def measure(recipe: Path, run_dir: Path, workers: int, trials: int, env: dict[str, str]) -> tuple[int, float, float]:
     """(finished trials, completed or pruned; trials per second while searching; wall seconds of the whole command)."""
-    cmd = [sys.executable, "-m", "mergekit_evolve", str(recipe), "-o", str(run_dir), "--workers", str(workers),
-           "--trials", str(trials), "--no-progress"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+    subprocess.run(command(recipe, run_dir, trials, "--workers", str(workers)), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
     wall = time.perf_counter() - t0
-    name = optuna.get_all_study_names(f"sqlite:///{run_dir / 'study.db'}")[0]
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
-    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-    span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
-    return len(done), len(done) / span, wall
+    count, _, rate = searched(f"sqlite:///{run_dir / 'study.db'}")
+    return count, rate, wall
+
+
+def measure_hosts(recipe: Path, folder: Path, url: str, trials: int) -> tuple[int, float, float, float]:
+    """Two processes, each with its own run folder, on the study at ``url``: as ``searched``, then wall seconds."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(command(recipe, folder / f"host-{i}", trials, "--storage", url),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    if any(p.wait() for p in procs):
+        sys.exit(f"a process on {url} failed: run it by hand to see why")
+    return (*searched(url), time.perf_counter() - t0)
+
+
+def storage_ms(storage: str, trials: int) -> float:
+    """The study machinery's milliseconds a trial on ``storage``, "sqlite" (study.db) or a URL
+    (bench/study_overhead.py's loop, best of 2)."""
+    import study_overhead
+    from mergekit_evolve.recipe.document import load_recipe
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    recipe = load_recipe(REPO / "recipes" / "demo.yml")
+    worker = study_overhead.no_op_worker(recipe)
+    return min(study_overhead.loop_ms(recipe, worker, trials, False, storage)[0] for _ in range(2))
+
+
+def long_trials(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        recipe = long_recipe(folder, args.examples)
+        print(f"demo with {args.examples} search examples a skill; {args.trials} trials; one torch thread a worker; "
+              f"{os.cpu_count()} CPU cores; load average before: {os.getloadavg()[0]:.1f}")
+        print(f"{'':<36}  {'trials':>6}  {'s/trial':>7}  {'trials/s':>8}  {'vs 1':>6}  {'wall s':>7}")
+        rows: list[tuple[str, int, float, float, float]] = []
+        for n in (1, 2):
+            run_dir = folder / f"workers{n}"
+            count, rate, wall = measure(recipe, run_dir, n, args.trials, {})
+            mean = searched(f"sqlite:///{run_dir / 'study.db'}")[1]
+            rows.append((f"{n} worker{'s' if n > 1 else ''} (--workers {n})", count, mean, rate, wall))
+            print_row(rows[-1], rows[0][3])
+        sqlite = f"sqlite:///{folder / 'shared.db'}"
+        rows.append(("2 processes, one SQLite file", *measure_hosts(recipe, folder / "sqlite", sqlite, args.trials)))
+        print_row(rows[-1], rows[0][3])
+        try:
+            cluster = PostgresCluster(durable=True)
+        except ClusterUnavailable as e:
+            print(f"PostgreSQL rows skipped: {e}")
+            return
+        try:
+            rows.append(("2 processes, one PostgreSQL study", *measure_hosts(recipe, folder / "pg", cluster.url, args.trials)))
+            print_row(rows[-1], rows[0][3])
+            overhead = {"SQLite": storage_ms("sqlite", 60), "PostgreSQL": storage_ms(cluster.url, 60)}
+        finally:
+            cluster.remove()
+        print("study machinery a trial (merge and evaluation taken out, 60 trials, best of 2): "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in overhead.items()))
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+        print(json.dumps({"rows": rows, "storage_ms": overhead}))
+
+
+def print_row(row: tuple[str, int, float, float, float], first: float) -> None:
+    name, count, mean, rate, wall = row
+    print(f"{name:<36}  {count:>6}  {mean:>7.2f}  {rate:>8.3f}  {rate / first:>5.2f}x  {wall:>7.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--trials", type=int, default=None, help="default 24, or 12 with --long")
+    parser.add_argument("--long", action="store_true", help="trials of seconds; also several processes on SQLite and PostgreSQL")
+    parser.add_argument("--examples", type=int, default=240, help="--long: search examples a skill")
     args = parser.parse_args()
+    if args.long:
+        args.trials = args.trials or 12
+        long_trials(args)
+        return
+    args.trials = args.trials or 24
     rows = [("1 worker, default threads", 1, {}), ("1 worker, 1 thread", 1, {"OMP_NUM_THREADS": "1"}), ("2 workers", 2, {})]
     with tempfile.TemporaryDirectory() as tmp:
         recipe, label = bench_recipe(Path(tmp))

@@ -28,7 +28,7 @@ from mergekit_evolve.study.jobs import (
     work,
 )
 from mergekit_evolve.study.search import FailureGuard, optimize_until
-from mergekit_evolve.study.storage import reap, tagged, worker_name
+from mergekit_evolve.study.storage import StorageLost, reap, tagged, worker_name
 from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ def _child_main(job: WorkerJob, ready: threading.Event, stop_all: threading.Even
         ok = work(job, worker, lambda: stop_all.is_set() or (parent is not None and not parent.is_alive()), ready.set)
     except KeyboardInterrupt:
         sys.exit(130)
+    except StorageLost as e:  # one line, as the parent says it; not a traceback per worker
+        LOG.error("%s", e)
+        sys.exit(1)
     sys.exit(0 if ok else FAILURES_EXIT)
 
 
@@ -88,6 +91,12 @@ def run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.St
     parent_done = threading.Event()
 
     def watch() -> None:
+        try:
+            follow()
+        except StorageLost:  # the search in this process meets it too, and says so
+            LOG.debug("monitor stopped: the study storage is lost", exc_info=True)
+
+    def follow() -> None:
         handled: set[int] = set()
         while True:
             for proc in children:

@@ -79,34 +79,31 @@ def run_ray(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Stud
         Actor = ray.remote(max_restarts=0)(SearchActor)
         actors = [Actor.options(**resources).remote(actor_job) for _ in range(count)]
         LOG.info("%d Ray actors (%s each)", count, ", ".join(f"{k}={v}" for k, v in resources.items()))
-        names = {a.name.remote(): i for i, a in enumerate(actors)}
-        runs = {a.run.remote(): i for i, a in enumerate(actors)}
         known: dict[int, str] = {}
         errors: list[str] = []
         tripped = False
         try:
+            # all start together once loaded, as local workers do: otherwise the first actor up
+            # runs a short search alone, and a throughput measurement counts start-up times
+            for i, actor in enumerate(actors):
+                try:
+                    known[i] = ray.get(actor.name.remote())
+                except RayError as e:
+                    errors.append(f"actor {i}: {e}")
+            runs = {actors[i].run.remote(): i for i in known}
             while runs:
-                ready, _ = ray.wait([*names, *runs], num_returns=len(names) + len(runs), timeout=POLL_SECONDS)
+                ready, _ = ray.wait(list(runs), num_returns=len(runs), timeout=POLL_SECONDS)
                 for ref in ready:
-                    if ref in names:
-                        i = names.pop(ref)
-                        try:
-                            known[i] = ray.get(ref)
-                        except RayError:
-                            pass  # the run reference reports the same failure
-                        continue
                     i = runs.pop(ref)
                     try:
                         if not ray.get(ref):
                             tripped = True
                     except RayActorError as e:
                         errors.append(f"actor {i}: {e}")
-                        if i in known:
-                            reap(monitor.study, known[i], "was lost (Ray actor died)")
+                        reap(monitor.study, known[i], "was lost (Ray actor died)")
                     except RayError as e:
                         errors.append(f"actor {i}: {e}")
-                        if i in known:
-                            reap(monitor.study, known[i], f"failed: {e}")
+                        reap(monitor.study, known[i], f"failed: {e}")
                 if tripped and runs:
                     for i in runs.values():
                         ray.kill(actors[i])

@@ -30,6 +30,7 @@ from mergekit_evolve.study.records import append_record, export_records
 from mergekit_evolve.study.storage import (
     default_storage_url,
     fail_orphans,
+    lost_storage,
     open_storage,
     register_worker,
     tagged,
@@ -162,13 +163,19 @@ def optimize_until(
         if deadline is not None and time.monotonic() >= deadline:
             LOG.info("time budget of %.0f s spent after %d trials", timeout, counted(study))
             break
-        study.optimize(
-            objective,
-            n_trials=trials - counted(study),
-            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
-            catch=(Exception,),
-            callbacks=[reached, *callbacks, guard],
-        )
+        try:
+            study.optimize(
+                objective,
+                n_trials=trials - counted(study),
+                timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
+                catch=(Exception,),
+                callbacks=[reached, *callbacks, guard],
+            )
+        except Exception as e:
+            lost = lost_storage(e)
+            if lost is None:
+                raise
+            raise lost from None
 
 
 def run_search(

@@ -38,6 +38,10 @@ class StorageError(ValueError):
     pass
 
 
+class StorageLost(RuntimeError):
+    """The study's database stayed unreachable for longer than the heartbeat grace period."""
+
+
 def default_storage_url(run_dir: Path) -> str:
     return f"sqlite:///{RunFolder(run_dir).study_db.resolve()}"
 
@@ -59,16 +63,104 @@ def open_storage(url: str, grace_seconds: int = GRACE_SECONDS) -> optuna.storage
         # one process's private database: no other worker to watch, and the heartbeat thread's
         # own connection would open an empty database of its own (no tables: it fails each beat)
         return RDBStorage(url)
-    storage = RDBStorage(
+    sqlite = parsed.get_backend_name() == "sqlite"
+    storage = (RDBStorage if sqlite else ReconnectingRDBStorage)(
         url,
+        # a server restart or failover leaves every pooled connection dead: test each before use
+        engine_kwargs=None if sqlite else {"pool_pre_ping": True},
         heartbeat_interval=interval,
         grace_period=grace_seconds,
         heartbeat_stale_trial_callback=RetryLost(max_retry=1),
     )
-    if storage.engine.dialect.name == "sqlite":
+    if sqlite:
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
         storage.engine.dispose()  # the connection that created the tables predates the listener
     return storage
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """A database server (PostgreSQL, MySQL) that may restart or fail over during a search.
+
+    Each storage call that cannot reach the server is retried until it can, for up to the
+    heartbeat grace period: longer is pointless, since by then other workers fail this
+    worker's running trial as lost. Then :class:`StorageLost` stops this worker with one line;
+    its finished trials are in the study, and running the same command again resumes.
+    A heartbeat that fails is skipped, not fatal (Optuna's heartbeat thread ends at its
+    first error, and a trial without heartbeats would be failed while it still runs).
+    """
+
+    RETRY_SECONDS = 2.0
+    down_since: float | None = None  # monotonic time of the first failed call of the current outage
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+            if not _unreachable(e):
+                raise
+            LOG.warning("heartbeat of trial id %d not sent, the study storage is unreachable: %s", trial_id, _reason(e))
+
+
+BLAME_THE_STATEMENT = (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.DataError, sqlalchemy.exc.ProgrammingError,
+                       sqlalchemy.exc.NotSupportedError)
+
+
+def lost_storage(error: BaseException) -> StorageLost | None:
+    """The :class:`StorageLost` behind ``error``: Optuna's trial clean-up, reading the trial back
+    after its ``tell`` failed, fails too and raises an error of its own over ours."""
+    while error is not None and not isinstance(error, StorageLost):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _cause(error: BaseException) -> BaseException:
+    return error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
+
+
+def _unreachable(error: BaseException) -> bool:
+    """A lost connection, as opposed to bad data or a bug: what a server restart gives its clients.
+
+    A fast shutdown ends sessions in the middle of statements; the driver then reports more
+    than OperationalError (an aborted transaction, a closed cursor), so everything the server
+    or the connection says is retried except the errors that blame the statement itself."""
+    cause = _cause(error)
+    if isinstance(cause, sqlalchemy.exc.DBAPIError):
+        return cause.connection_invalidated or not isinstance(cause, BLAME_THE_STATEMENT)
+    return isinstance(cause, sqlalchemy.exc.PendingRollbackError | sqlalchemy.exc.ResourceClosedError)
+
+
+def _reason(error: BaseException) -> str:
+    return (str(_cause(error)).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        while True:
+            try:
+                result = method(self, *args, **kwargs)
+                self.down_since = None
+                return result
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+                if not _unreachable(e):
+                    raise
+                # one outage for every call and thread: once it has lasted the grace period, each call tries once
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    LOG.warning("study storage unreachable (%s); retrying for up to %d s", _reason(e), self.grace_period)
+                if time.monotonic() - self.down_since >= self.grace_period:
+                    raise StorageLost(
+                        f"lost the study storage {self.engine.url.render_as_string(hide_password=True)} for over "
+                        f"{self.grace_period} s (evolve.heartbeat_grace): {_reason(e)}; its finished trials are kept, "
+                        "run the same command again to resume") from None
+                time.sleep(self.RETRY_SECONDS)
+
+    call.__name__ = method.__name__
+    return call
+
+
+# Every storage operation of a search goes through these: the BaseStorage interface, and finding stale trials.
+for _name in [n for n in vars(optuna.storages.BaseStorage) if not n.startswith("_")] + ["_get_stale_trial_ids"]:
+    setattr(ReconnectingRDBStorage, _name, _reconnecting(getattr(RDBStorage, _name)))
 
 
 def _sqlite_pragmas(connection: sqlite3.Connection, record: Any) -> None:
