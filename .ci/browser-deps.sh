@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium for the Space's browser test (tests/test_space_app.py), from Debian.
+# Headless Chromium for the Space's browser test (tests/publish/test_space_app.py), from Debian.
 # Idempotent: does nothing when /usr/bin/chromium is already there. Playwright drives this
 # binary (executable_path); it never downloads a browser of its own.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's PostgreSQL server binaries for the real-server tests (tests/test_postgres.py, tests/pg_cluster.py).
+# Debian's PostgreSQL server binaries for the real-server tests (tests/study/test_postgres.py, tests/pg_cluster.py).
 # Idempotent: does nothing when initdb and pg_ctl are already under /usr/lib/postgresql/*/bin.
 # Only the binaries are used: the package's own cluster is stopped; each test starts a
 # throwaway one in a temporary folder, as the unprivileged `postgres` user the package creates.

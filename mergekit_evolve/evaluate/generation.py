@@ -8,7 +8,7 @@ forward over the KV cache with the positions ``generate`` computes from the atte
 next token is the argmax, and a sequence is done at the tokenizer's end-of-sequence token or when
 its decoded continuation holds a stop sequence; the batch stops when every sequence is done or at
 ``max_gen_toks``. The text is then cut as HFLM cuts it, so the strings are HFLM's
-(tests/test_generation.py compares them). Sampling, beam search, a generation config that
+(tests/evaluate/test_generation.py compares them). Sampling, beam search, a generation config that
 processes logits, and thinking-token models stay on HFLM's path.
 """
 

@@ -6,7 +6,7 @@ more than the forward pass they follow: on the demo a quarter of a trial's time 
 model. Here the batches are the ones HFLM builds (its ``Collator`` order, grouping and
 right padding, so the model sees identical inputs), the log-softmax, argmax and gather run
 once per batch, and each request keeps one slice-and-sum, so every value equals HFLM's bit
-for bit (tests/test_prepared_requests.py compares them with ``lm_eval.evaluate``).
+for bit (tests/evaluate/test_prepared_requests.py compares them with ``lm_eval.evaluate``).
 Only the causal backend with a fixed batch size takes this path; the rest stays HFLM's.
 """
 

@@ -11,7 +11,7 @@ depends only on the same element of the inputs, so two faster paths give the sam
 - else the very same torch operations, applied block by block of rows with mergekit's resolved
   parameters, each block's intermediates staying in the CPU cache.
 
-``tests/test_fused_kernel.py`` and ``tests/test_engine_equals_mergekit.py`` check both against
+``tests/merge/test_fused_kernel.py`` and ``tests/merge/test_engine_equals_mergekit.py`` check both against
 mergekit. Anything else (other methods, mixed dtypes, missing optional inputs, casts, more than
 4 task vectors, whose fp32 sum torch reorders) runs mergekit's own code unchanged.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hub_server import FakeHub
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = "mergekit_evolve/publish/gradio_template/app.py"
 
 

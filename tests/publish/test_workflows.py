@@ -17,7 +17,7 @@ from test_card import build_run
 from test_parallel import write_recipe
 from tiny_models import write_copy_task
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / ".github" / "scripts" / "evolve-job.sh"
 STEPS = ("names", "restore", "run", "publish")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "search_quality.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "search_quality.py"
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,7 @@ def test_publish_uploads_model_and_space_in_one_commit_each(hub, finished_run, t
     assert space.sdk == "gradio" and len(space.commits) == 2
     assert {"app.py", "requirements.txt", "README.md", "space_config.json", "history.png", "report.json",
             "mergekit_config.yml", "recipe.yml"} <= set(space.files)
-    assert space.files["app.py"] == Path(__file__).parents[1].joinpath("mergekit_evolve", "publish", "gradio_template", "app.py").read_bytes()
+    assert space.files["app.py"] == Path(__file__).parents[2].joinpath("mergekit_evolve", "publish", "gradio_template", "app.py").read_bytes()
     front = yaml.safe_load(space.files["README.md"].decode().split("---")[1])
     assert (front["sdk"], front["app_file"], front["models"][0]) == ("gradio", "app.py", "alice/tiny-merge")
     assert space.variables["MODEL_ID"]["value"] == "alice/tiny-merge"
@@ -307,7 +307,7 @@ def test_private_flag_creates_private_repos_and_tells_how_the_space_reads_the_mo
 @pytest.mark.slow
 def test_a_dry_run_publish_of_the_demo_holds_no_path_of_this_machine(tmp_path):
     """Every file of the model and Space repos, as `publish --dry-run` writes them, grepped for absolute paths."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     run_dir = tmp_path / "run"
     ran = CliRunner().invoke(cli, ["run", str(repo / "recipes" / "demo.yml"), "--trials", "2", "-o", str(run_dir), "--no-progress"])
     assert ran.exit_code == 0, ran.output

@@ -31,7 +31,7 @@ from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.runfolder import RunDirError, RunFolder
 from mergekit_evolve.study.search import FailureGuard
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LOADED = "into memory"  # logged for each source model loaded: a pre-search mistake shows none
 
 

@@ -11,7 +11,7 @@ from mergekit_evolve.cli import cli
 from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.document import load_document
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yml"))
 
 
