@@ -27,6 +27,7 @@ from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.recipe.stages import winner_dir
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 from mergekit_evolve.samplers.registry import prepare_recipe
+from mergekit_evolve.study.storage import StorageLost
 from mergekit_evolve.study.worker import merge_options, plan_memory
 
 
@@ -87,7 +88,7 @@ def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool
                          publish=not no_publish)
     try:
         reports = run_stages(document, run_dir, options) if stages else [run_recipe(single, run_dir, options)]
-    except RunFailed as e:
+    except (RunFailed, StorageLost) as e:  # StorageLost: the database went away during the run, at any step
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are kept in the study; run the same command to resume.")

@@ -166,7 +166,11 @@ class TaskSuite:
                     path = (self.base_dir / item).resolve()
                     if path.is_file():
                         paths.add(path)
-        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(paths)}
+        # named relative to the recipe's folder where they sit under it, so a run folder restored
+        # into another checkout (a CI artifact) still matches its own task files
+        base = self.base_dir.resolve()
+        return {str(p.relative_to(base)) if p.is_relative_to(base) else str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                for p in sorted(paths)}
 
     def check(self, objective: Objective) -> None:
         """The objective's metric and filter exist in each of its tasks, and each split has examples."""
