@@ -144,8 +144,8 @@ def _changes(folder: RunFolder, recipe: Recipe, facts: dict[str, Any], overwrite
         changed["config"] = ["the merge config (models, methods, fixed values)"]
     old_tasks = stored.get("tasks", facts["tasks"])
     tasks = sorted(f for f in {*old_tasks, *facts["tasks"]} if old_tasks.get(f) != facts["tasks"].get(f))
-    if tasks:
-        changed["tasks"] = tasks
+    if tasks:  # named as files of this machine, though stored relative to the recipe's folder
+        changed["tasks"] = [str(recipe.base_dir.resolve() / f) for f in tasks]
     if not changed or overwrite:
         return changed
     complete = _completed(folder)
