@@ -211,7 +211,9 @@ def test_killed_worker_loses_only_its_trial_and_a_restart_resumes(workspace, tin
             running = load(run_dir, "kill").get_trials(states=(TrialState.RUNNING,))
         except (KeyError, Exception):  # the study may not exist yet
             return None
-        return next((t for t in running if not t.user_attrs.get(WORKER_KEY, f":{proc.pid}").endswith(f":{proc.pid}")), None)
+        # a child's trial that has its point already (the kill then lands mid-trial, not before the sampler ran)
+        return next((t for t in running if t.params
+                     and not t.user_attrs.get(WORKER_KEY, f":{proc.pid}").endswith(f":{proc.pid}")), None)
 
     victim = wait_for(child_trial, 180, "the second worker to start a trial")
     pid = int(victim.user_attrs[WORKER_KEY].rsplit(":", 1)[1])
@@ -225,7 +227,7 @@ def test_killed_worker_loses_only_its_trial_and_a_restart_resumes(workspace, tin
     assert trials[victim.number].state == TrialState.FAIL  # failed at once, not after the grace period
     assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
     retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == victim.number]
-    assert len(retries) == 1 and retries[0].params == victim.params
+    assert len(retries) == 1 and retries[0].params == trials[victim.number].params == victim.params
     done = {n: t.params for n, t in trials.items() if t.state == TrialState.COMPLETE}
     assert len(done) >= 20
 
