@@ -20,6 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from mergekit_evolve.compat.optuna import storage_of, trial_id
 from mergekit_evolve.evaluate.scores import directions
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.runfolder import RunFolder
@@ -32,8 +33,10 @@ from mergekit_evolve.study.storage import (
     fail_orphans,
     lost_storage,
     open_storage,
+    WORKER_KEY,
     register_worker,
     tagged,
+    worker_name,
 )
 from mergekit_evolve.study.worker import Worker
 
@@ -173,9 +176,29 @@ def optimize_until(
             )
         except Exception as e:
             lost = lost_storage(e)
-            if lost is None:
-                raise
-            raise lost from None
+            if lost is not None:
+                raise lost from None
+            if _interrupted(e):  # Ctrl-C landed in Optuna's own clean-up of a trial, which then failed over it
+                _fail_running(study, "interrupted")
+                raise KeyboardInterrupt from None
+            raise
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _fail_running(study: optuna.Study, reason: str) -> None:
+    """This process's running trials, failed with ``reason`` (Optuna's clean-up did not get to them)."""
+    me = worker_name()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_KEY) == me:
+            storage_of(study).set_trial_user_attr(trial_id(trial), "error", reason)
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def run_search(
