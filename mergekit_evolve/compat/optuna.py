@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.storages.journal import BaseJournalBackend
+from optuna.study import _optimize
 from optuna.trial import FrozenTrial, TrialState
 
 HEARTBEAT_ATTR = "mergekit_evolve:heartbeat"
@@ -37,6 +38,32 @@ def rdb_storage(study: optuna.Study) -> RDBStorage | None:
     """The RDB storage behind a study, unwrapped from Optuna's cache layer; None for other storages."""
     backend = getattr(study._storage, "_backend", study._storage)
     return backend if isinstance(backend, RDBStorage) else None
+
+
+def trials_in_flight(error: BaseException) -> list[int]:
+    """Ids of the trials that ``error`` unwound Optuna's trial loop out of, read from its frames.
+
+    An interrupt that lands outside the objective (in the sampler inside ``Study.ask``, or in the
+    ``tell`` after it) escapes Optuna's own clean-up and leaves the trial RUNNING; the frames of
+    ``_run_trial`` and ``Study.ask`` are the only place that knows which trial it was."""
+    found: list[int] = []
+    for frame in _frames(error):
+        if frame.f_code is _optimize._run_trial.__code__ and "trial" in frame.f_locals:
+            found.append(frame.f_locals["trial"]._trial_id)
+        elif frame.f_code is optuna.Study.ask.__code__ and "trial_id" in frame.f_locals:
+            found.append(frame.f_locals["trial_id"])
+    return list(dict.fromkeys(found))
+
+
+def _frames(error: BaseException | None) -> Iterator:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # the error and those it was raised over
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            yield tb.tb_frame
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):

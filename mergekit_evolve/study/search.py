@@ -20,7 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from mergekit_evolve.compat.optuna import storage_of, trial_id
+from mergekit_evolve.compat.optuna import storage_of, trials_in_flight
 from mergekit_evolve.evaluate.scores import directions
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.runfolder import RunFolder
@@ -33,10 +33,8 @@ from mergekit_evolve.study.storage import (
     fail_orphans,
     lost_storage,
     open_storage,
-    WORKER_KEY,
     register_worker,
     tagged,
-    worker_name,
 )
 from mergekit_evolve.study.worker import Worker
 
@@ -174,17 +172,18 @@ def optimize_until(
                 catch=(Exception,),
                 callbacks=[reached, *callbacks, guard],
             )
-        except Exception as e:
-            lost = lost_storage(e)
+        except BaseException as e:
+            lost = lost_storage(e) if isinstance(e, Exception) else None
             if lost is not None:
                 raise lost from None
-            if _interrupted(e):  # Ctrl-C landed in Optuna's own clean-up of a trial, which then failed over it
-                _fail_running(study, "interrupted")
+            if _interrupted(e):
+                _fail_in_flight(study, e)
                 raise KeyboardInterrupt from None
             raise
 
 
 def _interrupted(error: BaseException | None) -> bool:
+    """A Ctrl-C, or an error Optuna's clean-up of a trial raised over one."""
     while error is not None:
         if isinstance(error, KeyboardInterrupt):
             return True
@@ -192,12 +191,13 @@ def _interrupted(error: BaseException | None) -> bool:
     return False
 
 
-def _fail_running(study: optuna.Study, reason: str) -> None:
-    """This process's running trials, failed with ``reason`` (Optuna's clean-up did not get to them)."""
-    me = worker_name()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_KEY) == me:
-            storage_of(study).set_trial_user_attr(trial_id(trial), "error", reason)
+def _fail_in_flight(study: optuna.Study, error: BaseException) -> None:
+    """The trials the interrupt escaped Optuna with, failed as interrupted rather than left RUNNING."""
+    storage = storage_of(study)
+    for tid in trials_in_flight(error):
+        trial = storage.get_trial(tid)
+        if trial.state == TrialState.RUNNING:
+            storage.set_trial_user_attr(tid, "error", "interrupted")
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 

@@ -46,3 +46,29 @@ def test_journal_heartbeat_fails_a_silent_trial_and_retries_it(tmp_path):
     optuna.storages.fail_stale_trials(study)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states == [TrialState.FAIL, TrialState.WAITING]  # failed, and its point re-queued once
+
+
+class _InterruptingSampler(optuna.samplers.RandomSampler):
+    def before_trial(self, study, trial):  # inside Study.ask, before the objective
+        raise KeyboardInterrupt
+
+
+def test_trials_in_flight_names_a_trial_interrupted_in_the_sampler(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", sampler=_InterruptingSampler())
+    with pytest.raises(KeyboardInterrupt) as caught:
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    (running,) = study.get_trials(states=(TrialState.RUNNING,))  # Optuna's clean-up never saw it
+    assert compat.trials_in_flight(caught.value) == [compat.trial_id(running)]
+
+
+def test_trials_in_flight_names_a_trial_interrupted_in_tell(tmp_path, monkeypatch):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compat.storage_of(study), "set_trial_state_values", interrupt)
+    with pytest.raises(BaseException) as caught:  # Optuna's finally raises UnboundLocalError over it
+        study.optimize(lambda t: 1.0, n_trials=1)
+    (running,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert compat.trials_in_flight(caught.value) == [compat.trial_id(running)]

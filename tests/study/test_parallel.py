@@ -215,8 +215,18 @@ def test_killed_worker_loses_only_its_trial_and_a_restart_resumes(workspace, tin
         return next((t for t in running if t.params
                      and not t.user_attrs.get(WORKER_KEY, f":{proc.pid}").endswith(f":{proc.pid}")), None)
 
-    victim = wait_for(child_trial, 180, "the second worker to start a trial")
-    pid = int(victim.user_attrs[WORKER_KEY].rsplit(":", 1)[1])
+    def stopped_mid_trial():
+        victim = child_trial()
+        if victim is None:
+            return None
+        pid = int(victim.user_attrs[WORKER_KEY].rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGSTOP)  # frozen, so the trial cannot finish between this look and the kill
+        if load(run_dir, "kill").trials[victim.number].state == TrialState.RUNNING:
+            return victim, pid
+        os.kill(pid, signal.SIGCONT)  # it finished in the meantime: try the next one
+        return None
+
+    victim, pid = wait_for(stopped_mid_trial, 180, "the second worker to start a trial")
     os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out.decode()
