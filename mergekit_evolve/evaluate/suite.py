@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -157,7 +158,7 @@ class TaskSuite:
         for name in {*self.tasks, *(t.config.task for t in leaves)}:
             entry = self.manager.task_index.get(name)
             if entry is not None and getattr(entry, "yaml_path", None):
-                paths.add(Path(entry.yaml_path))
+                paths |= _yaml_closure(Path(entry.yaml_path))
         for task in leaves:
             data = (task.config.dataset_kwargs or {}).get("data_files")
             values = data.values() if isinstance(data, dict) else [data] if isinstance(data, str) else data or []
@@ -196,6 +197,28 @@ class TaskSuite:
         if not objective.heldout_task:
             return objective.task, objective.heldout_limit
         return objective.heldout_task, objective.heldout_limit
+
+
+# what a task YAML pulls in from beside itself: lm-eval's `include:` and `!function module.name` helpers
+_INCLUDE = re.compile(r"^include:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
+_FUNCTION = re.compile(r"!function\s+([\w.]+)\.\w+")
+
+
+def _yaml_closure(path: Path) -> set[Path]:
+    """A task YAML and the files it includes and the Python helpers it names, transitively."""
+    found: set[Path] = set()
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        if current in found or not current.is_file():
+            continue
+        found.add(current)
+        if current.suffix not in (".yaml", ".yml"):
+            continue
+        text = current.read_text(encoding="utf-8", errors="replace")
+        todo += [(current.parent / name).resolve() for name in _INCLUDE.findall(text)]
+        todo += [(current.parent / (module.replace(".", "/") + ".py")).resolve() for module in _FUNCTION.findall(text)]
+    return found
 
 
 def _leaf_tasks(tree: Any) -> list[Any]:
