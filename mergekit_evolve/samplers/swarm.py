@@ -21,6 +21,11 @@ Positions move in ``box`` (default [-5, 5]; the paper's are unbounded, ``box: nu
 the recipe's weight ranges are widened to it (``with_box``: Optuna params must lie inside the
 trial's ranges), so crossovers and moves extrapolate beyond the experts as in the paper. A
 position outside the box is clipped there, and the particle's velocity is what it was computed.
+
+``particle_kind: lora`` (``with_lora_particles``): the experts are LoRA adapters over the base and
+a particle is the adapter ``sum_i c_i`` of theirs, factor by factor, as in the released code,
+whose every swarm step is a weighted sum of adapters' tensors; the coefficients move exactly as
+above, only the merge method changes (``lora_particle``).
 """
 
 from __future__ import annotations

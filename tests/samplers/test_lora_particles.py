@@ -131,7 +131,8 @@ def test_a_lora_swarm_run_writes_best_and_its_adapter(ws):
     result = CliRunner().invoke(cli, [str(path), "-o", str(run_dir), "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
-    assert len(lines) >= 6 and all("lora_particle" in x["config"] for x in lines if x.get("config"))
+    configs = [x["config"] for x in lines if x.get("config")]
+    assert len(configs) >= 6 and all("merge_method: lora_particle" in c for c in configs)
     best = run_dir / "best"
     assert (best / "adapter" / "adapter_config.json").exists() and (best / "adapter" / "adapter_model.safetensors").exists()
     written = safetensors.torch.load_file(best / "model.safetensors")
