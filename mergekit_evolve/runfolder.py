@@ -15,6 +15,7 @@ This module is the only code that names a run's files; everything else asks a ``
       pareto.json       multi-objective runs: the Pareto front
       plots/            history.png, pareto.png
       best/             the winner: a Hugging Face model folder (best.partial while written)
+        adapter/        a LoRA-particle winner (swarm, particle_kind: lora) also as its PEFT adapter
       stages.json       a staged recipe: which earlier winner each stage was searched with
       NAME/             a staged recipe: stage NAME's own run folder
 """
@@ -39,6 +40,7 @@ RECIPE_FILE = "recipe.yml"
 CONFIG_FILE = "mergekit_config.yml"  # inside best/: the winner's concrete mergekit config
 CARD_FILE = "README.md"  # inside best/: the model card
 BEST_DIR = "best"
+BEST_ADAPTER_DIR = "adapter"  # inside best/: a LoRA-particle winner as a PEFT adapter folder
 LORA_MERGES_PREFIX = ".lora-merges."  # a temporary folder: mergekit's merged adapter copies while best/ is written
 LOCK_FILE = "run.lock"
 LOG = logging.getLogger(__name__)
@@ -118,6 +120,10 @@ class RunFolder:
     @property
     def best_config(self) -> Path:
         return self.best / CONFIG_FILE
+
+    @property
+    def best_adapter(self) -> Path:
+        return self.best / BEST_ADAPTER_DIR
 
     @property
     def best_recipe(self) -> Path:

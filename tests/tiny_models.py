@@ -107,7 +107,8 @@ def make_lora_adapter(base: Path, out: Path, seed: int = 0, r: int = 2, dtype: t
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    lora = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "down_proj"], **config)
+    config.setdefault("target_modules", ["q_proj", "down_proj"])
+    lora = peft.LoraConfig(r=r, lora_alpha=2 * r, **config)
     model = peft.get_peft_model(model, lora)
     with torch.no_grad():
         for name, p in model.named_parameters():

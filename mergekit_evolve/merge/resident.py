@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 
 import safetensors.torch
 import torch
@@ -14,6 +12,7 @@ from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.compat.mergekit import loader_cache
+from mergekit_evolve.methods.lora_particle import AdapterError, add_delta, lora_delta, read_adapter
 
 LOG = logging.getLogger(__name__)
 
@@ -74,20 +73,6 @@ def local_folder(model: ModelReference, options: MergeOptions) -> str:
     return path
 
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def _adapter_folder(model: ModelReference) -> Path:
-    assert model.lora is not None
-    folder = Path(model.lora.path)
-    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise ModelNotFoundError(
-            f"model '{model}': the adapter {folder} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a local PEFT folder)"
-        )
-    return folder
-
-
 def apply_adapter(model: ModelReference, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base's tensors with a PEFT LoRA adapter merged in, computed in memory.
 
@@ -96,36 +81,22 @@ def apply_adapter(model: ModelReference, tensors: dict[str, torch.Tensor]) -> di
     folder mergekit's ``ModelReference.merged()`` would write to disk; every other tensor is the
     base's own object, shared, not copied.
     """
-    folder = _adapter_folder(model)
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication", "lora_bias")
-                   if config.get(k)]
-    if config.get("peft_type", "LORA") != "LORA" or unsupported:
-        raise ModelNotFoundError(
-            f"adapter {folder}: only plain LoRA adapters merge in memory (it has {config.get('peft_type')} {unsupported})"
-        )
-    r, alpha = config["r"], config["lora_alpha"]
-    scaling = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
-    weights = safetensors.torch.load_file(folder / ADAPTER_WEIGHTS)
+    assert model.lora is not None
+    try:
+        adapter = read_adapter(model.lora.path)
+    except AdapterError as e:
+        raise ModelNotFoundError(f"model '{model}': {e}") from None
     merged = dict(tensors)
-    for key in sorted(weights):
-        if ".lora_A." not in key:
-            if ".lora_B." not in key:
-                raise ModelNotFoundError(f"adapter {folder}: tensor '{key}' is no LoRA factor (embedding adapters are not supported)")
-            continue
-        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+    for module, (a, b) in adapter.factors.items():
         name = f"{module}.weight"
         if name not in merged:
-            raise ModelNotFoundError(f"adapter {folder} adapts '{module}', which model '{model.model}' does not have")
-        a, b = weights[key], weights[key.replace(".lora_A.", ".lora_B.")]
+            raise ModelNotFoundError(f"adapter {adapter.folder} adapts '{module}', which model '{model.model}' does not have")
         base = merged[name]
         # PEFT keeps an adapter over a half-precision base in fp32 and adds its delta in place
         compute = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
-        delta = b.to(base.device, compute) @ a.to(base.device, compute)
-        if config.get("fan_in_fan_out"):
-            delta = delta.T
-        merged[name] = (base.to(compute) + delta * scaling).to(base.dtype)
-    LOG.info("merged adapter %s into %s in memory (%d weights)", folder, model.model, len(weights) // 2)
+        delta = lora_delta(a.to(base.device), b.to(base.device), adapter.scaling, bool(adapter.config.get("fan_in_fan_out")), compute)
+        merged[name] = add_delta(base, delta)
+    LOG.info("merged adapter %s into %s in memory (%d weights)", adapter.folder, model.model, len(adapter.factors))
     return merged
 
 

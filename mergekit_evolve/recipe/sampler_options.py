@@ -117,6 +117,13 @@ class SwarmOptions(_Options):
     ``box``: the paper's positions are unbounded, this package's stay within [-5, 5], five times
     one expert's own weight and wider than any initial crossover. ``preset: paper`` pins every
     number to the paper's, positions unbounded.
+
+    ``particle_kind`` says what a particle's coefficients combine. ``task_vectors`` (default): the
+    experts' task vectors, ``base + sum_i c_i (W_i - base)``, for any experts (full fine-tunes, or
+    ``base+adapter`` ones, whose task vectors are then ``scaling * B_i @ A_i``). ``lora``: the
+    experts are LoRA adapters over one base and a particle is itself an adapter, its ``lora_A`` and
+    ``lora_B`` combined separately, ``base + scaling * (sum_i c_i B_i) @ (sum_i c_i A_i)``, as in the
+    paper's released code; the winner is also written as an adapter (``best/adapter``).
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -137,6 +144,12 @@ class SwarmOptions(_Options):
         "(initial crossovers reach [-1, 2], moves go further); null: unbounded, as in the paper",
     )
     particles: int = Field(default=20, ge=2, description="swarm size N: the experts plus pairwise crossovers")
+    particle_kind: Literal["task_vectors", "lora"] = Field(
+        default="task_vectors",
+        description="task_vectors: particles weight the experts' task vectors; lora: the experts are base+adapter "
+        "LoRA adapters of one base, rank, alpha and target modules, and a particle is the adapter whose A and B "
+        "factors are the weighted sums of theirs (the paper's code)",
+    )
     phi_v: float = Field(default=0.4, ge=0, description="inertia")
     phi_p: float = Field(default=0.3, ge=0, description="pull to the personal best")
     phi_g: float = Field(default=0.3, ge=0, description="pull to the global best")

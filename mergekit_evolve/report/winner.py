@@ -18,7 +18,9 @@ from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.scores import Scores
 from mergekit_evolve.merge.layer_types import layer_types_fixed
-from mergekit_evolve.runfolder import LORA_MERGES_PREFIX, RECIPE_FILE, RunFolder
+from mergekit_evolve.methods.lora_particle import METHOD as LORA_PARTICLE
+from mergekit_evolve.methods.lora_particle import particle_adapter, write_adapter
+from mergekit_evolve.runfolder import BEST_ADAPTER_DIR, LORA_MERGES_PREFIX, RECIPE_FILE, RunFolder
 from mergekit_evolve.study.worker import Worker, source_config
 
 LOG = logging.getLogger(__name__)
@@ -31,7 +33,8 @@ def winner_config(trial: optuna.trial.FrozenTrial) -> MergeConfiguration:
 def write_best(
     run_dir: Path, recipe_file: Path, config: MergeConfiguration, options: MergeOptions, out: Path | None = None
 ) -> Path:
-    """A plain mergekit merge of ``config``, written beside and then swapped in for ``out`` (default ``best/``)."""
+    """A plain mergekit merge of ``config``, written beside and then swapped in for ``out`` (default ``best/``);
+    a LoRA particle (``lora_particle``) is also written as its PEFT adapter, in ``adapter/`` inside it."""
     target = out or RunFolder(run_dir).best
     staging = target.with_name(target.name + ".partial")
     if staging.exists():
@@ -47,6 +50,11 @@ def write_best(
             run_merge(config.model_copy(deep=True), str(staging), config_source=config.to_yaml(),
                       options=options.model_copy(update=update))
     shutil.copyfile(recipe_file, staging / RECIPE_FILE)
+    if config.merge_method == LORA_PARTICLE:
+        # the particle itself, to load over the base with PEFT (the merged model above is PEFT's merge of it)
+        experts = [m for m in config.models or [] if m.model != config.base_model]
+        adapter = particle_adapter([m.model for m in experts], [float(m.parameters["weight"]) for m in experts])
+        write_adapter(staging / BEST_ADAPTER_DIR, *adapter)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)

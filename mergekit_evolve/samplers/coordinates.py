@@ -143,15 +143,19 @@ class ExpertWeights:
             for name in expert.dims
         }
 
-    def models_in(self, config: Any) -> list[str]:
-        """Each expert's model in a compiled config, as mergekit names it (``str`` of its ModelReference)."""
+    def references(self, config: Any) -> list[Any]:
+        """Each expert's ``ModelReference`` in a compiled config."""
         out = []
         for expert in self.experts:
             entry = config
             for key in expert.entry:
                 entry = entry[key] if isinstance(key, int) else getattr(entry, key)
-            out.append(str(entry.model))
+            out.append(entry.model)
         return out
+
+    def models_in(self, config: Any) -> list[str]:
+        """Each expert's model in a compiled config, as mergekit names it (``str`` of its ModelReference)."""
+        return [str(model) for model in self.references(config)]
 
     def coefficients(self, params: dict[str, Any]) -> np.ndarray:
         """A trial's coefficient per expert (the mean of its dimensions, for gradients)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from mergekit_evolve.methods.lora_particle import AdapterError
 from mergekit_evolve.recipe.annotations import is_annotation
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.recipe.parse import Recipe
@@ -33,7 +34,7 @@ from mergekit_evolve.samplers.cycleqd import (
     with_mutation,
 )
 from mergekit_evolve.samplers.pycma import PyCmaSampler
-from mergekit_evolve.samplers.swarm import SwarmSampler, with_box
+from mergekit_evolve.samplers.swarm import LORA_METHOD, SwarmSampler, with_box, with_lora_particles
 
 LOG = logging.getLogger(__name__)
 # Methods whose per-model ``weight`` is a coefficient on a task vector (or on the model, for linear).
@@ -208,7 +209,7 @@ def prepare_recipe(recipe: Recipe) -> Recipe:
     assert recipe.evolve is not None
     sampler = recipe.evolve.sampler
     if sampler in COEFFICIENT_METHODS:
-        if SEED_DIM not in recipe.search_space.dimensions:
+        if SEED_DIM not in recipe.search_space.dimensions and not (sampler == "swarm" and recipe.template.get("merge_method") == LORA_METHOD):
             _check_coefficient_method(recipe, sampler)
         if sampler == "cycleqd":
             assert isinstance(recipe.evolve.sampler_options, CycleQDOptions)
@@ -216,6 +217,11 @@ def prepare_recipe(recipe: Recipe) -> Recipe:
         if sampler == "swarm":
             assert isinstance(recipe.evolve.sampler_options, SwarmOptions)
             check_sampler(recipe.evolve, recipe.search_space)  # the experts' own ranges, named as the recipe wrote them
+            if recipe.evolve.sampler_options.particle_kind == "lora":
+                try:
+                    recipe = with_lora_particles(recipe)
+                except (CoordinateError, AdapterError) as e:
+                    raise SamplerSetupError(str(e)) from None
             recipe = with_box(recipe, recipe.evolve.sampler_options)
     check_sampler(recipe.evolve, recipe.search_space)
     _warn_pruned_cmaes(recipe.evolve)

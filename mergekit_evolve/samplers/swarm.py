@@ -21,6 +21,11 @@ Positions move in ``box`` (default [-5, 5]; the paper's are unbounded, ``box: nu
 the recipe's weight ranges are widened to it (``with_box``: Optuna params must lie inside the
 trial's ranges), so crossovers and moves extrapolate beyond the experts as in the paper. A
 position outside the box is clipped there, and the particle's velocity is what it was computed.
+
+``particle_kind: lora`` (``with_lora_particles``): the experts are LoRA adapters over the base and
+a particle is the adapter ``sum_i c_i`` of theirs, factor by factor, as in the released code,
+whose every swarm step is a weighted sum of adapters' tensors; the coefficients move exactly as
+above, only the merge method changes (``lora_particle``).
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from optuna.distributions import BaseDistribution
 
+from mergekit_evolve.methods.lora_particle import METHOD as LORA_METHOD
+from mergekit_evolve.methods.lora_particle import check_same_shape
 from mergekit_evolve.recipe.evolve_settings import Objective
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.recipe.sampler_options import SwarmOptions
@@ -65,6 +73,46 @@ def swarm_space(space: SearchSpace, options: SwarmOptions) -> SearchSpace:
 def with_box(recipe: Recipe, options: SwarmOptions) -> Recipe:
     """The recipe as the swarm searches it: its weights' ranges widened to the box."""
     return dataclasses.replace(recipe, search_space=swarm_space(recipe.search_space, options))
+
+
+def with_lora_particles(recipe: Recipe) -> Recipe:
+    """The recipe whose particles are LoRA adapters (``particle_kind: lora``): its task_arithmetic
+    becomes ``lora_particle``, which adds the experts' A and B factors separately.
+
+    Checked here, from the adapters' configs and file headers, before any weight loads: every model
+    but the base is an expert ``base+adapter`` over the recipe's base, and all adapters share rank,
+    alpha, target modules and factor shapes (AdapterError names the first that does not).
+    """
+    method = recipe.template.get("merge_method")
+    if method == LORA_METHOD:
+        return recipe
+    if method != "task_arithmetic":
+        raise CoordinateError(f"swarm particle_kind: lora replaces task_arithmetic over the base; the recipe's merge_method is {method!r}")
+    params = dict(recipe.template.get("parameters") or {})
+    others = sorted(k for k, v in params.items() if not (k == "normalize" or (k == "lambda" and v == 1)))
+    if others:
+        raise CoordinateError(f"swarm particle_kind: lora takes only per-model weights; remove the top-level parameters {others}")
+    config = recipe.compile(recipe.search_space.default_point())
+    experts = ExpertWeights(recipe.search_space, "swarm").references(config)
+    base = config.base_model
+    if base is None:
+        raise CoordinateError("swarm particle_kind: lora adds the experts' adapters to the base: set base_model")
+    plain = [str(m) for m in experts if m.lora is None or m.model != base.model]
+    if plain:
+        raise CoordinateError(
+            f"swarm particle_kind: lora needs every expert to be a LoRA adapter over the base ({base}+ADAPTER); '{plain[0]}' is not"
+        )
+    weights = [entry.parameters.get("weight") for entry in config.models or [] if entry.model in experts]
+    if not all(isinstance(w, (int, float)) for w in weights):
+        raise CoordinateError("swarm particle_kind: lora gives each expert one coefficient; write each weight as one searched number")
+    fixed = [str(m) for m in config.referenced_models() if m != base and m not in experts]
+    if fixed:
+        raise CoordinateError(f"swarm particle_kind: lora merges only the base and the experts; '{fixed[0]}' has no searched weight")
+    check_same_shape([Path(m.lora.path) for m in experts])
+    template = copy.deepcopy(recipe.template)
+    template["merge_method"] = LORA_METHOD
+    template.pop("parameters", None)  # normalize: false and lambda: 1 are what lora_particle does anyway
+    return dataclasses.replace(recipe, template=template)
 
 
 def velocity(

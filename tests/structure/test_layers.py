@@ -33,7 +33,8 @@ SIBLINGS = {frozenset({"merge", "evaluate"})}  # same layer, but neither may imp
 # (importer, imported) pairs allowed to point up, each with its reason; keep it empty
 ALLOWED_UPWARD: set[tuple[str, str]] = set()
 RUN_FILES = {"run.json", "recipe.yml", "study.db", "examples.db", "trials.jsonl", "archives.json", "report.json",
-             "pareto.json", "stages.json", "mergekit_config.yml", "best", "best.partial", "history.png", "pareto.png"}
+             "pareto.json", "stages.json", "mergekit_config.yml", "best", "best.partial", "history.png", "pareto.png",
+             "adapter"}
 
 
 def modules() -> dict[str, ast.Module]:
