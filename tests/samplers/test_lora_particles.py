@@ -82,7 +82,7 @@ def test_lora_particle_merge_is_pefts_merge_of_the_written_adapter(ws, tmp_path,
     assert torch.allclose(memory[Q].float(), particle, **tol)
     assert not torch.allclose(memory[Q].float(), task_arithmetic, **tol)
     stored = json.loads((best / "adapter" / "adapter_config.json").read_text())
-    assert stored == a1.config
+    assert stored == {**a1.config, "base_model_name_or_path": str(base)}  # the recipe's base, not the trainer's
 
 
 def test_a_one_hot_particle_is_the_expert(ws):
