@@ -136,8 +136,9 @@ class Worker:
                 raise TaskSetupError(f"objective {obj.name}: anchors need a plain task with a mean-aggregated metric")
             key = f"{plan.metric},{plan.filter}"
             table = []
+            dtype = self.recipe.compile(self.recipe.search_space.default_point()).dtype
             for model in self.sources:
-                config = source_config(model, None)
+                config = source_config(model, dtype)  # the config the run's check of the sources scored
                 rows = self.evaluator.rows(self.merger.materialize(config), config_digest(config), plan, plan.ids)
                 table.append([float(r[key]) for r in rows])
             self._anchors[obj.name] = choose_anchors(np.array(table), plan.ids, obj.anchors, self.recipe.evolve.seed)

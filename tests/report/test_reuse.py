@@ -6,10 +6,12 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+from mergekit.options import MergeOptions
 
 import mergekit_evolve.pipeline as pipeline
 from mergekit_evolve.cli import cli
 from mergekit_evolve.recipe.compile import config_digest
+from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.study.worker import Worker
 from tiny_models import write_copy_task
 
@@ -88,3 +90,31 @@ def test_report_phase_computes_nothing_already_scored(tiny_llama, tmp_path, monk
     trial = reports["first"]["winner"]["trial"]
     stored = [json.loads(x) for x in (runs / "first" / "trials.jsonl").read_text().splitlines()][trial]
     assert reports["first"]["winner"]["search"] == pytest.approx(stored["value"])
+
+
+def test_anchors_are_chosen_from_the_sources_results_the_run_already_has(tiny_llama, tmp_path):
+    """The run's check that the sources' scores vary scores them on the search split; choosing anchors
+    reads those per-example results again instead of scoring the sources once more."""
+    write_copy_task(tmp_path, n_search=8, n_heldout=4)
+    base, v1, v2 = tiny_llama
+    path = tmp_path / "r.yml"
+    path.write_text(textwrap.dedent(f"""
+        merge_method: task_arithmetic
+        base_model: {base}
+        models:
+          - {{model: {v1}, parameters: {{weight: {{search: [0.0, 1.0]}}}}}}
+          - {{model: {v2}, parameters: {{weight: {{search: [0.0, 1.0]}}}}}}
+        dtype: float32
+        evolve:
+          sampler: random
+          objectives: [{{task: tiny_copy, metric: "acc,none", heldout_task: tiny_copy_heldout, anchors: 4}}]
+          task_paths: [tasks]
+        """).lstrip())
+    recipe = load_recipe(path)
+    worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
+    dtype = recipe.compile(recipe.search_space.default_point()).dtype
+    for model in worker.sources:
+        worker.source_scores(model, "search", dtype)
+    assert worker.evaluator.computed == 3 * 8
+    worker.anchor_sets()
+    assert worker.evaluator.computed == 3 * 8
