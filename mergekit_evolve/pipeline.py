@@ -62,7 +62,6 @@ from mergekit_evolve.study.worker import (
     Worker,
     merge_options,
     plan_memory,
-    source_config,
 )
 
 LOG = logging.getLogger(__name__)
@@ -87,7 +86,9 @@ class RunOptions:
     publish: bool = True  # False: leave the recipe's publish: section to a later `mergekit-evolve publish`
 
 
-def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions(),
+               shared_dir: Path | None = None) -> dict[str, Any]:
+    """One search in ``run_dir``; ``shared_dir`` (a staged run's root) keeps the sources' scores for every stage."""
     assert recipe.evolve is not None
     folder = RunFolder(run_dir)
     merge = merge_options(recipe, options.trust_remote_code)
@@ -123,7 +124,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
                             ", ".join(changed["tasks"]))
                 folder.examples_db.unlink(missing_ok=True)
             folder.prepare(recipe.fingerprints(), recipe.path, recipe.text, options.overwrite, **facts)
-            worker.use_store(run_dir)
+            worker.use_store(run_dir, shared_dir)
             _check_objectives_vary(recipe, worker)
             return _search(recipe, run_dir, worker, plan, merge, options)
     except RunDirError as e:
@@ -172,7 +173,7 @@ def _check_objectives_vary(recipe: Recipe, worker: Worker) -> None:
     if recipe.evolve.allow_constant_objectives:
         return
     dtype = recipe.compile(recipe.search_space.default_point()).dtype
-    scores = [worker.score_config(source_config(model, dtype), "search") for model in worker.sources]
+    scores = [worker.source_scores(model, "search", dtype) for model in worker.sources]
     for i, obj in enumerate(recipe.evolve.objectives):
         values = {s.values[obj.name] for s in scores}
         if len(values) == 1 and values <= {0.0, 1.0}:
@@ -313,5 +314,5 @@ def _run_stage(stage: Stage, run_dir: Path, options: RunOptions) -> dict[str, An
         report = {**report, "run_dir": str(stage.run_dir)}
     else:
         LOG.info("stage %s: searching in %s", stage.name, stage.run_dir)
-        report = run_recipe(stage.recipe, stage.run_dir, options)
+        report = run_recipe(stage.recipe, stage.run_dir, options, shared_dir=run_dir)
     return {**report, "stage": stage.name}

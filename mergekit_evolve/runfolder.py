@@ -9,6 +9,7 @@ This module is the only code that names a run's files; everything else asks a ``
       recipe.yml        the recipe as run (a genome file: its translation)
       study.db          the Optuna study (unless evolve.storage names another)
       examples.db       per-example results, reused by resumes and finalists
+      source_scores.json  the sources' whole-split scores (a staged run: one file at its root, shared by the stages)
       trials.jsonl      one line a trial, exported from the study
       archives.json     CycleQD's archives
       report.json       winner vs sources, search and held-out
@@ -91,6 +92,10 @@ class RunFolder:
     @property
     def examples_db(self) -> Path:
         return self.path / "examples.db"
+
+    @property
+    def source_scores(self) -> Path:
+        return self.path / "source_scores.json"
 
     @property
     def trials(self) -> Path:

@@ -3,11 +3,15 @@
 Kept as SQLite in the run folder (``examples.db``), so a resumed run, a later and larger
 evaluation, and the report all reuse what earlier trials computed. Several worker processes
 may share the file (WAL mode, waits on locks).
+
+``ScoreCache`` keeps whole-split scores of fixed models (the sources) under keys that name
+everything the score depends on, in one JSON file that the stages of a staged run share.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -74,3 +78,24 @@ class ExampleStore:
         """Close the file: SQLite then folds the WAL back into it and removes the -wal/-shm files."""
         with self._lock:
             self._db.close()
+
+
+class ScoreCache:
+    """Whole-split scores by key, in ``path`` (a JSON object) or, without one, in memory.
+
+    Written only by the run's main process (the sources' checks and the report), each write
+    whole and renamed into place, so a killed run leaves the previous file."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self._values: dict[str, float] = json.loads(path.read_text()) if path and path.exists() else {}
+
+    def get(self, key: str) -> float | None:
+        return self._values.get(key)
+
+    def put(self, values: dict[str, float]) -> None:
+        self._values.update(values)
+        if self.path is not None:
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text(json.dumps(self._values, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(partial, self.path)

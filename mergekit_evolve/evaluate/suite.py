@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -294,6 +295,7 @@ class Evaluator:
         self._lms: dict[int, Any] = {}
         self.computed = 0  # examples actually run through the model (for the benchmark)
         self._plans: dict[tuple[str, Split], EvalPlan] = {}
+        self._files: dict[str, str] | None = None  # the task files' hashes, read on first use
         self.requests = PreparedRequests(suite.settings.apply_chat_template)
 
     def _lm(self, model: transformers.PreTrainedModel) -> Any:
@@ -326,6 +328,16 @@ class Evaluator:
                     raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(task.aggregation())}")
                 self._plans[key] = EvalPlan(name, list(range(n)), limit, metric, flt or "none", aggregate)
         return self._plans[key]
+
+    def score_facts(self, objective: Objective, split: Split) -> str:
+        """A digest of what a whole-split score of ``objective`` depends on besides the model: the
+        task and its limit, metric, few-shot count, chat template, and the task files' content."""
+        if self._files is None:
+            self._files = self.suite.files()
+        task, limit = self.suite.task_for(objective, split)
+        facts = {"task": task, "limit": limit, "metric": objective.metric, "num_fewshot": objective.num_fewshot,
+                 "chat": self.suite.settings.apply_chat_template, "files": self._files}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def rows(self, model: transformers.PreTrainedModel, digest: str, plan: EvalPlan, ids: list[int]) -> list[dict[str, Any]]:
         """Per-example metrics for ``ids``: from the store, else computed now and stored."""

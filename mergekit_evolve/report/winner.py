@@ -21,7 +21,7 @@ from mergekit_evolve.merge.layer_types import layer_types_fixed
 from mergekit_evolve.methods.lora_particle import METHOD as LORA_PARTICLE
 from mergekit_evolve.methods.lora_particle import particle_adapter, write_adapter
 from mergekit_evolve.runfolder import BEST_ADAPTER_DIR, LORA_MERGES_PREFIX, RECIPE_FILE, RunFolder
-from mergekit_evolve.study.worker import Worker, source_config
+from mergekit_evolve.study.worker import Worker
 
 LOG = logging.getLogger(__name__)
 
@@ -63,19 +63,21 @@ def write_best(
     return target
 
 
-def source_scores(study: optuna.Study, worker: Worker, dtype: str | None) -> dict[str, dict[str, Any]]:
-    """Every source model on both splits; cached in the study so a resumed run does not rescore them."""
-    cached = study.user_attrs.get("source_scores", {})
-    out: dict[str, dict[str, Any]] = {}
-    for model in worker.sources:
-        name = str(model)
-        if name not in cached:
-            config = source_config(model, dtype)
-            search, heldout = worker.score_config(config, "search"), worker.score_config(config, "heldout")
-            cached[name] = _summary(search, heldout, worker)
-            study.set_user_attr("source_scores", cached)
-        out[name] = cached[name]
-    return out
+def source_scores(worker: Worker, dtype: str | None) -> dict[str, dict[str, Any]]:
+    """Every source model on both splits, each scored once per run (see ``Worker.source_scores``)."""
+    return {
+        str(model): _summary(worker.source_scores(model, "search", dtype), worker.source_scores(model, "heldout", dtype), worker)
+        for model in worker.sources
+    }
+
+
+def search_scores(worker: Worker, best: optuna.trial.FrozenTrial) -> Scores:
+    """The winner on the search split: the scores its trial stored when they cover the whole split
+    (not anchor estimates); else scored now, its examples mostly reused from the run's store."""
+    stored = best.user_attrs.get("scores") or {}
+    if not worker.recipe.evolve.estimated and all(o.name in stored for o in worker.objectives):
+        return Scores({o.name: stored[o.name] for o in worker.objectives})
+    return worker.score_config(winner_config(best), "search")
 
 
 def _summary(search: Scores, heldout: Scores, worker: Worker) -> dict[str, Any]:
@@ -88,11 +90,11 @@ def _summary(search: Scores, heldout: Scores, worker: Worker) -> dict[str, Any]:
 
 def write_report(run_dir: Path, study: optuna.Study, worker: Worker, best: optuna.trial.FrozenTrial) -> dict[str, Any]:
     config = winner_config(best)
-    winner = _summary(worker.score_config(config, "search"), worker.score_config(config, "heldout"), worker)
+    winner = _summary(search_scores(worker, best), worker.score_config(config, "heldout"), worker)
     report = {
         "objective": " + ".join(f"{o.weight:g}*{o.name}" for o in worker.objectives),
         "winner": {**winner, "trial": best.number, "point": best.params},
-        "sources": source_scores(study, worker, config.dtype),
+        "sources": source_scores(worker, config.dtype),
         "trials": len(study.trials),
         "study": study.study_name,
         "lm_eval": version("lm_eval"),  # the model card states what scored it

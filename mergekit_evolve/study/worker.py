@@ -5,6 +5,7 @@ Built once; every trial then only merges into the resident model and scores it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import traceback
@@ -19,7 +20,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
-from mergekit_evolve.evaluate.example_store import ExampleStore
+from mergekit_evolve.evaluate.example_store import ExampleStore, ScoreCache
 from mergekit_evolve.evaluate.scores import Scores, study_values
 from mergekit_evolve.evaluate.suite import Evaluator, Split, TaskSetupError, TaskSuite
 from mergekit_evolve.merge.engine import InMemoryMerger, resolve_device
@@ -77,6 +78,14 @@ def source_config(model: ModelReference, dtype: str | None) -> MergeConfiguratio
     return MergeConfiguration(merge_method="passthrough", models=[{"model": model}], dtype=dtype)
 
 
+def weights_stamp(model: ModelReference, options: MergeOptions) -> str:
+    """The name, size and modification time of every file of ``model``'s folder (and its adapter's):
+    it changes when the weights at that path are rewritten."""
+    folders = [Path(local_folder(model, options))] + ([Path(model.lora.path)] if model.lora else [])
+    files = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for d in folders for f in d.iterdir() if f.is_file())
+    return hashlib.sha256(repr(files).encode()).hexdigest()[:16]
+
+
 class Worker:
     def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False, suite: TaskSuite | None = None):
         assert recipe.evolve is not None
@@ -102,6 +111,7 @@ class Worker:
         self.failure_log: Path | None = None
         self._anchors: dict[str, AnchorSet] | None = None  # chosen on first use, from the sources' results
         self.known: dict[str, tuple[int, float | list[float], dict[str, float]]] = {}
+        self.source_cache = ScoreCache()  # the run folder's once use_store names it
 
     @property
     def objectives(self):
@@ -126,17 +136,19 @@ class Worker:
                 raise TaskSetupError(f"objective {obj.name}: anchors need a plain task with a mean-aggregated metric")
             key = f"{plan.metric},{plan.filter}"
             table = []
+            dtype = self.recipe.compile(self.recipe.search_space.default_point()).dtype
             for model in self.sources:
-                config = source_config(model, None)
+                config = source_config(model, dtype)  # the config the run's check of the sources scored
                 rows = self.evaluator.rows(self.merger.materialize(config), config_digest(config), plan, plan.ids)
                 table.append([float(r[key]) for r in rows])
             self._anchors[obj.name] = choose_anchors(np.array(table), plan.ids, obj.anchors, self.recipe.evolve.seed)
             LOG.info("objective %s: %d anchor examples of %d", obj.name, len(self._anchors[obj.name].ids), len(plan.ids))
         return self._anchors
 
-    def use_store(self, run_dir: Path) -> None:
+    def use_store(self, run_dir: Path, shared: Path | None = None) -> None:
         """Keep per-example results in the run folder (shared by resumes and other workers), with
-        those computed before it existed; failed trials' tracebacks go to its log."""
+        those computed before it existed, and the sources' scores in ``shared``'s (default: the
+        same folder); failed trials' tracebacks go to its log."""
         folder = RunFolder(run_dir)
         if self.evaluator.store.path == folder.examples_db:
             return
@@ -144,6 +156,8 @@ class Worker:
         store.absorb(self.evaluator.store)
         self.evaluator.store = store
         self.failure_log = folder.log
+        # a staged run's stages share one cache at its root: a source used by several is scored once
+        self.source_cache = ScoreCache(RunFolder(shared or run_dir).source_scores)
 
     def check_start_point(self) -> None:
         """Merge the recipe's start point (init values, else the box centre) and score one example of
@@ -166,6 +180,20 @@ class Worker:
 
     def score_config(self, config: MergeConfiguration, split: Split) -> Scores:
         return self.evaluator.score(self.merger.materialize(config), split, digest=config_digest(config))
+
+    def source_scores(self, model: ModelReference, split: Split, dtype: str | None) -> Scores:
+        """Source ``model`` on ``split``, scored once per run (and staged run): the cache's key names its
+        config, the stamp of its files on disk (a rewritten earlier stage's winner is scored again) and
+        what each objective's score depends on."""
+        config = source_config(model, dtype)
+        stamp = weights_stamp(model, self.merger.options)
+        keys = {o.name: f"{config_digest(config)}/{stamp}/{self.evaluator.score_facts(o, split)}" for o in self.objectives}
+        cached = {name: self.source_cache.get(key) for name, key in keys.items()}
+        if all(v is not None for v in cached.values()):
+            return Scores(cached)
+        scores = self.score_config(config, split)
+        self.source_cache.put({key: scores.values[name] for name, key in keys.items()})
+        return scores
 
     def remember(self, study: optuna.Study) -> None:
         """Index completed trials by config digest so an identical candidate is not scored twice."""
