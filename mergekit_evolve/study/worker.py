@@ -19,6 +19,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
+from mergekit_evolve.evaluate.example_objectives import ObjectiveError
 from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.evaluate.scores import Scores, study_values
 from mergekit_evolve.evaluate.suite import Evaluator, Split, TaskSetupError, TaskSuite
@@ -123,7 +124,8 @@ class Worker:
                 continue
             plan = self.evaluator.plan(obj, "search")
             if plan.ids is None or getattr(plan.aggregate, "__name__", "") != "mean":
-                raise TaskSetupError(f"objective {obj.name}: anchors need a plain task with a mean-aggregated metric")
+                raise TaskSetupError(f"objective {obj.name}: anchors need a plain task with a mean-aggregated metric "
+                                     "(or an objective of another kind)")
             key = f"{plan.metric},{plan.filter}"
             table = []
             for model in self.sources:
@@ -161,7 +163,8 @@ class Worker:
                         plan.value(rows)
         except Exception as e:
             LOG.debug("the start point failed", exc_info=True)
-            raise CandidateError(f"the recipe's start point fails before any trial: {type(e).__name__}: {e} "
+            error = str(e) if isinstance(e, ObjectiveError) else f"{type(e).__name__}: {e}"
+            raise CandidateError(f"the recipe's start point fails before any trial: {error} "
                                  "(-vv shows the traceback)") from None
 
     def score_config(self, config: MergeConfiguration, split: Split) -> Scores:
@@ -207,7 +210,8 @@ class Worker:
             trial.set_user_attr("error", "interrupted")
             raise
         except Exception as e:
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            # the user's scoring code: its own file:line and error already make the line
+            trial.set_user_attr("error", str(e) if isinstance(e, ObjectiveError) else f"{type(e).__name__}: {e}")
             self.log_failure(trial.number)
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
