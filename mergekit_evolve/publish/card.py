@@ -194,7 +194,7 @@ def _intro(run: RunFiles) -> str:
     text = (
         f"A `{run.config.merge_method}` merge of {len(merged)} models{onto}, found by an evolutionary search with "
         f"{PROJECT}: an Optuna `{run.evolve.sampler}` sampler proposed {report['trials']} candidate mergekit "
-        f"configurations, each was merged and scored with lm-eval on {objective_md(run)}, and this model is the best "
+        f"configurations, each was merged and scored {_scorer(run)}on {objective_md(run)}, and this model is the best "
         f"(trial {report['winner']['trial']})."
     )
     if run.stage:
@@ -349,6 +349,11 @@ def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
             shots = shots if shots is not None else f.num_fewshot
             lines.append(f"| {metric_name(o.metric)} | {split} | `{task}` | {data} | {shots} | {limit if limit is not None else 'all'} |")
     return "\n".join(lines)
+
+
+def _scorer(run: RunFiles) -> str:
+    """``with lm-eval `` when every objective is an lm-eval task (others are scored by the recipe's code or models)."""
+    return "with lm-eval " if all(isinstance(o, TaskObjective) for o in run.evolve.objectives) else ""
 
 
 def _example_objective_md(o: Objective) -> str:

@@ -99,7 +99,8 @@ class ExampleObjective(_ObjectiveBase):
 
     @property
     def metric(self) -> str:
-        return "score,none"
+        """The key of its per-example rows (as lm-eval's ``metric,filter``): the objective's own name."""
+        return f"{self.name},none"
 
     @property
     def scored_on(self) -> str:
@@ -176,10 +177,6 @@ class RewardObjective(ExampleObjective):
     @property
     def field(self) -> str:
         return "reward_model"
-
-    @property
-    def metric(self) -> str:
-        return "reward,none"
 
 
 # each objective names exactly one of these keys; the key says which model reads it

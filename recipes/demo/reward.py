@@ -24,11 +24,11 @@ def _answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 10) -> 
 
 def character_match(answer: str, expected: str) -> float:
     """The share of ``expected``'s positions that ``answer`` gets right; extra characters cost as misses."""
-    right = sum(a == b for a, b in zip(answer, expected))
+    right = sum(a == b for a, b in zip(answer, expected, strict=False))
     return right / max(len(expected), len(answer))
 
 
 @torch.no_grad()
 def score(model, tokenizer, examples: list[dict]) -> list[float]:
     answers = _answers(model, tokenizer, [e["prompt"] for e in examples])
-    return [character_match(a.strip(), e["answer"]) for a, e in zip(answers, examples)]
+    return [character_match(a.strip(), e["answer"]) for a, e in zip(answers, examples, strict=True)]

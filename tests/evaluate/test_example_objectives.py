@@ -191,3 +191,99 @@ def test_sampled_answers_do_not_depend_on_their_batch(tiny_llama):
     together = complete(model, tok, prompts, [0, 1, 2], sampled, False)
     assert complete(model, tok, prompts[2:], [2], sampled, False) == together[2:]
     assert complete(model, tok, prompts, [0, 1, 2], sampled.model_copy(update={"seed": 4}), False) != together
+
+
+def run_recipe_text(tiny_llama, objective: str) -> str:
+    base, v1, v2 = tiny_llama
+    return f"""\
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {v1}
+    parameters: {{weight: {{search: [0.0, 1.0]}}}}
+  - model: {v2}
+    parameters: {{weight: {{search: [0.0, 1.0]}}}}
+dtype: float32
+evolve:
+  sampler: random
+  trials: 2
+  seed: 3
+  allow_constant_objectives: true
+  pruning: {{pruner: none}}
+  device: cpu
+  threads: 1
+  objectives:
+    - {objective}
+"""
+
+
+def resume_scores_nothing_twice(folder: Path, recipe: str, monkeypatch) -> list[tuple[str, float, tuple[int, ...]]]:
+    """Run 2 trials, then resume to 4: no model (told apart by its weights) is scored again on an example
+    the first run scored. Returns the second run's calls."""
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import cli
+    from mergekit_evolve.evaluate.example_objectives import ExampleScorer
+
+    calls: list[tuple[str, float, tuple[int, ...]]] = []
+    rows = ExampleScorer.rows
+
+    def counted(self, model, tokenizer, split, ids):
+        weights = sum(float(p.double().sum()) for p in model.parameters())
+        calls.append((split, weights, tuple(ids)))
+        return rows(self, model, tokenizer, split, ids)
+
+    monkeypatch.setattr(ExampleScorer, "rows", counted)
+    path = folder / "recipe.yml"
+    path.write_text(recipe)
+    run_dir = folder / "run"
+    for trials in (2, 4):
+        if trials == 4:
+            first, calls[:] = list(calls), []
+        result = CliRunner().invoke(cli, ["run", str(path), "-o", str(run_dir), "--trials", str(trials), "--no-progress"])
+        assert result.exit_code == 0, result.output
+    done = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert sum(t["state"] == "COMPLETE" for t in done) == 4
+    scored = {(split, w, i) for split, w, ids in first for i in ids}
+    # the start-point check scores one example before the run folder's store is open: every run does
+    again = [c for c in calls if len(c[2]) > 1 and any((c[0], c[1], i) in scored for i in c[2])]
+    assert not again and calls, (again, calls)
+    return calls
+
+
+@pytest.mark.slow
+def test_python_objective_run_resumes_without_rescoring(folder, tiny_llama, monkeypatch):
+    objective = "{python: fitness.py:score, data: search.jsonl, heldout_data: heldout.jsonl}"
+    resume_scores_nothing_twice(folder, run_recipe_text(tiny_llama, objective), monkeypatch)
+
+
+@pytest.mark.slow
+def test_reward_objective_run_resumes_without_rescoring(folder, tiny_llama, reward_model, monkeypatch):
+    objective = f"{{reward_model: {reward_model}, prompts: search.jsonl, generation: {{max_new_tokens: 4}}}}"
+    resume_scores_nothing_twice(folder, run_recipe_text(tiny_llama, objective), monkeypatch)
+    report = json.loads((folder / "run" / "report.json").read_text())
+    assert set(report["winner"]["per_objective"]["heldout"]) == {f"reward:{reward_model.name}"}
+
+
+@pytest.mark.parametrize(("objective", "line", "message"), [
+    ("{python: fitness.py:nothing, data: search.jsonl}", 2,
+     "evolve.objectives[1].python: fitness.py has no function 'nothing'"),
+    ("{python: fitness.py:score,\n       data: missing.jsonl}", 3,
+     "evolve.objectives[1].data: no file 'missing.jsonl'"),
+    ("{task: tiny, python: fitness.py:score, data: search.jsonl}", 2,
+     "evolve.objectives.1: an objective names exactly one of 'task' (lm-eval), 'python'"),
+    ("{python: fitness.py:score, data: search.jsonl, metric: acc}", 2,
+     "evolve.objectives.1.metric: Extra inputs are not permitted"),
+])
+def test_the_preflight_names_the_recipe_line_of_a_broken_objective(folder, tiny_llama, objective, line, message):
+    from mergekit_evolve.preflight import check_tasks
+    from mergekit_evolve.recipe.document import load_document
+    from mergekit_evolve.recipe.yaml_lines import RecipeError
+
+    text = run_recipe_text(tiny_llama, "{python: fitness.py:score, data: search.jsonl, name: fine}\n    - " + objective)
+    path = folder / "recipe.yml"
+    path.write_text(text)
+    first = text.splitlines().index("  objectives:") + 1
+    with pytest.raises(RecipeError) as error:
+        check_tasks(load_document(path).recipe(), load=False)
+    assert str(error.value).startswith(f"{path}:{first + line}: {message}"), str(error.value)
