@@ -287,3 +287,11 @@ def test_the_preflight_names_the_recipe_line_of_a_broken_objective(folder, tiny_
     with pytest.raises(RecipeError) as error:
         check_tasks(load_document(path).recipe(), load=False)
     assert str(error.value).startswith(f"{path}:{first + line}: {message}"), str(error.value)
+
+
+def test_the_runs_task_files_hash_the_code_and_data_so_a_resume_notices_a_change(folder):
+    suite = TaskSuite(EvolveSettings.model_validate(python_settings()), folder)
+    files = suite.files()
+    assert set(files) == {"fitness.py", "search.jsonl", "heldout.jsonl"}
+    write_jsonl(folder / "search.jsonl", [{"text": "changed"}])
+    assert TaskSuite(EvolveSettings.model_validate(python_settings()), folder).files()["search.jsonl"] != files["search.jsonl"]
