@@ -158,7 +158,8 @@ class TaskSuite:
                         task.set_config(key="num_fewshot", value=obj.num_fewshot)
 
     def example_prompts(self, per_task: int = 1, max_chars: int = 400) -> list[str]:
-        """The first prompt(s) of each objective's search task, as lm-eval renders them (no few-shot context)."""
+        """The first prompt(s) of each objective's search data: a task's as lm-eval renders them (no few-shot
+        context), another kind's ``prompt`` field where its examples have one."""
         prompts: list[str] = []
         with contextlib.chdir(self.base_dir):
             for scorer in self.scorers.values():  # a reward model's prompts
