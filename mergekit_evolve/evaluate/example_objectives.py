@@ -114,6 +114,25 @@ class ExampleScorer(ABC):
     def check(self) -> None:  # noqa: B027 (a kind with nothing to check beyond its data keeps this)
         """What can be known wrong before any weight loads (the data is read already); raises ``TaskSetupError``."""
 
+    def check_prompts(self) -> None:
+        """Every example of both splits has a ``prompt`` string (for kinds that generate answers)."""
+        field = self.objective.data_fields[0]
+        for number, example in enumerate(self.examples["search"] + self.examples.get("heldout", []), start=1):
+            if not isinstance(example.get("prompt"), str):
+                raise TaskSetupError(f"{field}: example {number} has no 'prompt' string (keys: {sorted(example)})",
+                                     field=field)
+
+    def model_config(self, field: str) -> transformers.PretrainedConfig:
+        """The ``config.json`` of the model folder the objective's ``field`` names (no weights read)."""
+        value = getattr(self.objective, field)
+        folder = (self.base_dir / value).resolve()
+        if not (folder / "config.json").is_file():
+            raise TaskSetupError(f"{field}: no config.json in '{value}' (looked at {folder})", field=field)
+        try:
+            return transformers.AutoConfig.from_pretrained(folder)
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError for a bad config.json
+            raise TaskSetupError(f"{field}: cannot read {folder / 'config.json'}: {e}", field=field) from None
+
     def rows(self, model: transformers.PreTrainedModel, tokenizer: Any, split: Split,
              ids: list[int]) -> dict[int, dict[str, Any]]:
         """Examples ``ids`` of ``split`` scored now, as per-example rows keyed like lm-eval's metrics."""

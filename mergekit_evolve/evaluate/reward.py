@@ -28,17 +28,8 @@ class RewardScorer(ExampleScorer):
         self._loaded: tuple[Any, Any] | None = None
 
     def check(self) -> None:
-        for number, example in enumerate(self.examples["search"] + self.examples.get("heldout", []), start=1):
-            if not isinstance(example.get("prompt"), str):
-                raise TaskSetupError(f"prompts: example {number} has no 'prompt' string (keys: {sorted(example)})",
-                                     field="prompts")
-        if not (self.folder / "config.json").is_file():
-            raise TaskSetupError(f"reward_model: no config.json in '{self.objective.reward_model}' (looked at {self.folder})",
-                                 field=FIELD)
-        try:
-            config = transformers.AutoConfig.from_pretrained(self.folder)
-        except Exception as e:  # transformers raises OSError, ValueError, KeyError for a bad config.json
-            raise TaskSetupError(f"reward_model: cannot read {self.folder / 'config.json'}: {e}", field=FIELD) from None
+        self.check_prompts()
+        config = self.model_config(FIELD)
         self.label_index(config)
 
     def label_index(self, config: transformers.PretrainedConfig) -> int:

@@ -28,6 +28,7 @@ from mergekit_evolve.evaluate.example_objectives import (
     mean,
 )
 from mergekit_evolve.evaluate.example_store import ExampleStore
+from mergekit_evolve.evaluate.judge import JudgeScorer
 from mergekit_evolve.evaluate.python_objectives import PythonScorer
 from mergekit_evolve.evaluate.reward import RewardScorer
 from mergekit_evolve.evaluate.requests import PreparedRequests
@@ -35,6 +36,7 @@ from mergekit_evolve.evaluate.scores import Scores
 from mergekit_evolve.recipe.evolve_settings import (
     EvolveSettings,
     ExampleObjective,
+    JudgeObjective,
     Objective,
     PythonObjective,
     RewardObjective,
@@ -42,7 +44,9 @@ from mergekit_evolve.recipe.evolve_settings import (
 )
 
 LOG = logging.getLogger(__name__)
-SCORERS: dict[type[ExampleObjective], type[ExampleScorer]] = {PythonObjective: PythonScorer, RewardObjective: RewardScorer}
+SCORERS: dict[type[ExampleObjective], type[ExampleScorer]] = {
+    PythonObjective: PythonScorer, RewardObjective: RewardScorer, JudgeObjective: JudgeScorer,
+}
 
 
 def make_scorer(objective: ExampleObjective, settings: EvolveSettings, base_dir: Path) -> ExampleScorer:

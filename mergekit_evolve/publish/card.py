@@ -17,7 +17,7 @@ from mergekit.config import MergeConfiguration
 from mergekit_evolve.evaluate.task_facts import TaskFacts, task_facts
 from mergekit_evolve.methods.registry import register_plugins
 from mergekit_evolve.publish.run_files import RunFiles
-from mergekit_evolve.recipe.evolve_settings import Objective, RewardObjective, TaskObjective
+from mergekit_evolve.recipe.evolve_settings import JudgeObjective, Objective, RewardObjective, TaskObjective
 from mergekit_evolve.runfolder import (
     CARD_FILE,
     CONFIG_FILE,
@@ -361,6 +361,9 @@ def _example_objective_md(o: Objective) -> str:
     if isinstance(o, RewardObjective):
         how = "sampled" if o.generation.do_sample else "greedy"
         return f"local prompts file; {how} answers scored by the reward model `{o.reward_model}`"
+    if isinstance(o, JudgeObjective):
+        how = "sampled" if o.generation.do_sample else "greedy"
+        return f"local prompts file; {how} answers rated by the judge model `{o.judge_model}` with the recipe's rubric"
     return f"local JSONL file, scored by the recipe's function `{getattr(o, 'python', o.name)}`"
 
 

@@ -179,8 +179,59 @@ class RewardObjective(ExampleObjective):
         return "reward_model"
 
 
+DEFAULT_RUBRIC = (
+    "Rate the answer to the question from 1 (useless) to 5 (excellent).\n\nQuestion: {prompt}\n\n"
+    "Answer: {answer}\n\nRating (1-5):"
+)
+
+
+class JudgeObjective(ExampleObjective):
+    """A local causal LM judges the resident model's answer to each prompt by a rubric (G-Eval style):
+    the score is the judge's expected rating, its next-token probabilities over the rating tokens."""
+
+    judge_model: str = Field(description="folder of a causal LM, relative to the recipe's folder")
+    prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, relative to the recipe's folder")
+    heldout_prompts: str | None = Field(default=None, description="JSONL prompts scored only for the report")
+    rubric: str = Field(default=DEFAULT_RUBRIC, description="what the judge reads; {prompt} and {answer} are filled in")
+    ratings: list[str] = Field(
+        default=["1", "2", "3", "4", "5"], min_length=2,
+        description="the judge's possible next tokens, each a number (one token of its tokenizer)",
+    )
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+    data_fields: ClassVar[tuple[str, str]] = ("prompts", "heldout_prompts")
+
+    @field_validator("rubric")
+    @classmethod
+    def _answer_slot(cls, value: str) -> str:
+        if "{answer}" not in value:
+            raise ValueError("the rubric must hold {answer} (and usually {prompt}): where the judged answer goes")
+        return value
+
+    @field_validator("ratings")
+    @classmethod
+    def _numbers(cls, value: list[str]) -> list[str]:
+        for rating in value:
+            try:
+                float(rating)
+            except ValueError:
+                raise ValueError(f"rating '{rating}' is not a number") from None
+        return value
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "JudgeObjective":
+        if not self.name:
+            self.name = "judge:" + self.judge_model.rstrip("/").rpartition("/")[2]
+        return self
+
+    @property
+    def field(self) -> str:
+        return "judge_model"
+
+
 # each objective names exactly one of these keys; the key says which model reads it
-OBJECTIVE_KINDS = {"task": TaskObjective, "python": PythonObjective, "reward_model": RewardObjective}
+OBJECTIVE_KINDS = {"task": TaskObjective, "python": PythonObjective, "reward_model": RewardObjective,
+                   "judge_model": JudgeObjective}
 
 
 def _objective_kind(value: Any) -> str | None:
@@ -194,11 +245,12 @@ def _objective_kind(value: Any) -> str | None:
 Objective = Annotated[
     Annotated[TaskObjective, Tag("objective[task]")]
     | Annotated[PythonObjective, Tag("objective[python]")]
-    | Annotated[RewardObjective, Tag("objective[reward_model]")],
+    | Annotated[RewardObjective, Tag("objective[reward_model]")]
+    | Annotated[JudgeObjective, Tag("objective[judge_model]")],
     Discriminator(
         _objective_kind, custom_error_type="objective_kind",
-        custom_error_message="an objective names exactly one of 'task' (lm-eval), 'python' (a function) or "
-        "'reward_model' (a local reward model folder)",
+        custom_error_message="an objective names exactly one of 'task' (lm-eval), 'python' (a function), "
+        "'reward_model' (a local reward model folder) or 'judge_model' (a local causal LM folder)",
     ),
 ]
 

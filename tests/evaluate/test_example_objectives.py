@@ -295,3 +295,34 @@ def test_the_runs_task_files_hash_the_code_and_data_so_a_resume_notices_a_change
     assert set(files) == {"fitness.py", "search.jsonl", "heldout.jsonl"}
     write_jsonl(folder / "search.jsonl", [{"text": "changed"}])
     assert TaskSuite(EvolveSettings.model_validate(python_settings()), folder).files()["search.jsonl"] != files["search.jsonl"]
+
+
+def test_judge_objective_is_the_judges_expected_rating_of_each_answer(folder, tiny_llama):
+    judge_folder = tiny_llama[2]
+    rubric = "{prompt}={answer}:"
+    settings = {"objectives": [{"judge_model": str(judge_folder), "prompts": "search.jsonl", "rubric": rubric,
+                                "ratings": ["1", "2", "3"], "generation": {"max_new_tokens": 3}}]}
+    evaluator, model = evaluator_for(settings, folder, tiny_llama)
+    objective = evaluator.suite.settings.objectives[0]
+    scorer = evaluator.suite.scorers[objective.name]
+    scorer.check()
+    value = evaluator.score(model, "search", digest="d", fraction=0.25).values[objective.name]
+    # by hand: greedy answers, the judge's next-token probabilities over 1, 2, 3 after the filled rubric
+    tok = evaluator.tokenizer
+    judge = transformers.AutoModelForCausalLM.from_pretrained(judge_folder).eval()
+    expected = []
+    for i in evaluator.order(evaluator.plan(objective, "search"))[:2]:
+        prompt = scorer.examples["search"][i]["prompt"]
+        ids_in = tok(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids_in, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        answer = tok.decode(out[0, ids_in.shape[1]:], skip_special_tokens=True)
+        with torch.no_grad():
+            logits = judge(**tok(f"{prompt}={answer}:", return_tensors="pt")).logits[0, -1]
+        probs = logits[[tok.convert_tokens_to_ids(r) for r in "123"]].softmax(-1)
+        expected.append(float(probs @ torch.tensor([1.0, 2.0, 3.0])))
+    assert value == pytest.approx(sum(expected) / 2, abs=1e-5) and 1 < value < 3
+    with pytest.raises(TaskSetupError, match="ratings: '10' is 2 tokens"):
+        TaskSuite(EvolveSettings.model_validate(
+            {"objectives": [{**settings["objectives"][0], "ratings": ["1", "10"]}]}), folder).scorers[objective.name].check()
+    with pytest.raises(ValueError, match="must hold {answer}"):
+        EvolveSettings.model_validate({"objectives": [{**settings["objectives"][0], "rubric": "{prompt}"}]})
