@@ -328,8 +328,8 @@ def _reproduce(run: RunFiles) -> str:
 def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
     lm_eval = run.report.get("lm_eval")
     lines = [
-        (f"Scored with lm-eval{f' {lm_eval}' if lm_eval else ''} (log-likelihood and generation requests as each task "
-         "defines them), on the search split during the search and once on the held-out split for the winner and each source."),
+        (f"Scored {_scored_with(run, lm_eval)}, on the search split during the search and once on the held-out split "
+         "for the winner and each source."),
         "",
         "| objective | split | task | dataset | few-shot | examples |",
         "|---|---|---|---|---|---|",
@@ -354,6 +354,15 @@ def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
 def _scorer(run: RunFiles) -> str:
     """``with lm-eval `` when every objective is an lm-eval task (others are scored by the recipe's code or models)."""
     return "with lm-eval " if all(isinstance(o, TaskObjective) for o in run.evolve.objectives) else ""
+
+
+def _scored_with(run: RunFiles, lm_eval: str | None) -> str:
+    tasks = f"with lm-eval{f' {lm_eval}' if lm_eval else ''} (log-likelihood and generation requests as each task defines them)"
+    kinds = [o for o in run.evolve.objectives if not isinstance(o, TaskObjective)]
+    if not kinds:
+        return tasks
+    others = "example by example as the table says, each objective the mean over its examples"
+    return others if len(kinds) == len(run.evolve.objectives) else f"{tasks}, and the other objectives {others}"
 
 
 def _example_objective_md(o: Objective) -> str:
