@@ -326,3 +326,36 @@ def test_judge_objective_is_the_judges_expected_rating_of_each_answer(folder, ti
             {"objectives": [{**settings["objectives"][0], "ratings": ["1", "10"]}]}), folder).scorers[objective.name].check()
     with pytest.raises(ValueError, match="must hold {answer}"):
         EvolveSettings.model_validate({"objectives": [{**settings["objectives"][0], "rubric": "{prompt}"}]})
+
+
+@pytest.mark.slow
+def test_an_error_in_the_users_function_fails_the_trial_with_its_file_and_line(folder, tiny_llama):
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import cli
+
+    # passes the start-point check (one example), fails every trial (the whole split)
+    (folder / "picky.py").write_text("def score(model, tokenizer, examples):\n"
+                                     "    assert len(examples) == 1, f'{len(examples)} examples'\n"
+                                     "    return [0.5]\n")
+    path = folder / "recipe.yml"
+    path.write_text(run_recipe_text(tiny_llama, "{python: picky.py:score, data: search.jsonl}"))
+    result = CliRunner().invoke(cli, ["run", str(path), "-o", str(folder / "run"), "--no-progress"])
+    assert result.exit_code != 0
+    line = "picky.py:2: AssertionError: 8 examples"
+    assert f"same error, so the search stopped: {line}" in result.output, result.output
+    failed = [json.loads(t) for t in (folder / "run" / "trials.jsonl").read_text().splitlines()]
+    assert [t["error"] for t in failed] == [line, line]
+
+
+def test_answers_go_through_the_chat_template_when_the_recipe_asks(tiny_llama):
+    from mergekit_evolve.evaluate.example_objectives import complete
+    from mergekit_evolve.recipe.evolve_settings import GenerationSettings
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama[1]).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama[1])
+    tok.chat_template = "{% for m in messages %}:{{ m['content'] }}={% endfor %}"
+    greedy = GenerationSettings(max_new_tokens=5)
+    templated = complete(model, tok, ["ab", "cd"], [0, 1], greedy, True)
+    assert templated == complete(model, tok, [":ab=", ":cd="], [0, 1], greedy, False)
+    assert templated != complete(model, tok, ["ab", "cd"], [0, 1], greedy, False)
