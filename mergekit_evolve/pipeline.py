@@ -178,7 +178,7 @@ def _check_objectives_vary(recipe: Recipe, worker: Worker) -> None:
         values = {s.values[obj.name] for s in scores}
         if len(values) == 1 and values <= {0.0, 1.0}:
             raise RunFailed(str(recipe.error(
-                ("evolve", "objectives", i, "task"),
+                ("evolve", "objectives", i, obj.field),
                 f"every source model scores {values.pop():g} on {obj.name}, so the search cannot tell candidates "
                 "apart. Usual causes: a loglikelihood target without its leading space (lm-eval ignores "
                 "target_delimiter there), a metric or filter that reads the wrong field, an answer format the models "

@@ -28,6 +28,7 @@ from mergekit_evolve.evaluate.suite import (
     TaskSetupError,
     TaskSuite,
     check_indexed,
+    make_scorer,
     task_manager,
 )
 from mergekit_evolve.merge.resident import (
@@ -37,6 +38,7 @@ from mergekit_evolve.merge.resident import (
 )
 from mergekit_evolve.recipe import routing
 from mergekit_evolve.recipe.annotations import get_at, is_annotation, walk
+from mergekit_evolve.recipe.evolve_settings import ExampleObjective, TaskObjective
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.recipe.yaml_lines import Loc, RecipeError
 from mergekit_evolve.study.worker import source_models
@@ -241,6 +243,8 @@ def objective_loc(recipe: Recipe, task: str | None) -> Loc:
     """The recipe line of the objective that names ``task`` (the objectives list when none does)."""
     assert recipe.evolve is not None
     for i, obj in enumerate(recipe.evolve.objectives):
+        if not isinstance(obj, TaskObjective):
+            continue
         if task == obj.task:
             return ("evolve", "objectives", i, "task")
         if task == obj.heldout_task:
@@ -253,18 +257,30 @@ def _task_error(recipe: Recipe, e: TaskSetupError, index: int | None = None) -> 
         return recipe.error(("evolve", "task_paths"), str(e))
     if index is None:
         return recipe.error(objective_loc(recipe, e.task), str(e))
-    return recipe.error(("evolve", "objectives", index, e.field or "task"), str(e))
+    obj = recipe.evolve.objectives[index]
+    # other kinds' messages start with their field: placed under the objective, they name the recipe key
+    message = str(e) if isinstance(obj, TaskObjective) else f"evolve.objectives[{index}].{e}"
+    return recipe.error(("evolve", "objectives", index, e.field or obj.field), message)
 
 
 def check_tasks(recipe: Recipe, load: bool = True) -> TaskSuite | None:
     """Every objective's tasks, metrics and filters as lm-eval's index has them; with ``load``, the
-    tasks loaded too (their data: each split must have examples), as the suite the worker reuses."""
+    tasks loaded too (their data: each split must have examples), as the suite the worker reuses.
+    Other objectives' data, code and reward model configs are checked either way (no weights load)."""
     assert recipe.evolve is not None
+    for i, obj in enumerate(recipe.evolve.objectives):
+        if isinstance(obj, ExampleObjective):
+            try:
+                make_scorer(obj, recipe.evolve, recipe.base_dir).check()
+            except TaskSetupError as e:
+                raise _task_error(recipe, e, i) from None
     try:
         manager = task_manager(recipe.evolve, recipe.base_dir)
     except TaskSetupError as e:
         raise _task_error(recipe, e) from None
     for i, obj in enumerate(recipe.evolve.objectives):
+        if not isinstance(obj, TaskObjective):
+            continue
         try:
             check_indexed(obj, manager)
         except TaskSetupError as e:

@@ -13,7 +13,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import transformers
 from lm_eval.evaluator import evaluate
@@ -22,21 +22,39 @@ from lm_eval.tasks import TaskManager, get_task_dict
 
 from mergekit_evolve.compat.lm_eval import HookedHFLM, compiled_templates
 from mergekit_evolve.evaluate import generation, loglikelihood
+from mergekit_evolve.evaluate.example_objectives import (
+    ExampleScorer,
+    Split,
+    TaskSetupError,
+    file_digest,
+    limited,
+    mean,
+)
 from mergekit_evolve.evaluate.example_store import ExampleStore
+from mergekit_evolve.evaluate.judge import JudgeScorer
+from mergekit_evolve.evaluate.python_objectives import PythonScorer
+from mergekit_evolve.evaluate.reward import RewardScorer
 from mergekit_evolve.evaluate.requests import PreparedRequests
 from mergekit_evolve.evaluate.scores import Scores
-from mergekit_evolve.recipe.evolve_settings import EvolveSettings, Objective
+from mergekit_evolve.recipe.evolve_settings import (
+    EvolveSettings,
+    ExampleObjective,
+    JudgeObjective,
+    Objective,
+    PythonObjective,
+    RewardObjective,
+    TaskObjective,
+)
 
 LOG = logging.getLogger(__name__)
-Split = Literal["search", "heldout"]
+SCORERS: dict[type[ExampleObjective], type[ExampleScorer]] = {
+    PythonObjective: PythonScorer, RewardObjective: RewardScorer, JudgeObjective: JudgeScorer,
+}
 
 
-class TaskSetupError(ValueError):
-    """A task an objective names cannot be used; ``task`` and ``field`` (of the objective) say where."""
-
-    def __init__(self, message: str, task: str | None = None, field: str | None = None):
-        super().__init__(message)
-        self.task, self.field = task, field
+def make_scorer(objective: ExampleObjective, settings: EvolveSettings, base_dir: Path) -> ExampleScorer:
+    """The scorer of an objective that is not an lm-eval task (its data read, its function imported)."""
+    return SCORERS[type(objective)](objective, base_dir, settings.apply_chat_template)
 
 
 def _quiet_lm_eval() -> None:
@@ -45,8 +63,13 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.ERROR))
 
 
+def task_objectives(settings: EvolveSettings) -> list[TaskObjective]:
+    return [o for o in settings.objectives if isinstance(o, TaskObjective)]
+
+
 def objective_tasks(settings: EvolveSettings) -> set[str]:
-    return {o.task for o in settings.objectives} | {o.heldout_task for o in settings.objectives if o.heldout_task}
+    objectives = task_objectives(settings)
+    return {o.task for o in objectives} | {o.heldout_task for o in objectives if o.heldout_task}
 
 
 def task_manager(settings: EvolveSettings, base_dir: Path) -> TaskManager:
@@ -87,7 +110,7 @@ DEFAULT_METRICS = {
 }
 
 
-def check_indexed(objective: Objective, manager: TaskManager) -> None:
+def check_indexed(objective: TaskObjective, manager: TaskManager) -> None:
     """The objective's metric and filter exist in its tasks' configs, as lm-eval indexed them (no data loaded).
 
     Groups and tags aggregate their tasks' metrics: those are checked once loaded (``TaskSuite.check``)."""
@@ -109,7 +132,7 @@ def check_indexed(objective: Objective, manager: TaskManager) -> None:
 
 
 class TaskSuite:
-    """The objectives' lm-eval tasks, indexed and loaded once.
+    """The objectives' lm-eval tasks, indexed and loaded once, and the scorers of the other objectives.
 
     Custom task folders and the data paths inside their YAMLs are resolved relative to
     ``base_dir`` (the recipe's folder), so a recipe runs from any working directory.
@@ -133,17 +156,25 @@ class TaskSuite:
         if unsafe:  # lm-eval runs these only when confirmed; a search would run them unattended
             raise TaskSetupError(f"task(s) {unsafe} execute model-written code; mergekit-evolve does not run them",
                                  task=unsafe[0])
-        for obj in settings.objectives:
+        self.scorers = {o.name: make_scorer(o, settings, base_dir) for o in settings.objectives
+                        if isinstance(o, ExampleObjective)}
+        for obj in task_objectives(settings):
             if obj.num_fewshot is not None:
                 for task_name in filter(None, (obj.task, obj.heldout_task)):
                     for task in _leaf_tasks(self.tasks[task_name]):
                         task.set_config(key="num_fewshot", value=obj.num_fewshot)
 
     def example_prompts(self, per_task: int = 1, max_chars: int = 400) -> list[str]:
-        """The first prompt(s) of each objective's search task, as lm-eval renders them (no few-shot context)."""
+        """The first prompt(s) of each objective's search data: a task's as lm-eval renders them (no few-shot
+        context), another kind's ``prompt`` field where its examples have one."""
         prompts: list[str] = []
         with contextlib.chdir(self.base_dir):
-            for obj in self.settings.objectives:
+            for scorer in self.scorers.values():  # a reward model's prompts
+                for example in scorer.split_examples("search")[:per_task]:
+                    prompt = example.get("prompt")
+                    if isinstance(prompt, str) and prompt.strip() and prompt.strip() not in prompts:
+                        prompts.append(prompt.strip()[:max_chars])
+            for obj in task_objectives(self.settings):
                 for task in _leaf_tasks(self.tasks[obj.task])[:1]:
                     for doc in list(task.eval_docs)[:per_task]:
                         text = task.doc_to_text(doc)
@@ -152,9 +183,10 @@ class TaskSuite:
         return prompts
 
     def files(self) -> dict[str, str]:
-        """Every task YAML and local data file the objectives read -> a hash of its content, so a
-        resumed run can tell that a task changed (built-in tasks' hub data is not covered)."""
-        paths: set[Path] = set()
+        """Every task YAML and local data file the objectives read (and the other objectives' code, data and
+        reward models) -> a hash of its content, so a resumed run can tell that one changed (built-in
+        tasks' hub data is not covered)."""
+        paths: set[Path] = {p for scorer in self.scorers.values() for p in scorer.files()}
         leaves = [t for tree in self.tasks.values() for t in _leaf_tasks(tree)]
         for name in {*self.tasks, *(t.config.task for t in leaves)}:
             entry = self.manager.task_index.get(name)
@@ -171,11 +203,14 @@ class TaskSuite:
         # named relative to the recipe's folder where they sit under it, so a run folder restored
         # into another checkout (a CI artifact) still matches its own task files
         base = self.base_dir.resolve()
-        return {str(p.relative_to(base)) if p.is_relative_to(base) else str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-                for p in sorted(paths)}
+        return {str(p.relative_to(base)) if p.is_relative_to(base) else str(p): file_digest(p) for p in sorted(paths)}
 
     def check(self, objective: Objective) -> None:
-        """The objective's metric and filter exist in each of its tasks, and each split has examples."""
+        """The objective's metric and filter exist in each of its tasks, and each split has examples
+        (another kind's own checks: its data was read when the suite was built)."""
+        if isinstance(objective, ExampleObjective):
+            self.scorers[objective.name].check()
+            return
         metric, _, flt = objective.metric.partition(",")
         flt = flt or "none"
         for split, field in (("search", "task"), ("heldout", "heldout_task" if objective.heldout_task else "task")):
@@ -192,7 +227,7 @@ class TaskSuite:
                 raise TaskSetupError(f"task '{name}' has no filter '{flt}' (metric '{objective.metric}'); it has "
                                      f"{sorted(filters)}", name, "metric")
 
-    def task_for(self, objective: Objective, split: Split) -> tuple[str, Any]:
+    def task_for(self, objective: TaskObjective, split: Split) -> tuple[str, Any]:
         if split == "search":
             return objective.task, objective.limit
         if not objective.heldout_task:
@@ -266,7 +301,9 @@ class QuietHFLM(HookedHFLM):
 
 @dataclass
 class EvalPlan:
-    """Which documents of which task an objective scores on one split, and how to aggregate them."""
+    """Which documents of which task an objective scores on one split, and how to aggregate them.
+
+    For an objective that is not an lm-eval task, ``task`` is its scorer's store key and ``scorer`` is set."""
 
     task: str
     ids: list[int] | None  # None: a group task, scored whole through lm-eval's ``limit``
@@ -274,6 +311,8 @@ class EvalPlan:
     metric: str
     filter: str
     aggregate: Any
+    scorer: ExampleScorer | None = None
+    split: Split = "search"
 
     def value(self, rows: list[dict[str, Any]]) -> float:
         return float(self.aggregate([r[f"{self.metric},{self.filter}"] for r in rows]))
@@ -312,6 +351,12 @@ class Evaluator:
 
     def plan(self, objective: Objective, split: Split) -> EvalPlan:
         key = (objective.name, split)
+        if key not in self._plans and isinstance(objective, ExampleObjective):
+            scorer = self.suite.scorers[objective.name]
+            limit = objective.limit if split == "search" else objective.heldout_limit
+            n = limited(len(scorer.split_examples(split)), limit)
+            metric, _, flt = objective.metric.partition(",")
+            self._plans[key] = EvalPlan(scorer.store_key(split), list(range(n)), limit, metric, flt, mean, scorer, split)
         if key not in self._plans:
             name, limit = self.suite.task_for(objective, split)
             metric, _, flt = objective.metric.partition(",")
@@ -320,9 +365,7 @@ class Evaluator:
             if task is None or isinstance(task, dict) or not hasattr(task, "eval_docs"):
                 self._plans[key] = EvalPlan(name, None, limit, metric, flt, None)
             else:
-                n = len(task.eval_docs)
-                if limit is not None:
-                    n = min(n, math.ceil(n * limit) if isinstance(limit, float) and limit < 1 else int(limit))
+                n = limited(len(task.eval_docs), limit)
                 aggregate = task.aggregation().get(metric)
                 if aggregate is None:
                     raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(task.aggregation())}")
@@ -344,16 +387,25 @@ class Evaluator:
         return self.rows_many(model, digest, [(plan, ids)])[0]
 
     def rows_many(
-        self, model: transformers.PreTrainedModel, digest: str, wanted: list[tuple[EvalPlan, list[int]]]
+        self, model: transformers.PreTrainedModel, digest: str | None, wanted: list[tuple[EvalPlan, list[int]]]
     ) -> list[list[dict[str, Any]]]:
         """``rows`` for several tasks at once: whatever the store lacks runs as one request set,
-        batched across tasks (see ``PreparedRequests``)."""
-        have = {plan.task: self.store.get(digest, plan.task, ids) for plan, ids in wanted}
+        batched across tasks (see ``PreparedRequests``); other objectives' scorers run after it.
+        Without a ``digest`` (a model that is no config) nothing is read from or kept in the store."""
+        have = {plan.task: self.store.get(digest, plan.task, ids) if digest else {} for plan, ids in wanted}
         missing: dict[str, list[int]] = {}
         for plan, ids in wanted:
             need = [i for i in ids if i not in have[plan.task]]
             if need:
                 missing[plan.task] = sorted(set(missing.get(plan.task, [])) | set(need))
+        scorers = {plan.task: plan for plan, _ in wanted if plan.scorer is not None and plan.task in missing}
+        for key, plan in scorers.items():
+            assert plan.scorer is not None
+            new = plan.scorer.rows(model, self.tokenizer, plan.split, missing.pop(key))
+            if digest:
+                self.store.put(digest, {key: new})
+            self.computed += len(new)
+            have[key].update(new)
         if missing:
             tasks = {name: task for t in missing for name, task in self.suite.tasks[t].items()}
             with compiled_templates():
@@ -389,7 +441,7 @@ class Evaluator:
         plans = [self.plan(obj, split) for obj in objectives]
         wanted: dict[str, tuple[EvalPlan, list[int]]] = {}
         for obj, plan in zip(objectives, plans):
-            if plan.ids is None or digest is None:
+            if plan.ids is None or (digest is None and plan.scorer is None):
                 continue
             wanted[obj.name] = (plan, self.example_ids(obj, plan, fraction, anchors))
         rows = dict(zip(wanted, self.rows_many(model, digest, list(wanted.values())))) if wanted else {}

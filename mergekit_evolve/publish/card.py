@@ -17,7 +17,7 @@ from mergekit.config import MergeConfiguration
 from mergekit_evolve.evaluate.task_facts import TaskFacts, task_facts
 from mergekit_evolve.methods.registry import register_plugins
 from mergekit_evolve.publish.run_files import RunFiles
-from mergekit_evolve.recipe.evolve_settings import Objective
+from mergekit_evolve.recipe.evolve_settings import JudgeObjective, Objective, RewardObjective, TaskObjective
 from mergekit_evolve.runfolder import (
     CARD_FILE,
     CONFIG_FILE,
@@ -117,13 +117,10 @@ def _base_models(run: RunFiles) -> list[str]:
     return ids
 
 
-def _heldout_task(o: Objective) -> str:
-    return o.heldout_task or o.task
-
-
 def _facts(run: RunFiles) -> dict[str, TaskFacts]:
     ev = run.evolve
-    names = {o.task for o in ev.objectives} | {_heldout_task(o) for o in ev.objectives}
+    # only lm-eval tasks have configs to read; other objectives are named by their files
+    names = {t for o in ev.objectives if isinstance(o, TaskObjective) for t in (o.scored_on, o.heldout_scored_on)}
     recipe = run.folder.stored_recipe_path()
     base = recipe.parent if recipe else Path.cwd()
     try:
@@ -138,9 +135,9 @@ def _eval_results(run: RunFiles, facts: dict[str, TaskFacts]) -> list[EvalResult
     per = run.report["winner"]["per_objective"]["heldout"]
     results = []
     for o in run.evolve.objectives:
-        task = _heldout_task(o)
+        task = o.heldout_scored_on
         f = facts.get(task) or TaskFacts(task)
-        kind = "held-out" if o.heldout_task else "held-out re-score of the search task"
+        kind = "held-out" if o.separate_heldout else "held-out re-score of the search task"
         results.append(EvalResult(
             task_type="text-generation",
             task_name=task,
@@ -175,7 +172,7 @@ def objective_md(run: RunFiles) -> str:
     objectives = run.evolve.objectives
     equal = len({o.weight for o in objectives}) == 1
     terms = [
-        f"{'minus ' if o.goal == 'minimize' else ''}{'' if equal else f'{o.weight:g} × '}{metric_name(o.metric)} on `{o.task}`"
+        f"{'minus ' if o.goal == 'minimize' else ''}{'' if equal else f'{o.weight:g} × '}{metric_name(o.metric)} on `{o.scored_on}`"
         for o in objectives
     ]
     if len(terms) == 1:
@@ -197,7 +194,7 @@ def _intro(run: RunFiles) -> str:
     text = (
         f"A `{run.config.merge_method}` merge of {len(merged)} models{onto}, found by an evolutionary search with "
         f"{PROJECT}: an Optuna `{run.evolve.sampler}` sampler proposed {report['trials']} candidate mergekit "
-        f"configurations, each was merged and scored with lm-eval on {objective_md(run)}, and this model is the best "
+        f"configurations, each was merged and scored {_scorer(run)}on {objective_md(run)}, and this model is the best "
         f"(trial {report['winner']['trial']})."
     )
     if run.stage:
@@ -234,7 +231,7 @@ def _results_md(run: RunFiles) -> str:
     if weighted:
         header += ["objective (search)", "objective (held-out)"]
     for o in objectives:
-        header += [f"{o.task} {metric_name(o.metric)} (search)", f"{_heldout_task(o)} {metric_name(o.metric)} (held-out)"]
+        header += [f"{o.scored_on} {metric_name(o.metric)} (search)", f"{o.heldout_scored_on} {metric_name(o.metric)} (held-out)"]
 
     def row(label: str, entry: dict[str, Any]) -> str:
         cells = [label]
@@ -252,7 +249,7 @@ def _results_md(run: RunFiles) -> str:
         f"{report['trials']} trials there, so they overstate it. The held-out columns score examples the search "
         "never saw; they are the ones to quote."
     )]
-    same = [o.task for o in objectives if not o.heldout_task]
+    same = [o.scored_on for o in objectives if not o.separate_heldout]
     if same:
         notes.append(
             f"No separate held-out task was given for {', '.join(f'`{t}`' for t in same)}: its held-out column "
@@ -276,7 +273,7 @@ def _search_md(run: RunFiles) -> str:
     ]
     for o in ev.objectives:
         limit = f", limit {o.limit}" if o.limit is not None else ""
-        lines.append(f"- {metric_name(o.metric)} on `{o.task}` ({o.goal}, weight {o.weight:g}{limit})")
+        lines.append(f"- {metric_name(o.metric)} on `{o.scored_on}` ({o.goal}, weight {o.weight:g}{limit})")
     for kind, (name, _) in run.plots().items():
         lines += ["", f"![{PLOT_CAPTIONS[kind]}]({name})"]
     return "\n".join(lines)
@@ -331,35 +328,63 @@ def _reproduce(run: RunFiles) -> str:
 def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
     lm_eval = run.report.get("lm_eval")
     lines = [
-        (f"Scored with lm-eval{f' {lm_eval}' if lm_eval else ''} (log-likelihood and generation requests as each task "
-         "defines them), on the search split during the search and once on the held-out split for the winner and each source."),
+        (f"Scored {_scored_with(run, lm_eval)}, on the search split during the search and once on the held-out split "
+         "for the winner and each source."),
         "",
         "| objective | split | task | dataset | few-shot | examples |",
         "|---|---|---|---|---|---|",
     ]
     for o in run.evolve.objectives:
-        for split, task, limit in (("search", o.task, o.limit), ("held-out", _heldout_task(o), o.heldout_limit)):
+        for split, task, limit in (("search", o.scored_on, o.limit), ("held-out", o.heldout_scored_on, o.heldout_limit)):
             f = facts.get(task) or TaskFacts(task)
-            if f.dataset:
+            if not isinstance(o, TaskObjective):
+                data = _example_objective_md(o)
+            elif f.dataset:
                 data = f"[{f.dataset}](https://huggingface.co/datasets/{f.dataset})" + "".join(
                     f" `{x}`" for x in (f.subset, f.split) if x
                 )
             else:
                 data = "local data file of the task" + (f" (`{f.split}` split)" if f.split else "")
-            shots = o.num_fewshot if o.num_fewshot is not None else f.num_fewshot
+            shots = getattr(o, "num_fewshot", None)
+            shots = shots if shots is not None else f.num_fewshot
             lines.append(f"| {metric_name(o.metric)} | {split} | `{task}` | {data} | {shots} | {limit if limit is not None else 'all'} |")
     return "\n".join(lines)
 
 
+def _scorer(run: RunFiles) -> str:
+    """``with lm-eval `` when every objective is an lm-eval task (others are scored by the recipe's code or models)."""
+    return "with lm-eval " if all(isinstance(o, TaskObjective) for o in run.evolve.objectives) else ""
+
+
+def _scored_with(run: RunFiles, lm_eval: str | None) -> str:
+    tasks = f"with lm-eval{f' {lm_eval}' if lm_eval else ''} (log-likelihood and generation requests as each task defines them)"
+    kinds = [o for o in run.evolve.objectives if not isinstance(o, TaskObjective)]
+    if not kinds:
+        return tasks
+    others = "example by example as the table says, each objective the mean over its examples"
+    return others if len(kinds) == len(run.evolve.objectives) else f"{tasks}, and the other objectives {others}"
+
+
+def _example_objective_md(o: Objective) -> str:
+    """What scores an objective that is not an lm-eval task, for the evaluation table's data column."""
+    if isinstance(o, RewardObjective):
+        how = "sampled" if o.generation.do_sample else "greedy"
+        return f"local prompts file; {how} answers scored by the reward model `{o.reward_model}`"
+    if isinstance(o, JudgeObjective):
+        how = "sampled" if o.generation.do_sample else "greedy"
+        return f"local prompts file; {how} answers rated by the judge model `{o.judge_model}` with the recipe's rubric"
+    return f"local JSONL file, scored by the recipe's function `{getattr(o, 'python', o.name)}`"
+
+
 def _limitations_md(run: RunFiles) -> str:
-    tasks = sorted({t for o in run.evolve.objectives for t in (o.task, _heldout_task(o))})
+    tasks = sorted({t for o in run.evolve.objectives for t in (o.scored_on, o.heldout_scored_on)})
     lines = [
         (f"- Measured only on {', '.join(f'`{t}`' for t in tasks)}: the search optimised for these and nothing "
          "else, so abilities they do not test may be better or worse than the sources'."),
         "- A merge inherits the limitations, biases and license terms of its source models; read their cards.",
         "- Not evaluated for safety, toxicity or factuality beyond the tasks above.",
     ]
-    if any(not o.heldout_task for o in run.evolve.objectives):
+    if any(not o.separate_heldout for o in run.evolve.objectives):
         lines.append("- Some held-out scores re-score the search task (no separate held-out task was given), "
                      "so they are not independent of the search.")
     return "\n".join(lines)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -31,20 +33,14 @@ RESUMABLE = {"trials", "device", "batch_size", "max_failures", "workers", "heart
              "allow_constant_objectives"}
 
 
-class Objective(BaseModel):
-    """One lm-eval task metric; the search maximises the weighted mean of all objectives."""
+class _ObjectiveBase(BaseModel):
+    """What every kind of objective has: how it weighs, which way is better, how many examples."""
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(description="lm-eval task (or group) scored during the search")
-    metric: str = Field(default="acc,none", description="key in lm-eval's results, e.g. 'acc,none'")
     weight: float = Field(default=1.0, gt=0)
     goal: Literal["maximize", "minimize"] = "maximize"
-    limit: int | float | None = Field(default=None, description="examples per candidate (lm-eval --limit)")
-    num_fewshot: int | None = None
-    heldout_task: str | None = Field(
-        default=None, description="task scored only for the report (winner vs sources), never during the search"
-    )
+    limit: int | float | None = Field(default=None, description="examples per candidate (a count, or a fraction below 1)")
     heldout_limit: int | float | None = None
     anchors: int | None = Field(
         default=None, ge=2,
@@ -53,13 +49,210 @@ class Objective(BaseModel):
     )
 
     @property
+    def sign(self) -> int:
+        """The one place the goal becomes a sign: a score times ``sign`` is higher-is-better."""
+        return 1 if self.goal == "maximize" else -1
+
+
+class TaskObjective(_ObjectiveBase):
+    """One lm-eval task metric; the search maximises the weighted mean of all objectives."""
+
+    task: str = Field(description="lm-eval task (or group) scored during the search")
+    metric: str = Field(default="acc,none", description="key in lm-eval's results, e.g. 'acc,none'")
+    num_fewshot: int | None = None
+    heldout_task: str | None = Field(
+        default=None, description="task scored only for the report (winner vs sources), never during the search"
+    )
+
+    @property
     def name(self) -> str:
         return f"{self.task}/{self.metric}"
 
     @property
-    def sign(self) -> int:
-        """The one place the goal becomes a sign: a score times ``sign`` is higher-is-better."""
-        return 1 if self.goal == "maximize" else -1
+    def field(self) -> str:
+        """The recipe key that says what this objective scores (errors point there)."""
+        return "task"
+
+    @property
+    def scored_on(self) -> str:
+        """What the search scores, as the card and report name it."""
+        return self.task
+
+    @property
+    def heldout_scored_on(self) -> str:
+        return self.heldout_task or self.task
+
+    @property
+    def separate_heldout(self) -> bool:
+        return self.heldout_task is not None
+
+
+class ExampleObjective(_ObjectiveBase):
+    """An objective scored outside lm-eval, one float per example of a JSONL file; its aggregate is their mean.
+
+    Each kind (``python``, ``reward_model``; a judge model next) names its data files in ``data_fields``,
+    and evaluate/ has one scorer per kind behind the same per-example interface."""
+
+    name: str = Field(default="", description="the objective's name in scores, reports and `select` (default: derived)")
+
+    data_fields: ClassVar[tuple[str, str]]  # (search data field, held-out data field)
+
+    @property
+    def metric(self) -> str:
+        """The key of its per-example rows (as lm-eval's ``metric,filter``): the objective's own name."""
+        return f"{self.name},none"
+
+    @property
+    def scored_on(self) -> str:
+        return str(getattr(self, self.data_fields[0]))
+
+    @property
+    def heldout_scored_on(self) -> str:
+        return str(getattr(self, self.data_fields[1]) or self.scored_on)
+
+    @property
+    def separate_heldout(self) -> bool:
+        return getattr(self, self.data_fields[1]) is not None
+
+
+class PythonObjective(ExampleObjective):
+    """A Python function scores the resident model on each example of a JSONL file."""
+
+    python: str = Field(description="'file.py:function' (relative to the recipe's folder) or 'package.module:function'; "
+                                    "called as function(model, tokenizer, examples) -> one float per example")
+    data: str = Field(description="JSONL file of examples (one JSON object a line), relative to the recipe's folder")
+    heldout_data: str | None = Field(default=None, description="JSONL examples scored only for the report")
+
+    data_fields: ClassVar[tuple[str, str]] = ("data", "heldout_data")
+
+    @field_validator("python")
+    @classmethod
+    def _function_path(cls, value: str) -> str:
+        module, _, function = value.rpartition(":")
+        if not module or not function.isidentifier():
+            raise ValueError(f"'{value}' is not 'file.py:function' or 'package.module:function'")
+        return value
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "PythonObjective":
+        if not self.name:
+            self.name = self.python.rpartition(":")[2]
+        return self
+
+    @property
+    def field(self) -> str:
+        return "python"
+
+
+class GenerationSettings(BaseModel):
+    """How the resident model answers each prompt before it is scored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(default=64, ge=1)
+    do_sample: bool = Field(default=False, description="greedy decoding unless true")
+    temperature: float = Field(default=1.0, gt=0, description="with do_sample")
+    seed: int = Field(default=0, description="with do_sample: each prompt's sample is seeded by this and its position")
+
+
+class RewardObjective(ExampleObjective):
+    """A local reward model (``AutoModelForSequenceClassification``) scores the resident model's answer to each prompt."""
+
+    reward_model: str = Field(description="folder of a sequence-classification model, relative to the recipe's folder")
+    prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, relative to the recipe's folder")
+    heldout_prompts: str | None = Field(default=None, description="JSONL prompts scored only for the report")
+    label: int | str | None = Field(
+        default=None, description="which output is the reward: an index or a label name (default: the model's single output)"
+    )
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+    data_fields: ClassVar[tuple[str, str]] = ("prompts", "heldout_prompts")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "RewardObjective":
+        if not self.name:
+            self.name = "reward:" + self.reward_model.rstrip("/").rpartition("/")[2]
+        return self
+
+    @property
+    def field(self) -> str:
+        return "reward_model"
+
+
+DEFAULT_RUBRIC = (
+    "Rate the answer to the question from 1 (useless) to 5 (excellent).\n\nQuestion: {prompt}\n\n"
+    "Answer: {answer}\n\nRating (1-5):"
+)
+
+
+class JudgeObjective(ExampleObjective):
+    """A local causal LM judges the resident model's answer to each prompt by a rubric (G-Eval style):
+    the score is the judge's expected rating, its next-token probabilities over the rating tokens."""
+
+    judge_model: str = Field(description="folder of a causal LM, relative to the recipe's folder")
+    prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, relative to the recipe's folder")
+    heldout_prompts: str | None = Field(default=None, description="JSONL prompts scored only for the report")
+    rubric: str = Field(default=DEFAULT_RUBRIC, description="what the judge reads; {prompt} and {answer} are filled in")
+    ratings: list[str] = Field(
+        default=["1", "2", "3", "4", "5"], min_length=2,
+        description="the judge's possible next tokens, each a number (one token of its tokenizer)",
+    )
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+    data_fields: ClassVar[tuple[str, str]] = ("prompts", "heldout_prompts")
+
+    @field_validator("rubric")
+    @classmethod
+    def _answer_slot(cls, value: str) -> str:
+        if "{answer}" not in value:
+            raise ValueError("the rubric must hold {answer} (and usually {prompt}): where the judged answer goes")
+        return value
+
+    @field_validator("ratings")
+    @classmethod
+    def _numbers(cls, value: list[str]) -> list[str]:
+        for rating in value:
+            try:
+                float(rating)
+            except ValueError:
+                raise ValueError(f"rating '{rating}' is not a number") from None
+        return value
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "JudgeObjective":
+        if not self.name:
+            self.name = "judge:" + self.judge_model.rstrip("/").rpartition("/")[2]
+        return self
+
+    @property
+    def field(self) -> str:
+        return "judge_model"
+
+
+# each objective names exactly one of these keys; the key says which model reads it
+OBJECTIVE_KINDS = {"task": TaskObjective, "python": PythonObjective, "reward_model": RewardObjective,
+                   "judge_model": JudgeObjective}
+
+
+def _objective_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return f"objective[{next(k for k, v in OBJECTIVE_KINDS.items() if isinstance(value, v))}]"
+    found = [k for k in OBJECTIVE_KINDS if isinstance(value, dict) and k in value]
+    # tags hold "[" so recipe errors leave them out of the place they name (parse.validation_message)
+    return f"objective[{found[0]}]" if len(found) == 1 else None
+
+
+Objective = Annotated[
+    Annotated[TaskObjective, Tag("objective[task]")]
+    | Annotated[PythonObjective, Tag("objective[python]")]
+    | Annotated[RewardObjective, Tag("objective[reward_model]")]
+    | Annotated[JudgeObjective, Tag("objective[judge_model]")],
+    Discriminator(
+        _objective_kind, custom_error_type="objective_kind",
+        custom_error_message="an objective names exactly one of 'task' (lm-eval), 'python' (a function), "
+        "'reward_model' (a local reward model folder) or 'judge_model' (a local causal LM folder)",
+    ),
+]
 
 
 class SelectRule(BaseModel):
@@ -72,7 +265,7 @@ class SelectRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     weighted: bool = False
-    objective: str | None = Field(default=None, description="rank by this objective (its task, or task/metric)")
+    objective: str | None = Field(default=None, description="rank by this objective (its name, task, or task/metric)")
     at_least: dict[str, float] = Field(default_factory=dict, description="objective -> lowest acceptable score")
     at_most: dict[str, float] = Field(default_factory=dict, description="objective -> highest acceptable score")
 
@@ -178,7 +371,7 @@ class EvolveSettings(BaseModel):
     def _unique_objectives(self) -> "EvolveSettings":
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
-            raise ValueError(f"objectives repeat a task/metric pair: {names}")
+            raise ValueError(f"objectives repeat a name (task/metric pair, or name): {names}")
         if self.multi_objective and self.pruning.pruner != "none":
             raise ValueError("multi_objective studies cannot be pruned (Optuna has no intermediate values there); set pruning.pruner: none")
         if self.multi_objective and len(names) < 2:
@@ -194,8 +387,8 @@ class EvolveSettings(BaseModel):
         return self.pruning.pruner == "none" and any(o.anchors for o in self.objectives)
 
     def objective_named(self, name: str) -> Objective:
-        """The objective called ``name`` (task/metric, or a task that has one objective)."""
-        found = [o for o in self.objectives if name in (o.name, o.task)]
+        """The objective called ``name`` (its name, or a task that has one objective)."""
+        found = [o for o in self.objectives if name in (o.name, getattr(o, "task", None))]
         if len(found) != 1:
             known = ", ".join(o.name for o in self.objectives)
             raise ValueError(f"'{name}' names {'no' if not found else 'more than one'} objective; the objectives are: {known}")

@@ -21,6 +21,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
 from mergekit_evolve.evaluate.example_store import ExampleStore, ScoreCache
+from mergekit_evolve.evaluate.example_objectives import ObjectiveError
 from mergekit_evolve.evaluate.scores import Scores, study_values
 from mergekit_evolve.evaluate.suite import Evaluator, Split, TaskSetupError, TaskSuite
 from mergekit_evolve.merge.engine import InMemoryMerger, resolve_device
@@ -133,7 +134,8 @@ class Worker:
                 continue
             plan = self.evaluator.plan(obj, "search")
             if plan.ids is None or getattr(plan.aggregate, "__name__", "") != "mean":
-                raise TaskSetupError(f"objective {obj.name}: anchors need a plain task with a mean-aggregated metric")
+                raise TaskSetupError(f"objective {obj.name}: anchors need a plain task with a mean-aggregated metric "
+                                     "(or an objective of another kind)")
             key = f"{plan.metric},{plan.filter}"
             table = []
             dtype = self.recipe.compile(self.recipe.search_space.default_point()).dtype
@@ -175,7 +177,8 @@ class Worker:
                         plan.value(rows)
         except Exception as e:
             LOG.debug("the start point failed", exc_info=True)
-            raise CandidateError(f"the recipe's start point fails before any trial: {type(e).__name__}: {e} "
+            error = str(e) if isinstance(e, ObjectiveError) else f"{type(e).__name__}: {e}"
+            raise CandidateError(f"the recipe's start point fails before any trial: {error} "
                                  "(-vv shows the traceback)") from None
 
     def score_config(self, config: MergeConfiguration, split: Split) -> Scores:
@@ -235,7 +238,8 @@ class Worker:
             trial.set_user_attr("error", "interrupted")
             raise
         except Exception as e:
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            # the user's scoring code: its own file:line and error already make the line
+            trial.set_user_attr("error", str(e) if isinstance(e, ObjectiveError) else f"{type(e).__name__}: {e}")
             self.log_failure(trial.number)
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -43,12 +43,12 @@ publish:
 """
 
 
-def _entry(search: float, heldout: float) -> dict:
-    return {"search": search, "heldout": heldout, "per_objective": {"search": {OBJECTIVE: search}, "heldout": {OBJECTIVE: heldout}}}
+def _entry(search: float, heldout: float, objective: str = OBJECTIVE) -> dict:
+    return {"search": search, "heldout": heldout, "per_objective": {"search": {objective: search}, "heldout": {objective: heldout}}}
 
 
 def build_run(run_dir: Path, models: list[Path], recipe: str = RECIPE, weights: tuple[float, float] = (0.4, 0.7),
-              winner_trial: int = 1) -> Path:
+              winner_trial: int = 1, objective: str = OBJECTIVE) -> Path:
     """A finished run folder as the pipeline leaves it: best/ (a real mergekit merge, the card), report.json, the plot.
 
     Scores are made up (not measured), so tests check that they flow through, never their values.
@@ -68,9 +68,10 @@ def build_run(run_dir: Path, models: list[Path], recipe: str = RECIPE, weights: 
         study.add_trial(optuna.trial.create_trial(value=value))
     plot_history(run_dir, study)
     report = {
-        "objective": f"1*{OBJECTIVE}",
-        "winner": {**_entry(0.5, 0.4375), "trial": winner_trial, "point": point},
-        "sources": {str(base): _entry(0.125, 0.1875), str(v1): _entry(0.25, 0.3125), str(v2): _entry(0.3125, 0.25)},
+        "objective": f"1*{objective}",
+        "winner": {**_entry(0.5, 0.4375, objective), "trial": winner_trial, "point": point},
+        "sources": {str(base): _entry(0.125, 0.1875, objective), str(v1): _entry(0.25, 0.3125, objective),
+                    str(v2): _entry(0.3125, 0.25, objective)},
         "trials": 3,
         "study": "tiny",
     }
@@ -256,3 +257,16 @@ def test_card_inherits_the_license_the_sources_share(tmp_path, tiny_llama):
     assert _front_matter(write_card(run_dir).read_text())["license"] == "mit"
     (models[1] / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
     assert "license" not in _front_matter(write_card(run_dir).read_text())  # they disagree: publish asks for one
+
+
+@pytest.mark.parametrize(("objective", "name", "says"), [
+    ("{python: fitness.py:score, data: prompts.jsonl, heldout_data: heldout.jsonl}", "score",
+     "scored by the recipe's function `fitness.py:score`"),
+    ("{reward_model: rm, prompts: prompts.jsonl}", "reward:rm", "greedy answers scored by the reward model `rm`"),
+    ("{judge_model: judge, prompts: prompts.jsonl}", "judge:judge", "rated by the judge model `judge`"),
+])
+def test_card_names_objectives_that_are_not_tasks_by_their_files(tiny_llama, tmp_path, objective, name, says):
+    recipe = RECIPE.replace('{task: tiny_copy, metric: "acc,none", heldout_task: tiny_copy_heldout}', objective)
+    text = (build_run(tmp_path / "run", tiny_llama, recipe, objective=name) / "best" / "README.md").read_text()
+    assert says in text and f"{name} on `prompts.jsonl`" in text and "lm-eval" not in text.split("## Evaluation")[-1][:200]
+    assert ("heldout.jsonl" in text) == ("heldout" in objective)

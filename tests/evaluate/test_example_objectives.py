@@ -1,0 +1,361 @@
+"""Objectives that are not lm-eval tasks (a Python function, a reward model) score through the same
+per-example store, slices and anchors as tasks do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from mergekit_evolve.evaluate.anchors import AnchorSet
+from mergekit_evolve.evaluate.example_objectives import ObjectiveError, TaskSetupError
+from mergekit_evolve.evaluate.suite import Evaluator, TaskSuite
+from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from tests.tiny_models import char_tokenizer
+
+FITNESS = '''\
+CALLS = []
+
+
+def score(model, tokenizer, examples):
+    CALLS.append([e["text"] for e in examples])
+    out = []
+    for e in examples:
+        ids = tokenizer(e["text"], return_tensors="pt")["input_ids"]
+        out.append(-float(model(input_ids=ids, labels=ids).loss))
+    return out
+
+
+def broken(model, tokenizer, examples):
+    return [len(e["text"]) / 0 for e in examples]
+'''
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    (tmp_path / "fitness.py").write_text(FITNESS)
+    write_jsonl(tmp_path / "search.jsonl", [{"text": f"ab{i}c", "prompt": f"{i}:"} for i in range(8)])
+    write_jsonl(tmp_path / "heldout.jsonl", [{"text": f"xy{i}", "prompt": f"{i}="} for i in range(3)])
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> Path:
+    """A tiny random Llama reward head over the tests' character tokenizer: one output, its logit the reward."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=43, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+    out = tmp_path_factory.mktemp("reward")
+    transformers.LlamaForSequenceClassification(config).save_pretrained(out)
+    char_tokenizer().save_pretrained(out)
+    return out
+
+
+def evaluator_for(settings: dict, base: Path, tiny_llama) -> tuple[Evaluator, transformers.PreTrainedModel]:
+    suite = TaskSuite(EvolveSettings.model_validate(settings), base)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama[1]).eval()
+    return Evaluator(suite, transformers.AutoTokenizer.from_pretrained(tiny_llama[1])), model
+
+
+def python_settings(**extra) -> dict:
+    return {"objectives": [{"python": "fitness.py:score", "data": "search.jsonl", "heldout_data": "heldout.jsonl", **extra}]}
+
+
+def test_python_objective_is_the_mean_of_its_examples_and_stored_per_config(folder, tiny_llama):
+    evaluator, model = evaluator_for(python_settings(), folder, tiny_llama)
+    calls = evaluator.suite.scorers["score"].function.__globals__["CALLS"]
+    whole = evaluator.score(model, "search", digest="d1")
+    rows = evaluator.store.get("d1", evaluator.plan(evaluator.suite.settings.objectives[0], "search").task, list(range(8)))
+    assert len(rows) == 8 and evaluator.computed == 8
+    assert whole.values["score"] == pytest.approx(sum(r["score,none"] for r in rows.values()) / 8)
+    # the same config again, or any slice of it: nothing runs through the function
+    assert evaluator.score(model, "search", digest="d1").values == whole.values
+    evaluator.score(model, "search", digest="d1", fraction=0.25)
+    assert evaluator.computed == 8 and len(calls) == 1
+    # the held-out split is its own file
+    held = evaluator.score(model, "heldout", digest="d1")
+    assert evaluator.computed == 11 and [len(c) for c in calls] == [8, 3] and held.values["score"] != whole.values["score"]
+    # another config is scored again
+    evaluator.score(model, "search", digest="d2", fraction=0.5)
+    assert evaluator.computed == 15 and len(calls[-1]) == 4
+
+
+def test_fraction_and_anchors_pick_examples_like_a_task(folder, tiny_llama):
+    evaluator, model = evaluator_for(python_settings(limit=6), folder, tiny_llama)
+    objective = evaluator.suite.settings.objectives[0]
+    plan = evaluator.plan(objective, "search")
+    assert plan.ids == list(range(6)) and plan.aggregate.__name__ == "mean"  # anchors accept it
+    first = evaluator.order(plan)[:3]
+    half = evaluator.score(model, "search", digest="d", fraction=0.5)
+    rows = evaluator.rows(model, "d", plan, first)
+    assert half.values["score"] == pytest.approx(sum(r["score,none"] for r in rows) / 3)
+    anchors = {"score": AnchorSet([4, 1], [0.75, 0.25])}
+    estimate = evaluator.score(model, "search", digest="d", anchors=anchors).values["score"]
+    a4, a1 = (r["score,none"] for r in evaluator.rows(model, "d", plan, [4, 1]))
+    assert estimate == pytest.approx(0.75 * a4 + 0.25 * a1)
+
+
+def test_an_error_in_the_users_function_is_one_line_naming_its_file_and_line(folder, tiny_llama):
+    evaluator, model = evaluator_for({"objectives": [{"python": "fitness.py:broken", "data": "search.jsonl"}]},
+                                     folder, tiny_llama)
+    with pytest.raises(ObjectiveError) as error:
+        evaluator.score(model, "search", digest="d")
+    assert str(error.value) == "fitness.py:14: ZeroDivisionError: division by zero"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"python": "missing.py:score"}, "python: no file 'missing.py'"),
+    ({"python": "fitness.py:nothing"}, "python: fitness.py has no function 'nothing'"),
+    ({"python": "no_such_module_here:score"}, "python: cannot import 'no_such_module_here'"),
+    ({"data": "absent.jsonl"}, "data: no file 'absent.jsonl'"),
+    ({"data": "empty.jsonl"}, "data: empty.jsonl has no examples"),
+    ({"data": "bad.jsonl"}, "data: bad.jsonl:2 is not JSON"),
+    ({"heldout_data": "list.jsonl"}, "heldout_data: list.jsonl:1 is a list, not a JSON object"),
+])
+def test_what_is_wrong_before_weights_load_names_the_field(folder, change, message):
+    (folder / "empty.jsonl").write_text("\n")
+    (folder / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
+    (folder / "list.jsonl").write_text("[1, 2]\n")
+    settings = EvolveSettings.model_validate({"objectives": [{"python": "fitness.py:score", "data": "search.jsonl", **change}]})
+    with pytest.raises(TaskSetupError) as error:
+        TaskSuite(settings, folder)
+    assert str(error.value).startswith(message) and error.value.field == next(iter(change))
+
+
+def test_an_objective_names_one_kind():
+    with pytest.raises(ValueError, match="names exactly one of 'task'"):
+        EvolveSettings.model_validate({"objectives": [{"task": "a", "python": "f.py:g", "data": "d.jsonl"}]})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        EvolveSettings.model_validate({"objectives": [{"python": "f.py:g", "data": "d.jsonl", "metric": "acc,none"}]})
+
+
+def test_reward_objective_scores_generations_with_the_reward_model(folder, tiny_llama, reward_model):
+    settings = {"objectives": [{"reward_model": str(reward_model), "prompts": "search.jsonl",
+                                "generation": {"max_new_tokens": 3}}]}
+    evaluator, model = evaluator_for(settings, folder, tiny_llama)
+    objective = evaluator.suite.settings.objectives[0]
+    scorer = evaluator.suite.scorers[objective.name]
+    scorer.check()
+    value = evaluator.score(model, "search", digest="d", fraction=0.25).values[objective.name]
+    ids = evaluator.order(evaluator.plan(objective, "search"))[:2]
+    # by hand: greedy answers, each prompt + answer through the reward model
+    tok = evaluator.tokenizer
+    reward = transformers.AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    expected = []
+    for i in ids:
+        prompt = scorer.examples["search"][i]["prompt"]
+        ids_in = tok(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids_in, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        answer = tok.decode(out[0, ids_in.shape[1]:], skip_special_tokens=True)
+        with torch.no_grad():
+            expected.append(float(reward(**tok(prompt + answer, return_tensors="pt")).logits[0, 0]))
+    assert value == pytest.approx(sum(expected) / 2, abs=1e-5)
+    computed = evaluator.computed
+    evaluator.score(model, "search", digest="d", fraction=0.25)
+    assert evaluator.computed == computed == 2
+    assert any(p.name == "model.safetensors" for p in scorer.files())
+
+
+def test_reward_model_problems_are_found_without_weights(folder, reward_model, tmp_path):
+    def check(**change):
+        settings = EvolveSettings.model_validate(
+            {"objectives": [{"reward_model": str(reward_model), "prompts": "search.jsonl", **change}]})
+        TaskSuite(settings, folder).scorers[settings.objectives[0].name].check()
+
+    check()
+    with pytest.raises(TaskSetupError, match="label: the reward model has no label 'good'"):
+        check(label="good")
+    with pytest.raises(TaskSetupError, match="reward_model: no config.json"):
+        check(reward_model=str(tmp_path))
+    write_jsonl(folder / "noprompt.jsonl", [{"text": "a"}])
+    with pytest.raises(TaskSetupError, match="prompts: example 1 has no 'prompt' string"):
+        check(prompts="noprompt.jsonl")
+
+
+def test_sampled_answers_do_not_depend_on_their_batch(tiny_llama):
+    from mergekit_evolve.evaluate.example_objectives import complete
+    from mergekit_evolve.recipe.evolve_settings import GenerationSettings
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama[1]).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama[1])
+    sampled = GenerationSettings(max_new_tokens=6, do_sample=True, seed=3)
+    prompts = ["ab:", "cd:", "ef:"]
+    together = complete(model, tok, prompts, [0, 1, 2], sampled, False)
+    assert complete(model, tok, prompts[2:], [2], sampled, False) == together[2:]
+    assert complete(model, tok, prompts, [0, 1, 2], sampled.model_copy(update={"seed": 4}), False) != together
+
+
+def run_recipe_text(tiny_llama, objective: str) -> str:
+    base, v1, v2 = tiny_llama
+    return f"""\
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {v1}
+    parameters: {{weight: {{search: [0.0, 1.0]}}}}
+  - model: {v2}
+    parameters: {{weight: {{search: [0.0, 1.0]}}}}
+dtype: float32
+evolve:
+  sampler: random
+  trials: 2
+  seed: 3
+  allow_constant_objectives: true
+  pruning: {{pruner: none}}
+  device: cpu
+  threads: 1
+  objectives:
+    - {objective}
+"""
+
+
+def resume_scores_nothing_twice(folder: Path, recipe: str, monkeypatch) -> list[tuple[str, float, tuple[int, ...]]]:
+    """Run 2 trials, then resume to 4: no model (told apart by its weights) is scored again on an example
+    the first run scored. Returns the second run's calls."""
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import cli
+    from mergekit_evolve.evaluate.example_objectives import ExampleScorer
+
+    calls: list[tuple[str, float, tuple[int, ...]]] = []
+    rows = ExampleScorer.rows
+
+    def counted(self, model, tokenizer, split, ids):
+        weights = sum(float(p.double().sum()) for p in model.parameters())
+        calls.append((split, weights, tuple(ids)))
+        return rows(self, model, tokenizer, split, ids)
+
+    monkeypatch.setattr(ExampleScorer, "rows", counted)
+    path = folder / "recipe.yml"
+    path.write_text(recipe)
+    run_dir = folder / "run"
+    for trials in (2, 4):
+        if trials == 4:
+            first, calls[:] = list(calls), []
+        result = CliRunner().invoke(cli, ["run", str(path), "-o", str(run_dir), "--trials", str(trials), "--no-progress"])
+        assert result.exit_code == 0, result.output
+    done = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert sum(t["state"] == "COMPLETE" for t in done) == 4
+    scored = {(split, w, i) for split, w, ids in first for i in ids}
+    # the start-point check scores one example before the run folder's store is open: every run does
+    again = [c for c in calls if len(c[2]) > 1 and any((c[0], c[1], i) in scored for i in c[2])]
+    assert not again and calls, (again, calls)
+    return calls
+
+
+@pytest.mark.slow
+def test_python_objective_run_resumes_without_rescoring(folder, tiny_llama, monkeypatch):
+    objective = "{python: fitness.py:score, data: search.jsonl, heldout_data: heldout.jsonl}"
+    resume_scores_nothing_twice(folder, run_recipe_text(tiny_llama, objective), monkeypatch)
+
+
+@pytest.mark.slow
+def test_reward_objective_run_resumes_without_rescoring(folder, tiny_llama, reward_model, monkeypatch):
+    objective = f"{{reward_model: {reward_model}, prompts: search.jsonl, generation: {{max_new_tokens: 4}}}}"
+    resume_scores_nothing_twice(folder, run_recipe_text(tiny_llama, objective), monkeypatch)
+    report = json.loads((folder / "run" / "report.json").read_text())
+    assert set(report["winner"]["per_objective"]["heldout"]) == {f"reward:{reward_model.name}"}
+
+
+@pytest.mark.parametrize(("objective", "line", "message"), [
+    ("{python: fitness.py:nothing, data: search.jsonl}", 2,
+     "evolve.objectives[1].python: fitness.py has no function 'nothing'"),
+    ("{python: fitness.py:score,\n       data: missing.jsonl}", 3,
+     "evolve.objectives[1].data: no file 'missing.jsonl'"),
+    ("{task: tiny, python: fitness.py:score, data: search.jsonl}", 2,
+     "evolve.objectives.1: an objective names exactly one of 'task' (lm-eval), 'python'"),
+    ("{python: fitness.py:score, data: search.jsonl, metric: acc}", 2,
+     "evolve.objectives.1.metric: Extra inputs are not permitted"),
+])
+def test_the_preflight_names_the_recipe_line_of_a_broken_objective(folder, tiny_llama, objective, line, message):
+    from mergekit_evolve.preflight import check_tasks
+    from mergekit_evolve.recipe.document import load_document
+    from mergekit_evolve.recipe.yaml_lines import RecipeError
+
+    text = run_recipe_text(tiny_llama, "{python: fitness.py:score, data: search.jsonl, name: fine}\n    - " + objective)
+    path = folder / "recipe.yml"
+    path.write_text(text)
+    first = text.splitlines().index("  objectives:") + 1
+    with pytest.raises(RecipeError) as error:
+        check_tasks(load_document(path).recipe(), load=False)
+    assert str(error.value).startswith(f"{path}:{first + line}: {message}"), str(error.value)
+
+
+def test_the_runs_task_files_hash_the_code_and_data_so_a_resume_notices_a_change(folder):
+    suite = TaskSuite(EvolveSettings.model_validate(python_settings()), folder)
+    files = suite.files()
+    assert set(files) == {"fitness.py", "search.jsonl", "heldout.jsonl"}
+    write_jsonl(folder / "search.jsonl", [{"text": "changed"}])
+    assert TaskSuite(EvolveSettings.model_validate(python_settings()), folder).files()["search.jsonl"] != files["search.jsonl"]
+
+
+def test_judge_objective_is_the_judges_expected_rating_of_each_answer(folder, tiny_llama):
+    judge_folder = tiny_llama[2]
+    rubric = "{prompt}={answer}:"
+    settings = {"objectives": [{"judge_model": str(judge_folder), "prompts": "search.jsonl", "rubric": rubric,
+                                "ratings": ["1", "2", "3"], "generation": {"max_new_tokens": 3}}]}
+    evaluator, model = evaluator_for(settings, folder, tiny_llama)
+    objective = evaluator.suite.settings.objectives[0]
+    scorer = evaluator.suite.scorers[objective.name]
+    scorer.check()
+    value = evaluator.score(model, "search", digest="d", fraction=0.25).values[objective.name]
+    # by hand: greedy answers, the judge's next-token probabilities over 1, 2, 3 after the filled rubric
+    tok = evaluator.tokenizer
+    judge = transformers.AutoModelForCausalLM.from_pretrained(judge_folder).eval()
+    expected = []
+    for i in evaluator.order(evaluator.plan(objective, "search"))[:2]:
+        prompt = scorer.examples["search"][i]["prompt"]
+        ids_in = tok(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids_in, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        answer = tok.decode(out[0, ids_in.shape[1]:], skip_special_tokens=True)
+        with torch.no_grad():
+            logits = judge(**tok(f"{prompt}={answer}:", return_tensors="pt")).logits[0, -1]
+        probs = logits[[tok.convert_tokens_to_ids(r) for r in "123"]].softmax(-1)
+        expected.append(float(probs @ torch.tensor([1.0, 2.0, 3.0])))
+    assert value == pytest.approx(sum(expected) / 2, abs=1e-5) and 1 < value < 3
+    with pytest.raises(TaskSetupError, match="ratings: '10' is 2 tokens"):
+        TaskSuite(EvolveSettings.model_validate(
+            {"objectives": [{**settings["objectives"][0], "ratings": ["1", "10"]}]}), folder).scorers[objective.name].check()
+    with pytest.raises(ValueError, match="must hold {answer}"):
+        EvolveSettings.model_validate({"objectives": [{**settings["objectives"][0], "rubric": "{prompt}"}]})
+
+
+@pytest.mark.slow
+def test_an_error_in_the_users_function_fails_the_trial_with_its_file_and_line(folder, tiny_llama):
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import cli
+
+    # passes the start-point check (one example), fails every trial (the whole split)
+    (folder / "picky.py").write_text("def score(model, tokenizer, examples):\n"
+                                     "    assert len(examples) == 1, f'{len(examples)} examples'\n"
+                                     "    return [0.5]\n")
+    path = folder / "recipe.yml"
+    path.write_text(run_recipe_text(tiny_llama, "{python: picky.py:score, data: search.jsonl}"))
+    result = CliRunner().invoke(cli, ["run", str(path), "-o", str(folder / "run"), "--no-progress"])
+    assert result.exit_code != 0
+    line = "picky.py:2: AssertionError: 8 examples"
+    assert f"same error, so the search stopped: {line}" in result.output, result.output
+    failed = [json.loads(t) for t in (folder / "run" / "trials.jsonl").read_text().splitlines()]
+    assert [t["error"] for t in failed] == [line, line]
+
+
+def test_answers_go_through_the_chat_template_when_the_recipe_asks(tiny_llama):
+    from mergekit_evolve.evaluate.example_objectives import complete
+    from mergekit_evolve.recipe.evolve_settings import GenerationSettings
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama[1]).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama[1])
+    tok.chat_template = "{% for m in messages %}:{{ m['content'] }}={% endfor %}"
+    greedy = GenerationSettings(max_new_tokens=5)
+    templated = complete(model, tok, ["ab", "cd"], [0, 1], greedy, True)
+    assert templated == complete(model, tok, [":ab=", ":cd="], [0, 1], greedy, False)
+    assert templated != complete(model, tok, ["ab", "cd"], [0, 1], greedy, False)
