@@ -374,12 +374,16 @@ class Evaluator:
 
     def score_facts(self, objective: Objective, split: Split) -> str:
         """A digest of what a whole-split score of ``objective`` depends on besides the model: the
-        task and its limit, metric, few-shot count, chat template, and the task files' content."""
+        task and its limit, metric, few-shot count (another kind: its settings), chat template, and
+        the task files' content."""
         if self._files is None:
             self._files = self.suite.files()
-        task, limit = self.suite.task_for(objective, split)
-        facts = {"task": task, "limit": limit, "metric": objective.metric, "num_fewshot": objective.num_fewshot,
-                 "chat": self.suite.settings.apply_chat_template, "files": self._files}
+        facts: dict[str, Any] = {"chat": self.suite.settings.apply_chat_template, "files": self._files}
+        if isinstance(objective, ExampleObjective):  # its data, scorer and settings are all in the objective
+            facts |= {"objective": objective.model_dump(mode="json"), "split": split}
+        else:
+            task, limit = self.suite.task_for(objective, split)
+            facts |= {"task": task, "limit": limit, "metric": objective.metric, "num_fewshot": objective.num_fewshot}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def rows(self, model: transformers.PreTrainedModel, digest: str, plan: EvalPlan, ids: list[int]) -> list[dict[str, Any]]:
