@@ -374,12 +374,17 @@ class Evaluator:
 
     def score_facts(self, objective: Objective, split: Split) -> str:
         """A digest of what a whole-split score of ``objective`` depends on besides the model: the
-        task and its limit, metric, few-shot count, chat template, and the task files' content."""
+        task and its limit, metric, few-shot count, chat template, and the task files' content (for
+        another kind: all its settings, and its files' content)."""
         if self._files is None:
             self._files = self.suite.files()
-        task, limit = self.suite.task_for(objective, split)
-        facts = {"task": task, "limit": limit, "metric": objective.metric, "num_fewshot": objective.num_fewshot,
-                 "chat": self.suite.settings.apply_chat_template, "files": self._files}
+        if isinstance(objective, ExampleObjective):  # its settings (limits, generation, rubric...) and data's key
+            facts = {"task": self.plan(objective, split).task, "objective": objective.model_dump(),
+                     "chat": self.suite.settings.apply_chat_template, "files": self._files}
+        else:
+            task, limit = self.suite.task_for(objective, split)
+            facts = {"task": task, "limit": limit, "metric": objective.metric, "num_fewshot": objective.num_fewshot,
+                     "chat": self.suite.settings.apply_chat_template, "files": self._files}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def rows(self, model: transformers.PreTrainedModel, digest: str, plan: EvalPlan, ids: list[int]) -> list[dict[str, Any]]:
