@@ -38,10 +38,10 @@ from mergekit_evolve.merge.resident import (
 )
 from mergekit_evolve.recipe import routing
 from mergekit_evolve.recipe.annotations import get_at, is_annotation, walk
-from mergekit_evolve.recipe.evolve_settings import ExampleObjective, TaskObjective
+from mergekit_evolve.recipe.evolve_settings import ExampleObjective, JudgeObjective, TaskObjective
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.recipe.yaml_lines import Loc, RecipeError
-from mergekit_evolve.study.worker import source_models
+from mergekit_evolve.study.worker import attach_references, reference_source, source_models
 
 LOG = logging.getLogger(__name__)
 # what AutoTokenizer reads a tokenizer from (any one is enough)
@@ -272,6 +272,8 @@ def check_tasks(recipe: Recipe, load: bool = True) -> TaskSuite | None:
         if isinstance(obj, ExampleObjective):
             try:
                 make_scorer(obj, recipe.evolve, recipe.base_dir).check()
+                if isinstance(obj, JudgeObjective) and obj.mode == "pairwise":
+                    reference_source(recipe, obj)
             except TaskSetupError as e:
                 raise _task_error(recipe, e, i) from None
     try:
@@ -306,4 +308,7 @@ def check_recipe(recipe: Recipe, options: MergeOptions, allow_pickle: bool = Fal
     ``dry_run`` downloads nothing: a Hub model not in the local cache, and the tasks' data, are
     checked when the run fetches them."""
     check_sources(recipe, options, allow_pickle, pending, offline=dry_run)
-    return check_tasks(recipe, load=not dry_run) if recipe.evolve else None
+    suite = check_tasks(recipe, load=not dry_run) if recipe.evolve else None
+    if suite is not None:  # the pairwise judges' reference folders join the files the run hashes
+        attach_references(recipe, suite, options)
+    return suite

@@ -6,11 +6,20 @@ its chat template when it has one) and the score is its expected rating: the rat
 probabilities renormalised over them. No text is sampled from the judge, so a score is
 deterministic and graded (a 3.6 tells more than a 4). Loaded once per worker, on the resident
 model's device, when first needed.
+
+In ``pairwise`` mode the judge compares the answer with a reference source's answer to the same
+prompt, once with the candidate as answer A and once as answer B: an LLM judge favours one
+position (Zheng et al. 2023, MT-Bench), and averaging both orders cancels that bias. Each order
+gives the probability of the verdict naming the candidate (renormalised over the two verdicts);
+the score is their mean, from 0 to 1, and a candidate answering like the reference scores 0.5.
+The reference's answers never change, so they are generated once per worker, before the search
+(the study layer merges the reference into the resident model and calls ``answer_references``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +27,18 @@ import torch
 import transformers
 
 from mergekit_evolve.evaluate.example_objectives import ExampleScorer, TaskSetupError, chat_prompt, complete
+from mergekit_evolve.recipe.evolve_settings import DEFAULT_PAIRWISE_RUBRIC, DEFAULT_RUBRIC, missing_slots
 
 FIELD = "judge_model"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The source whose answers a pairwise judge compares with: its name as the recipe's models have it, and
+    its folder (hashed with the run's task files, so a resume notices another or a rewritten reference)."""
+
+    name: str
+    folder: Path
 
 
 class JudgeScorer(ExampleScorer):
@@ -27,6 +46,27 @@ class JudgeScorer(ExampleScorer):
         super().__init__(*args)
         self.folder = (self.base_dir / self.objective.judge_model).resolve()
         self._loaded: tuple[Any, Any, list[int]] | None = None
+        self.rubric = self._rubric()
+        self.reference: Reference | None = None  # pairwise: set by whoever knows the recipe's sources
+        self.reference_answers: dict[tuple[int, str], str] = {}  # by (example id, prompt): both fix an answer
+
+    @property
+    def pairwise(self) -> bool:
+        return self.objective.mode == "pairwise"
+
+    def _rubric(self) -> str:
+        if self.objective.rubric is not None:
+            return self.objective.rubric
+        if self.objective.rubric_file is None:
+            return DEFAULT_PAIRWISE_RUBRIC if self.pairwise else DEFAULT_RUBRIC
+        path = (self.base_dir / self.objective.rubric_file).resolve()
+        if not path.is_file():
+            raise TaskSetupError(f"rubric_file: no file '{self.objective.rubric_file}' (looked at {path})",
+                                 field="rubric_file")
+        text = path.read_text(encoding="utf-8")
+        if complaint := missing_slots(text, self.objective.mode):
+            raise TaskSetupError(f"rubric_file: {self.objective.rubric_file}: {complaint}", field="rubric_file")
+        return text
 
     def check(self) -> None:
         self.check_prompts()
@@ -34,18 +74,24 @@ class JudgeScorer(ExampleScorer):
         self.rating_ids(transformers.AutoTokenizer.from_pretrained(self.folder))
 
     def rating_ids(self, tokenizer: Any) -> list[int]:
-        """The token of each rating; a rating its tokenizer splits cannot be read off one next-token distribution."""
+        """The token of each rating (verdict); one its tokenizer splits cannot be read off one next-token distribution."""
+        field = "verdicts" if self.pairwise else "ratings"
         ids = []
-        for rating in self.objective.ratings:
+        for rating in getattr(self.objective, field):
             tokens = tokenizer(rating, add_special_tokens=False)["input_ids"]
             if len(tokens) != 1:
-                raise TaskSetupError(f"ratings: '{rating}' is {len(tokens)} tokens of the judge's tokenizer; each rating "
-                                     "must be one", field="ratings")
+                raise TaskSetupError(f"{field}: '{rating}' is {len(tokens)} tokens of the judge's tokenizer; each "
+                                     "must be one", field=field)
             ids.append(tokens[0])
+        if len(set(ids)) != len(ids):
+            raise TaskSetupError(f"{field}: {getattr(self.objective, field)} are not all different tokens of the judge's "
+                                 "tokenizer (one it does not know reads as its unknown token)", field=field)
         return ids
 
     def files(self) -> list[Path]:
-        return [*super().files(), *(p for p in sorted(self.folder.rglob("*")) if p.is_file())]
+        folders = [self.folder] + ([self.reference.folder] if self.reference else [])
+        rubric = [(self.base_dir / self.objective.rubric_file).resolve()] if self.objective.rubric_file else []
+        return [*super().files(), *rubric, *(p for d in folders for p in sorted(d.rglob("*")) if p.is_file())]
 
     def judge(self, device: torch.device) -> tuple[Any, Any, list[int]]:
         if self._loaded is None:
@@ -54,20 +100,44 @@ class JudgeScorer(ExampleScorer):
             self._loaded = (model, tokenizer, self.rating_ids(tokenizer))
         return self._loaded
 
+    def references_needed(self) -> bool:
+        """A pairwise judge whose reference answers are not generated yet."""
+        return self.pairwise and not self.reference_answers
+
+    def answer_references(self, model: transformers.PreTrainedModel, tokenizer: Any) -> None:
+        """Generate the reference's answers to every prompt of both splits; ``model`` holds the reference's weights."""
+        for examples in self.examples.values():
+            ids = list(range(len(examples)))
+            prompts = [e["prompt"] for e in examples]
+            answers = complete(model, tokenizer, prompts, ids, self.objective.generation, self.apply_chat_template)
+            self.reference_answers.update(zip(zip(ids, prompts), answers))
+
+    def preference(self, text: str, device: torch.device) -> torch.Tensor:
+        """The judge's next-token probabilities over the ratings (verdicts) after ``text``."""
+        judge, judge_tokenizer, rating_ids = self.judge(device)
+        templated = bool(judge_tokenizer.chat_template)
+        inputs = judge_tokenizer(chat_prompt(judge_tokenizer, text, templated), return_tensors="pt",
+                                 add_special_tokens=not templated)
+        return judge(**inputs.to(judge.device)).logits[0, -1, rating_ids].float().cpu().softmax(-1)
+
     @torch.no_grad()
     def score(self, model: transformers.PreTrainedModel, tokenizer: Any, ids: list[int],
               examples: list[dict[str, Any]]) -> Sequence[float]:
         prompts = [e["prompt"] for e in examples]
         answers = complete(model, tokenizer, prompts, ids, self.objective.generation, self.apply_chat_template)
-        judge, judge_tokenizer, rating_ids = self.judge(model.device)
-        values = torch.tensor([float(r) for r in self.objective.ratings])
+        # replace, not format: a rubric may hold other braces
+        if not self.pairwise:
+            values = torch.tensor([float(r) for r in self.objective.ratings])
+            return [float((self.preference(self.rubric.replace("{prompt}", p).replace("{answer}", a), model.device)
+                           * values).sum()) for p, a in zip(prompts, answers, strict=True)]
+        if self.references_needed():
+            raise RuntimeError(f"objective {self.objective.name}: the reference's answers were not generated")
         scores = []
-        for prompt, answer in zip(prompts, answers, strict=True):
-            # replace, not format: a rubric may hold other braces
-            text = self.objective.rubric.replace("{prompt}", prompt).replace("{answer}", answer)
-            templated = bool(judge_tokenizer.chat_template)
-            inputs = judge_tokenizer(chat_prompt(judge_tokenizer, text, templated), return_tensors="pt",
-                                     add_special_tokens=not templated)
-            logits = judge(**inputs.to(judge.device)).logits[0, -1, rating_ids].float().cpu()
-            scores.append(float((logits.softmax(-1) * values).sum()))
+        for i, prompt, answer in zip(ids, prompts, answers, strict=True):
+            reference = self.reference_answers[(i, prompt)]
+            both = []
+            for a, b, candidate in ((answer, reference, 0), (reference, answer, 1)):
+                text = self.rubric.replace("{prompt}", prompt).replace("{answer_a}", a).replace("{answer_b}", b)
+                both.append(float(self.preference(text, model.device)[candidate]))
+            scores.append(sum(both) / 2)
         return scores

@@ -183,30 +183,53 @@ DEFAULT_RUBRIC = (
     "Rate the answer to the question from 1 (useless) to 5 (excellent).\n\nQuestion: {prompt}\n\n"
     "Answer: {answer}\n\nRating (1-5):"
 )
+DEFAULT_PAIRWISE_RUBRIC = (
+    "Which answer to the question is better? Reply with A or B.\n\nQuestion: {prompt}\n\n"
+    "Answer A: {answer_a}\n\nAnswer B: {answer_b}\n\nBetter answer (A or B):"
+)
+# what each judge mode's rubric must hold: where the judged answer(s) go
+RUBRIC_SLOTS = {"single": ("{answer}",), "pairwise": ("{answer_a}", "{answer_b}")}
+
+
+def missing_slots(rubric: str, mode: str) -> str | None:
+    """A rubric's complaint when it lacks a slot its judge mode fills in, else None."""
+    missing = [s for s in RUBRIC_SLOTS[mode] if s not in rubric]
+    if not missing:
+        return None
+    return f"the {mode} rubric must hold {' and '.join(RUBRIC_SLOTS[mode])} (and usually {{prompt}}): " \
+           f"where the judged answer{'s go' if mode == 'pairwise' else ' goes'}; it lacks {', '.join(missing)}"
 
 
 class JudgeObjective(ExampleObjective):
     """A local causal LM judges the resident model's answer to each prompt by a rubric (G-Eval style):
-    the score is the judge's expected rating, its next-token probabilities over the rating tokens."""
+    the score is the judge's expected rating, its next-token probabilities over the rating tokens.
+
+    In ``pairwise`` mode the judge compares the answer with a source model's (MT-Bench style) in
+    both orders; the score is its probability of preferring the candidate, from 0 to 1."""
 
     judge_model: str = Field(description="folder of a causal LM, relative to the recipe's folder")
     prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, relative to the recipe's folder")
     heldout_prompts: str | None = Field(default=None, description="JSONL prompts scored only for the report")
-    rubric: str = Field(default=DEFAULT_RUBRIC, description="what the judge reads; {prompt} and {answer} are filled in")
+    mode: Literal["single", "pairwise"] = Field(
+        default="single", description="single: rate each answer alone; pairwise: compare it with the reference's")
+    reference: str | None = Field(
+        default=None, description="pairwise: the source model (as the recipe names it) whose answers the candidate's "
+        "are compared with (default: the base model, else the first model)")
+    rubric: str | None = Field(
+        default=None, description="what the judge reads; {prompt} and {answer} (pairwise: {answer_a}, {answer_b}) "
+        "are filled in (default: the mode's built-in rubric)")
+    rubric_file: str | None = Field(default=None, description="a text file holding the rubric, relative to the recipe's folder")
     ratings: list[str] = Field(
         default=["1", "2", "3", "4", "5"], min_length=2,
-        description="the judge's possible next tokens, each a number (one token of its tokenizer)",
+        description="single: the judge's possible next tokens, each a number (one token of its tokenizer)",
+    )
+    verdicts: list[str] = Field(
+        default=["A", "B"], min_length=2, max_length=2,
+        description="pairwise: the judge's next token preferring answer A, then B (each one token of its tokenizer)",
     )
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
 
     data_fields: ClassVar[tuple[str, str]] = ("prompts", "heldout_prompts")
-
-    @field_validator("rubric")
-    @classmethod
-    def _answer_slot(cls, value: str) -> str:
-        if "{answer}" not in value:
-            raise ValueError("the rubric must hold {answer} (and usually {prompt}): where the judged answer goes")
-        return value
 
     @field_validator("ratings")
     @classmethod
@@ -219,7 +242,17 @@ class JudgeObjective(ExampleObjective):
         return value
 
     @model_validator(mode="after")
-    def _default_name(self) -> "JudgeObjective":
+    def _consistent(self) -> "JudgeObjective":
+        other = "single" if self.mode == "pairwise" else "pairwise"
+        stray = sorted(self.model_fields_set & ({"ratings"} if other == "single" else {"reference", "verdicts"}))
+        if stray:
+            raise ValueError(f"{', '.join(stray)} belong(s) to mode: {other} (this objective's mode is {self.mode})")
+        if self.rubric is not None and self.rubric_file is not None:
+            raise ValueError("give the rubric or a rubric_file, not both")
+        if self.rubric is not None and (complaint := missing_slots(self.rubric, self.mode)):
+            raise ValueError(complaint)
+        if len(set(self.verdicts)) != 2:
+            raise ValueError(f"verdicts {self.verdicts} must be two different tokens")
         if not self.name:
             self.name = "judge:" + self.judge_model.rstrip("/").rpartition("/")[2]
         return self

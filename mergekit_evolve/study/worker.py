@@ -22,12 +22,15 @@ from mergekit.options import MergeOptions
 from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
 from mergekit_evolve.evaluate.example_store import ExampleStore, ScoreCache
 from mergekit_evolve.evaluate.example_objectives import ObjectiveError
+from mergekit_evolve.evaluate.judge import JudgeScorer, Reference
 from mergekit_evolve.evaluate.scores import Scores, study_values
 from mergekit_evolve.evaluate.suite import Evaluator, Split, TaskSetupError, TaskSuite
 from mergekit_evolve.merge.engine import InMemoryMerger, resolve_device
 from mergekit_evolve.merge.memory_plan import MemoryPlan, memory_plan
 from mergekit_evolve.merge.resident import local_folder, make_resident
 from mergekit_evolve.recipe.compile import config_digest
+from mergekit_evolve.recipe.evolve_settings import JudgeObjective
+from mergekit_evolve.recipe.model_paths import resolve_model_path
 from mergekit_evolve.recipe.parse import Recipe
 from mergekit_evolve.runfolder import RunFolder
 from mergekit_evolve.study.pruning import staged_scores
@@ -87,6 +90,30 @@ def weights_stamp(model: ModelReference, options: MergeOptions) -> str:
     return hashlib.sha256(repr(files).encode()).hexdigest()[:16]
 
 
+def reference_source(recipe: Recipe, objective: JudgeObjective) -> ModelReference:
+    """The source a pairwise judge compares answers with: ``reference`` as the recipe's models are written
+    (a local folder relative to the recipe's), by default the base model, else the first model."""
+    sources = source_models(recipe)
+    if objective.reference is None:
+        return sources[0]
+    for value in (resolve_model_path(objective.reference, recipe.base_dir), objective.reference):
+        reference = ModelReference.model_validate(value)
+        if reference in sources:
+            return reference
+    raise TaskSetupError(f"reference: '{objective.reference}' is not one of the recipe's models "
+                         f"({', '.join(str(m) for m in sources)})", field="reference")
+
+
+def attach_references(recipe: Recipe, suite: TaskSuite, options: MergeOptions) -> None:
+    """Tell each pairwise judge which source it compares with (its folder joins the files a resume checks)."""
+    assert recipe.evolve is not None
+    for obj in recipe.evolve.objectives:
+        scorer = suite.scorers.get(obj.name)
+        if isinstance(scorer, JudgeScorer) and scorer.pairwise and scorer.reference is None:
+            model = reference_source(recipe, scorer.objective)
+            scorer.reference = Reference(str(model), Path(local_folder(model, options)))
+
+
 class Worker:
     def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False, suite: TaskSuite | None = None):
         assert recipe.evolve is not None
@@ -95,6 +122,7 @@ class Worker:
         self.sources = source_models(recipe)
         make_resident(self.sources, options, self.merger.storage_device, allow_pickle)
         self.suite = suite or TaskSuite(recipe.evolve, recipe.base_dir)
+        attach_references(recipe, self.suite, options)
         default = recipe.compile(recipe.search_space.default_point())
         donor = default.base_model or default.referenced_models()[0]
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -124,10 +152,24 @@ class Worker:
         self.suite.settings = recipe.evolve
         self._anchors, self.known = None, {}
 
+    def prepare_references(self) -> None:
+        """Generate, once, the answers pairwise judges compare candidates with: each reference source is
+        merged into the resident model, so this runs before a candidate is (every entry point calls it)."""
+        dtype = None
+        for scorer in self.suite.scorers.values():
+            if isinstance(scorer, JudgeScorer) and scorer.references_needed():
+                assert scorer.reference is not None
+                dtype = dtype or self.recipe.compile(self.recipe.search_space.default_point()).dtype
+                config = source_config(ModelReference.model_validate(scorer.reference.name), dtype)
+                scorer.answer_references(self.merger.materialize(config), self.tokenizer)
+                LOG.info("objective %s: the reference %s answered its prompts", scorer.objective.name,
+                         scorer.reference.name)
+
     def anchor_sets(self) -> dict[str, AnchorSet]:
         """Anchors per objective that asks for them, chosen once from the sources' per-example results."""
         if self._anchors is not None:
             return self._anchors
+        self.prepare_references()
         self._anchors = {}
         for obj in self.objectives:
             if not obj.anchors:
@@ -168,6 +210,7 @@ class Worker:
         try:
             if self.warmup_error is not None:
                 raise self.warmup_error
+            self.prepare_references()
             model = self.merger.materialize(config)
             for obj in self.objectives:
                 for split in ("search", "heldout"):
@@ -182,6 +225,7 @@ class Worker:
                                  "(-vv shows the traceback)") from None
 
     def score_config(self, config: MergeConfiguration, split: Split) -> Scores:
+        self.prepare_references()
         return self.evaluator.score(self.merger.materialize(config), split, digest=config_digest(config))
 
     def source_scores(self, model: ModelReference, split: Split, dtype: str | None) -> Scores:
@@ -221,7 +265,9 @@ class Worker:
                 trial.set_user_attr("reused_from", number)
                 trial.set_user_attr("scores", scores)
                 return value
-            anchors = self.anchor_sets()  # first: choosing anchors loads each source into the resident model
+            # first: references and anchors load sources into the resident model
+            self.prepare_references()
+            anchors = self.anchor_sets()
             t0 = time.perf_counter()
             model = self.merger.materialize(config)
             t1 = time.perf_counter()

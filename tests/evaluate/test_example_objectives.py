@@ -4,6 +4,7 @@ per-example store, slices and anchors as tasks do."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,135 @@ def test_answers_go_through_the_chat_template_when_the_recipe_asks(tiny_llama):
     templated = complete(model, tok, ["ab", "cd"], [0, 1], greedy, True)
     assert templated == complete(model, tok, [":ab=", ":cd="], [0, 1], greedy, False)
     assert templated != complete(model, tok, ["ab", "cd"], [0, 1], greedy, False)
+
+
+@pytest.fixture(scope="module")
+def judge_model(tmp_path_factory) -> Path:
+    """A tiny random causal LM over the tests' character tokenizer, other weights than the merged family's."""
+    from tests.tiny_models import make_family
+
+    return make_family(tmp_path_factory.mktemp("judge"), "llama", variants=0, seed=7)[0]
+
+
+def pairwise_objective(judge: Path, **extra) -> dict:
+    # the tests' tokenizer has no capitals: its verdicts are lower-case
+    return {"judge_model": str(judge), "prompts": "search.jsonl", "mode": "pairwise", "verdicts": ["a", "b"],
+            "rubric": "{prompt}={answer_a} {answer_b}:", "generation": {"max_new_tokens": 3}, **extra}
+
+
+def test_pairwise_judge_prefers_the_candidate_over_the_reference_in_both_orders(folder, tiny_llama, judge_model):
+    from mergekit_evolve.evaluate.judge import Reference
+
+    evaluator, model = evaluator_for({"objectives": [pairwise_objective(judge_model)]}, folder, tiny_llama)
+    objective = evaluator.suite.settings.objectives[0]
+    scorer = evaluator.suite.scorers[objective.name]
+    scorer.check()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama[0]).eval()
+    tok = evaluator.tokenizer
+    with pytest.raises(RuntimeError, match="reference's answers were not generated"):
+        scorer.score(model, tok, [0], scorer.examples["search"][:1])
+    scorer.reference = Reference(str(tiny_llama[0]), tiny_llama[0])
+    scorer.answer_references(reference, tok)
+    value = evaluator.score(model, "search", digest="d", fraction=0.25).values[objective.name]
+    # by hand: the judge's probability of the candidate's verdict with the candidate first, then second
+    judge = transformers.AutoModelForCausalLM.from_pretrained(judge_model).eval()
+    verdicts = [tok.convert_tokens_to_ids(v) for v in "ab"]
+
+    def answer(m, prompt):
+        ids_in = tok(prompt, return_tensors="pt")["input_ids"]
+        out = m.generate(ids_in, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids_in.shape[1]:], skip_special_tokens=True)
+
+    def prefers(text, which):
+        with torch.no_grad():
+            return float(judge(**tok(text, return_tensors="pt")).logits[0, -1, verdicts].softmax(-1)[which])
+
+    expected = []
+    for i in evaluator.order(evaluator.plan(objective, "search"))[:2]:
+        prompt = scorer.examples["search"][i]["prompt"]
+        cand, ref = answer(model, prompt), answer(reference, prompt)
+        assert cand != ref  # else the test would not tell the orders apart
+        expected.append((prefers(f"{prompt}={cand} {ref}:", 0) + prefers(f"{prompt}={ref} {cand}:", 1)) / 2)
+    assert value == pytest.approx(sum(expected) / 2, abs=1e-5) and 0 < value < 1
+    # the reference judged against itself: both orders cancel to exactly a tie
+    assert scorer.score(reference, tok, [0, 1], scorer.examples["search"][:2]) == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"ratings": ["1", "2"]}, "ratings belong(s) to mode: single"),
+    ({"rubric": "{prompt}={answer_a}:"}, "the pairwise rubric must hold {answer_a} and {answer_b}"),
+    ({"rubric_file": "r.txt"}, "give the rubric or a rubric_file, not both"),
+    ({"verdicts": ["a", "a"]}, "must be two different tokens"),
+    ({"mode": "single"}, "reference, verdicts belong(s) to mode: pairwise"),
+])
+def test_pairwise_settings_that_do_not_fit_the_mode_are_refused(change, message):
+    objective = {**pairwise_objective(Path("j")), "reference": "m", **change}
+    if change.get("mode") == "single":
+        objective.pop("rubric")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvolveSettings.model_validate({"objectives": [objective]})
+
+
+def test_pairwise_rubric_file_verdicts_and_reference_are_checked_before_weights_load(folder, tiny_llama, judge_model):
+    from mergekit_evolve.preflight import check_tasks
+    from mergekit_evolve.recipe.document import load_document
+    from mergekit_evolve.recipe.yaml_lines import RecipeError
+
+    def suite(**change):
+        objective = {k: v for k, v in pairwise_objective(judge_model, **change).items() if v is not None}
+        return TaskSuite(EvolveSettings.model_validate({"objectives": [objective]}), folder)
+
+    (folder / "rubric.txt").write_text("{prompt} {answer_a}:")
+    with pytest.raises(TaskSetupError, match=re.escape("rubric_file: rubric.txt: the pairwise rubric must hold")):
+        suite(rubric=None, rubric_file="rubric.txt")
+    (folder / "rubric.txt").write_text("{prompt} {answer_a}={answer_b}:")
+    scorer = next(iter(suite(rubric=None, rubric_file="rubric.txt").scorers.values()))
+    assert scorer.rubric == "{prompt} {answer_a}={answer_b}:" and folder / "rubric.txt" in scorer.files()
+    with pytest.raises(TaskSetupError, match="verdicts: .* not all different tokens"):  # A and B: both unknown
+        next(iter(suite(verdicts=["A", "B"]).scorers.values())).check()
+    path = folder / "recipe.yml"
+    objective = (f"{{judge_model: {judge_model}, prompts: search.jsonl, mode: pairwise, verdicts: [a, b], "
+                 "reference: nowhere}")
+    path.write_text(run_recipe_text(tiny_llama, objective))
+    with pytest.raises(RecipeError, match=re.escape("evolve.objectives[0].reference: 'nowhere' is not one of the "
+                                                    "recipe's models")):
+        check_tasks(load_document(path).recipe(), load=False)
+
+
+def test_a_pairwise_judges_reference_is_the_base_by_default_and_hashed_with_the_runs_files(folder, tiny_llama,
+                                                                                            judge_model):
+    from mergekit_evolve.recipe.document import load_document
+    from mergekit_evolve.study.worker import attach_references, merge_options, reference_source
+
+    path = folder / "recipe.yml"
+    files = {}
+    for reference in ("", f", reference: {tiny_llama[2]}"):
+        path.write_text(run_recipe_text(tiny_llama, f"{{judge_model: {judge_model}, prompts: search.jsonl, "
+                                                    f"mode: pairwise{reference}}}"))
+        recipe = load_document(path).recipe()
+        objective = recipe.evolve.objectives[0]
+        suite = TaskSuite(recipe.evolve, folder)
+        attach_references(recipe, suite, merge_options(recipe))
+        files[reference] = suite.files()
+        assert str(reference_source(recipe, objective)) == str(tiny_llama[2] if reference else tiny_llama[0])
+    assert any("model.safetensors" in f for f in files[""]) and files[""] != files[f", reference: {tiny_llama[2]}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["single", "pairwise"])
+def test_judge_objective_run_resumes_without_rescoring(folder, tiny_llama, judge_model, mode, monkeypatch):
+    from mergekit_evolve.evaluate.judge import JudgeScorer
+
+    references = []
+    answer = JudgeScorer.answer_references
+    monkeypatch.setattr(JudgeScorer, "answer_references",
+                        lambda self, model, tok: references.append(self.reference) or answer(self, model, tok))
+    extra = f"mode: pairwise, verdicts: [a, b], reference: {tiny_llama[1]}" if mode == "pairwise" else "ratings: ['1', '2']"
+    objective = f"{{judge_model: {judge_model}, prompts: search.jsonl, {extra}, generation: {{max_new_tokens: 3}}}}"
+    resume_scores_nothing_twice(folder, run_recipe_text(tiny_llama, objective), monkeypatch)
+    report = json.loads((folder / "run" / "report.json").read_text())
+    value = report["winner"]["per_objective"]["heldout"][f"judge:{judge_model.name}"]
+    if mode == "pairwise":  # one process per run: the reference answered once in each
+        assert [r.name for r in references] == [str(tiny_llama[1])] * 2 and 0 < value < 1
+    else:
+        assert not references and 1 < value < 2
