@@ -18,6 +18,7 @@ import optuna
 import torch
 from mergekit.options import MergeOptions
 
+from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.evaluate.suite import TaskSetupError
 from mergekit_evolve.merge.memory_plan import MemoryPlanError
 from mergekit_evolve.merge.resident import ModelNotFoundError, WeightsError
@@ -111,7 +112,11 @@ def run_recipe(recipe: Recipe, run_dir: Path, options: RunOptions = RunOptions()
         memory.check()  # before any weight is loaded
         facts = {"config": recipe.config_fingerprint(), "tasks": suite.files()}
         changed = _changes(folder, recipe, facts, options.overwrite)
-        worker = Worker(recipe, merge, allow_pickle=options.allow_pickle, suite=suite)
+        # a resume's checks read (never write: this process holds no lock yet) what the run stored, so they
+        # score nothing again; not a changed task's results (discarded below) nor a run --overwrite deletes
+        reuse = folder.run_file.exists() and not options.overwrite and not changed.get("tasks")
+        store = ExampleStore(reads=folder.examples_db if reuse else None)
+        worker = Worker(recipe, merge, allow_pickle=options.allow_pickle, suite=suite, store=store)
         worker.check_start_point()  # one merge and one example per objective: fails here, not in every trial
     except (*SETUP_ERRORS, CandidateError) as e:
         raise RunFailed(str(e)) from None

@@ -19,10 +19,12 @@ from typing import Any
 
 
 class ExampleStore:
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, reads: Path | None = None):
+        """``reads``: another store's file (a resumed run's, before this process holds its lock), opened
+        read-only: ``get`` finds its rows too, but nothing is ever written to it."""
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path) if path else ":memory:", timeout=60, check_same_thread=False)
+        self._db = sqlite3.connect(str(path) if path else ":memory:", timeout=60, check_same_thread=False, uri=True)
         if path:
             self._db.execute("PRAGMA journal_mode=WAL")
             # no fsync a commit: a killed process still keeps every commit; power loss may lose
@@ -33,18 +35,23 @@ class ExampleStore:
             "PRIMARY KEY (digest, task, doc_id))"
         )
         self._db.commit()
+        self._tables = ["examples"]
+        if reads is not None and reads.exists():
+            self._db.execute("ATTACH DATABASE ? AS earlier", (reads.resolve().as_uri() + "?mode=ro",))
+            self._tables.append("earlier.examples")
 
     def get(self, digest: str, task: str, ids: list[int]) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
         with self._lock:
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                rows = self._db.execute(
-                    f"SELECT doc_id, metrics FROM examples WHERE digest = ? AND task = ? "
-                    f"AND doc_id IN ({','.join('?' * len(chunk))})",
-                    (digest, task, *chunk),
-                ).fetchall()
-                out.update({doc_id: json.loads(metrics) for doc_id, metrics in rows})
+                for table in self._tables:
+                    rows = self._db.execute(
+                        f"SELECT doc_id, metrics FROM {table} WHERE digest = ? AND task = ? "
+                        f"AND doc_id IN ({','.join('?' * len(chunk))})",
+                        (digest, task, *chunk),
+                    ).fetchall()
+                    out.update({doc_id: json.loads(metrics) for doc_id, metrics in rows})
         return out
 
     def put(self, digest: str, rows_by_task: dict[str, dict[int, dict[str, Any]]]) -> None:

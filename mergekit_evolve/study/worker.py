@@ -115,7 +115,9 @@ def attach_references(recipe: Recipe, suite: TaskSuite, options: MergeOptions) -
 
 
 class Worker:
-    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False, suite: TaskSuite | None = None):
+    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False, suite: TaskSuite | None = None,
+                 store: ExampleStore | None = None):
+        """``store``: where the checks before ``use_store`` keep per-example results (default: in memory)."""
         assert recipe.evolve is not None
         self.recipe = recipe
         self.merger = InMemoryMerger(options, allow_pickle=allow_pickle)
@@ -128,7 +130,7 @@ class Worker:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
             local_folder(donor, options), trust_remote_code=options.trust_remote_code
         )
-        self.evaluator = Evaluator(self.suite, self.tokenizer)
+        self.evaluator = Evaluator(self.suite, self.tokenizer, store)
         # one-off costs (the resident model's instantiation, compiling the merge kernels) are
         # setup, paid here rather than by whichever trial happens to come first
         self.warmup_error: Exception | None = None
@@ -198,6 +200,7 @@ class Worker:
             return
         store = ExampleStore(folder.examples_db)
         store.absorb(self.evaluator.store)
+        self.evaluator.store.close()
         self.evaluator.store = store
         self.failure_log = folder.log
         # a staged run's stages share one cache at its root: a source used by several is scored once

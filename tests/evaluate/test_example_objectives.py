@@ -4,7 +4,13 @@ per-example store, slices and anchors as tasks do."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -246,8 +252,8 @@ def resume_scores_nothing_twice(folder: Path, recipe: str, monkeypatch) -> list[
     done = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
     assert sum(t["state"] == "COMPLETE" for t in done) == 4
     scored = {(split, w, i) for split, w, ids in first for i in ids}
-    # the start-point check scores one example before the run folder's store is open: every run does
-    again = [c for c in calls if len(c[2]) > 1 and any((c[0], c[1], i) in scored for i in c[2])]
+    # the resume's start-point check too reads the run folder's store: it scores nothing again
+    again = [c for c in calls if any((c[0], c[1], i) in scored for i in c[2])]
     assert not again and calls, (again, calls)
     return calls
 
@@ -492,3 +498,85 @@ def test_judge_objective_run_resumes_without_rescoring(folder, tiny_llama, judge
         assert [r.name for r in references] == [str(tiny_llama[1])] * 2 and 0 < value < 1
     else:
         assert not references and 1 < value < 2
+
+
+
+COUNTED_FITNESS = '''\
+import json
+import os
+
+
+def score(model, tokenizer, examples):
+    # every call as it happens (stored or not): the model, told apart by its weights, and each example
+    weights = sum(float(p.double().sum()) for p in model.parameters())
+    with open(os.environ["FITNESS_LOG"], "a", encoding="utf-8") as f:
+        f.writelines(json.dumps([weights, e["text"]]) + "\\n" for e in examples)
+    out = []
+    for e in examples:
+        ids = tokenizer(e["text"], return_tensors="pt")["input_ids"]
+        out.append(-float(model(input_ids=ids, labels=ids).loss))
+    return out
+'''
+
+
+def interrupt_objective(kind: str, folder: Path, reward: Path, judge: Path) -> str:
+    if kind == "task":
+        from tests.tiny_models import write_copy_task
+
+        write_copy_task(folder, n_search=8, n_heldout=4)
+        return '{task: tiny_copy, metric: "acc,none", heldout_task: tiny_copy_heldout}\n  task_paths: [tasks]'
+    if kind == "python":
+        (folder / "counted.py").write_text(COUNTED_FITNESS)
+        return "{python: counted.py:score, data: search.jsonl, heldout_data: heldout.jsonl}"
+    if kind == "reward":
+        return f"{{reward_model: {reward}, prompts: search.jsonl, generation: {{max_new_tokens: 3}}}}"
+    return f"{{judge_model: {judge}, prompts: search.jsonl, ratings: ['1', '2'], generation: {{max_new_tokens: 3}}}}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["task", "python", "reward", "judge"])
+def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, reward_model, judge_model, kind):
+    """Ctrl-C after two trials, then the same command to two more: across both processes no config is
+    scored twice on one example of one objective. Each process logs every row it stores (see
+    tests/stored_rows); the interrupted trial's rows that were never stored are not logged and may be
+    computed again. The python kind also logs every call of the user's function itself: there, even an
+    unstored row may be scored twice only by the trial Ctrl-C stopped."""
+    from tests.recipe.test_bad_input import REPO
+
+    path = folder / "recipe.yml"
+    path.write_text(run_recipe_text(tiny_llama, interrupt_objective(kind, folder, reward_model, judge_model)))
+    run_dir, stored, fitness = folder / "run", folder / "stored.jsonl", folder / "fitness.jsonl"
+    paths = [str(REPO / "tests" / "stored_rows"), str(REPO), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), "STORED_ROWS_LOG": str(stored),
+           "FITNESS_LOG": str(fitness), "COLUMNS": "200"}  # the message on one line, however rich wraps
+
+    def command(trials: int) -> list[str]:
+        return [sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--no-progress",
+                "--trials", str(trials)]
+
+    proc = subprocess.Popen(command(1000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=folder)
+    trials = run_dir / "trials.jsonl"
+    while not (trials.exists() and len(trials.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in out + err and [line for line in (out + err).splitlines() if "interrupted" in line] == [
+        "interrupted: finished trials are kept in the study; run the same command to resume."]
+    first = stored.read_text().splitlines()
+    before_resume = len(fitness.read_text().splitlines()) if kind == "python" else 0
+    done = [json.loads(line) for line in trials.read_text().splitlines()]
+    complete = sum(t["state"] == "COMPLETE" for t in done)
+    result = subprocess.run(command(complete + 2), capture_output=True, text=True, env=env, cwd=folder, timeout=120)
+    assert result.returncode == 0, result.stderr
+    done = [json.loads(line) for line in trials.read_text().splitlines()]
+    assert sum(t["state"] == "COMPLETE" for t in done) == complete + 2
+    rows = [tuple(json.loads(line)) for line in stored.read_text().splitlines()]
+    assert len(rows) > len(first) and {r[1] for r in rows}  # the resume scored its new trials
+    assert not [r for r, n in Counter(rows).items() if n > 1]
+    if kind == "python":
+        calls = [tuple(json.loads(line)) for line in fitness.read_text().splitlines()]
+        interrupted = calls[before_resume - 1][0]  # the model of the first process's last call
+        assert not [c for c, n in Counter(calls).items() if n > 1 and c[0] != interrupted]
