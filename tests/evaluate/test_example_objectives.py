@@ -535,13 +535,19 @@ def interrupt_objective(kind: str, folder: Path, reward: Path, judge: Path) -> s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["task", "python", "reward", "judge"])
-def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, reward_model, judge_model, kind):
-    """Ctrl-C after two trials, then the same command to two more: across both processes no config is
-    scored twice on one example of one objective. Each process logs every row it stores (see
-    tests/stored_rows); the interrupted trial's rows that were never stored are not logged and may be
-    computed again. The python kind also logs every call of the user's function itself: there, even an
-    unstored row may be scored twice only by the trial Ctrl-C stopped."""
+def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, reward_model, judge_model, kind,
+                                                         monkeypatch):
+    """Ctrl-C a run (a subprocess) after two trials, then the same command to two more (in this process:
+    a second subprocess costs its imports again): across both no config is scored twice on one example of
+    one objective. Each logs every row it stores (tests/stored_rows); rows of the interrupted trial that were
+    never stored are not logged and may be computed again. The python kind also logs every call of the
+    user's function itself: there only the interrupted trial's model may score an example twice."""
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import cli
+    from mergekit_evolve.evaluate.example_store import ExampleStore
     from tests.recipe.test_bad_input import REPO
+    from tests.stored_rows.sitecustomize import logging_put
 
     path = folder / "recipe.yml"
     path.write_text(run_recipe_text(tiny_llama, interrupt_objective(kind, folder, reward_model, judge_model)))
@@ -550,11 +556,10 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), "STORED_ROWS_LOG": str(stored),
            "FITNESS_LOG": str(fitness), "COLUMNS": "200"}  # the message on one line, however rich wraps
 
-    def command(trials: int) -> list[str]:
-        return [sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--no-progress",
-                "--trials", str(trials)]
+    def args(trials: int) -> list[str]:
+        return [str(path), "-o", str(run_dir), "--no-progress", "--trials", str(trials)]
 
-    proc = subprocess.Popen(command(1000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "mergekit_evolve", *args(1000)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=folder)
     trials = run_dir / "trials.jsonl"
     while not (trials.exists() and len(trials.read_text().splitlines()) >= 2):
@@ -569,8 +574,11 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
     before_resume = len(fitness.read_text().splitlines()) if kind == "python" else 0
     done = [json.loads(line) for line in trials.read_text().splitlines()]
     complete = sum(t["state"] == "COMPLETE" for t in done)
-    result = subprocess.run(command(complete + 2), capture_output=True, text=True, env=env, cwd=folder, timeout=120)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(ExampleStore, "put", logging_put(ExampleStore.put, str(stored)))
+    monkeypatch.setenv("FITNESS_LOG", str(fitness))
+    monkeypatch.chdir(folder)  # the task's data files are relative to it
+    result = CliRunner().invoke(cli, ["run", *args(complete + 2)])
+    assert result.exit_code == 0, result.output
     done = [json.loads(line) for line in trials.read_text().splitlines()]
     assert sum(t["state"] == "COMPLETE" for t in done) == complete + 2
     rows = [tuple(json.loads(line)) for line in stored.read_text().splitlines()]
