@@ -36,7 +36,7 @@ from mergekit_evolve.study.storage import (
     register_worker,
     tagged,
 )
-from mergekit_evolve.study.worker import Worker
+from mergekit_evolve.study.worker import Worker, interrupted
 
 LOG = logging.getLogger(__name__)
 # `trials` counts completed trials only: a pruned one is cheap extra exploration, not a budget unit
@@ -176,19 +176,10 @@ def optimize_until(
             lost = lost_storage(e) if isinstance(e, Exception) else None
             if lost is not None:
                 raise lost from None
-            if _interrupted(e):
+            if interrupted(e):
                 _fail_in_flight(study, e)
                 raise KeyboardInterrupt from None
             raise
-
-
-def _interrupted(error: BaseException | None) -> bool:
-    """A Ctrl-C, or an error Optuna's clean-up of a trial raised over one."""
-    while error is not None:
-        if isinstance(error, KeyboardInterrupt):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def _fail_in_flight(study: optuna.Study, error: BaseException) -> None:

@@ -45,6 +45,16 @@ class CandidateError(RuntimeError):
     """The recipe's start point cannot be merged or scored: every trial would fail the same way."""
 
 
+def interrupted(error: BaseException | None) -> bool:
+    """A Ctrl-C, or an error raised over one: Optuna's clean-up of a trial, or a library that wraps what its
+    callback raised (pydantic's serializers, inside mergekit's config dump)."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def merge_options(recipe: Recipe, trust_remote_code: bool = False) -> MergeOptions:
     settings = recipe.evolve
     dev = resolve_device(settings.device if settings else "auto")
@@ -287,6 +297,9 @@ class Worker:
             trial.set_user_attr("error", "interrupted")
             raise
         except Exception as e:
+            if interrupted(e):  # else the trial would fail as an error and the search go on past the Ctrl-C
+                trial.set_user_attr("error", "interrupted")
+                raise KeyboardInterrupt from None
             # the user's scoring code: its own file:line and error already make the line
             trial.set_user_attr("error", str(e) if isinstance(e, ObjectiveError) else f"{type(e).__name__}: {e}")
             self.log_failure(trial.number)

@@ -203,3 +203,24 @@ def test_progress_shows_the_best_of_the_trials_just_counted(direction):
     best = study.best_trial
     assert best_text(study, reached.finished) == best_text(study) == f"best {best.value:.4f} (trial {best.number})"
     assert len(reached.finished) == 3  # `trials` counts completed trials, not pruned ones
+
+
+def test_a_ctrl_c_that_a_library_wrapped_in_its_own_error_still_stops_the_search(monkeypatch):
+    """pydantic turns a KeyboardInterrupt raised inside a serializer (mergekit's config dump) into a
+    PydanticSerializationError: a plain Exception, which would fail only the trial and let the search go on."""
+    from types import SimpleNamespace
+
+    from mergekit_evolve.study import worker
+
+    def wrapped(trial, space):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ValueError("Error calling function `serialize`: KeyboardInterrupt") from e
+
+    monkeypatch.setattr(worker, "suggest_point", wrapped)
+    trial = optuna.create_study().ask()
+    stub = SimpleNamespace(recipe=SimpleNamespace(search_space=None))  # log_failure is never reached
+    with pytest.raises(KeyboardInterrupt):
+        worker.Worker.objective(stub, trial)
+    assert trial.user_attrs["error"] == "interrupted"
