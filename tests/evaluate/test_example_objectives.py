@@ -562,11 +562,14 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
     proc = subprocess.Popen([sys.executable, "-m", "mergekit_evolve", *args(1000)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=folder)
     trials = run_dir / "trials.jsonl"
-    while not (trials.exists() and len(trials.read_text().splitlines()) >= 2):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        while not (trials.exists() and len(trials.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:  # a run that ignored the Ctrl-C would go on to its 1000 trials
+        proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in out + err and [line for line in (out + err).splitlines() if "interrupted" in line] == [
         "interrupted: finished trials are kept in the study; run the same command to resume."]
