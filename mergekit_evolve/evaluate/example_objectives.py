@@ -153,6 +153,11 @@ class ExampleScorer(ABC):
             rows[i] = {self.objective.metric: number}
         return rows
 
+    def unparsed(self, rows: list[dict[str, Any]]) -> tuple[int, int] | None:
+        """How many of the judgements behind ``rows`` could not be read, of how many; None for a kind
+        that reads none (only a judge whose reply is parsed does)."""
+        return None
+
     @abstractmethod
     def score(self, model: transformers.PreTrainedModel, tokenizer: Any, ids: list[int],
               examples: list[dict[str, Any]]) -> Sequence[float]:

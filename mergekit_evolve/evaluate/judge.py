@@ -14,10 +14,17 @@ gives the probability of the verdict naming the candidate (renormalised over the
 the score is their mean, from 0 to 1, and a candidate answering like the reference scores 0.5.
 The reference's answers never change, so they are generated once per worker, before the search
 (the study layer merges the reference into the resident model and calls ``answer_references``).
+
+With ``scoring: parse`` the judge writes a reply instead (greedy by default, batched like the
+answers) and the recipe's ``pattern`` reads the rating or verdict from it, as MT-Bench's and
+Model Swarms' judges do; it suits a judge trained to reply in a format (``[[4]]``). A reply it
+cannot read scores ``unparsed_score``, and each row keeps how many of its judgements were
+unreadable, so every trial reports the count (``Scores.unparsed``) and a resume keeps it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +33,17 @@ from typing import Any
 import torch
 import transformers
 
-from mergekit_evolve.evaluate.example_objectives import ExampleScorer, TaskSetupError, chat_prompt, complete
+from mergekit_evolve.evaluate.example_objectives import (
+    ExampleScorer,
+    Split,
+    TaskSetupError,
+    chat_prompt,
+    complete,
+)
 from mergekit_evolve.recipe.evolve_settings import DEFAULT_PAIRWISE_RUBRIC, DEFAULT_RUBRIC, missing_slots
 
 FIELD = "judge_model"
+UNPARSED = "unparsed"  # a parsed judge's row: how many of its judgements gave no rating
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,7 @@ class JudgeScorer(ExampleScorer):
         self.rubric = self._rubric()
         self.reference: Reference | None = None  # pairwise: set by whoever knows the recipe's sources
         self.reference_answers: dict[tuple[int, str], str] = {}  # by (example id, prompt): both fix an answer
+        self._unparsed: dict[int, int] = {}  # parse: unread judgements by example id, of the last call
 
     @property
     def pairwise(self) -> bool:
@@ -71,7 +86,9 @@ class JudgeScorer(ExampleScorer):
     def check(self) -> None:
         self.check_prompts()
         self.model_config(FIELD)
-        self.rating_ids(transformers.AutoTokenizer.from_pretrained(self.folder))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder)
+        if not self.parses:
+            self.rating_ids(tokenizer)
 
     def rating_ids(self, tokenizer: Any) -> list[int]:
         """The token of each rating (verdict); one its tokenizer splits cannot be read off one next-token distribution."""
@@ -93,11 +110,15 @@ class JudgeScorer(ExampleScorer):
         rubric = [(self.base_dir / self.objective.rubric_file).resolve()] if self.objective.rubric_file else []
         return [*super().files(), *rubric, *(p for d in folders for p in sorted(d.rglob("*")) if p.is_file())]
 
+    @property
+    def parses(self) -> bool:
+        return self.objective.scoring == "parse"
+
     def judge(self, device: torch.device) -> tuple[Any, Any, list[int]]:
         if self._loaded is None:
             tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder)
             model = transformers.AutoModelForCausalLM.from_pretrained(self.folder, dtype="auto").to(device).eval()
-            self._loaded = (model, tokenizer, self.rating_ids(tokenizer))
+            self._loaded = (model, tokenizer, [] if self.parses else self.rating_ids(tokenizer))
         return self._loaded
 
     def references_needed(self) -> bool:
@@ -120,6 +141,68 @@ class JudgeScorer(ExampleScorer):
                                  add_special_tokens=not templated)
         return judge(**inputs.to(judge.device)).logits[0, -1, rating_ids].float().cpu().softmax(-1)
 
+    def replies(self, texts: list[str], ids: list[int], device: torch.device) -> list[str]:
+        """What the judge writes after each text (``scoring: parse``), in batches like any answer."""
+        judge, judge_tokenizer, _ = self.judge(device)
+        return complete(judge, judge_tokenizer, texts, ids, self.objective.judge_generation,
+                        bool(judge_tokenizer.chat_template))
+
+    def read(self, reply: str) -> float | None:
+        """The rating a reply gives (pairwise: the index of the verdict it names); None when it gives none
+        that fits: no match of the pattern, or a rating outside the ratings' range."""
+        match = re.search(self.pattern, reply)
+        if match is None:
+            return None
+        found = match.group(1)
+        if self.pairwise:
+            return float(self.objective.verdicts.index(found)) if found in self.objective.verdicts else None
+        try:
+            rating = float(found)
+        except ValueError:
+            return None
+        values = [float(r) for r in self.objective.ratings]
+        return rating if min(values) <= rating <= max(values) else None
+
+    @property
+    def pattern(self) -> str:
+        if self.objective.pattern is not None:
+            return self.objective.pattern
+        if self.pairwise:  # a verdict standing alone: "A", "[[A]]", "Answer A.", not the "A" of "And"
+            return r"(?<![^\W_])(" + "|".join(map(re.escape, self.objective.verdicts)) + r")(?![^\W_])"
+        return r"(-?\d+(?:\.\d+)?)"
+
+    def unparsed_score(self) -> float:
+        if self.objective.unparsed_score is not None:
+            return self.objective.unparsed_score
+        return 0.5 if self.pairwise else min(float(r) for r in self.objective.ratings)
+
+    def judged(self, texts: list[str], ids: list[int], candidates: list[int], device: torch.device) -> list[float | None]:
+        """Each text's judgement: single, the rating; pairwise, the preference for the answer at
+        ``candidates`` (0: A, 1: B). None where a parsed reply gives none."""
+        if self.parses:
+            read = [self.read(r) for r in self.replies(texts, ids, device)]
+            if not self.pairwise:
+                return read
+            return [None if v is None else float(v == c) for v, c in zip(read, candidates, strict=True)]
+        if not self.pairwise:
+            values = torch.tensor([float(r) for r in self.objective.ratings])
+            return [float((self.preference(t, device) * values).sum()) for t in texts]
+        return [float(self.preference(t, device)[c]) for t, c in zip(texts, candidates, strict=True)]
+
+    def rows(self, model: transformers.PreTrainedModel, tokenizer: Any, split: Split,
+             ids: list[int]) -> dict[int, dict[str, Any]]:
+        self._unparsed = {}
+        rows = super().rows(model, tokenizer, split, ids)
+        if self.parses:  # stored with the score, so a resumed run still counts them
+            for i, row in rows.items():
+                row[UNPARSED] = self._unparsed[i]
+        return rows
+
+    def unparsed(self, rows: list[dict[str, Any]]) -> tuple[int, int] | None:
+        if not self.parses:
+            return None
+        return sum(int(r.get(UNPARSED, 0)) for r in rows), len(rows) * (2 if self.pairwise else 1)
+
     @torch.no_grad()
     def score(self, model: transformers.PreTrainedModel, tokenizer: Any, ids: list[int],
               examples: list[dict[str, Any]]) -> Sequence[float]:
@@ -127,17 +210,24 @@ class JudgeScorer(ExampleScorer):
         answers = complete(model, tokenizer, prompts, ids, self.objective.generation, self.apply_chat_template)
         # replace, not format: a rubric may hold other braces
         if not self.pairwise:
-            values = torch.tensor([float(r) for r in self.objective.ratings])
-            return [float((self.preference(self.rubric.replace("{prompt}", p).replace("{answer}", a), model.device)
-                           * values).sum()) for p, a in zip(prompts, answers, strict=True)]
-        if self.references_needed():
-            raise RuntimeError(f"objective {self.objective.name}: the reference's answers were not generated")
-        scores = []
-        for i, prompt, answer in zip(ids, prompts, answers, strict=True):
-            reference = self.reference_answers[(i, prompt)]
-            both = []
-            for a, b, candidate in ((answer, reference, 0), (reference, answer, 1)):
-                text = self.rubric.replace("{prompt}", prompt).replace("{answer_a}", a).replace("{answer_b}", b)
-                both.append(float(self.preference(text, model.device)[candidate]))
-            scores.append(sum(both) / 2)
-        return scores
+            texts = [self.rubric.replace("{prompt}", p).replace("{answer}", a) for p, a in zip(prompts, answers, strict=True)]
+            owners, candidates = ids, [0] * len(ids)
+        else:
+            if self.references_needed():
+                raise RuntimeError(f"objective {self.objective.name}: the reference's answers were not generated")
+            texts, owners, candidates = [], [], []
+            for i, prompt, answer in zip(ids, prompts, answers, strict=True):
+                reference = self.reference_answers[(i, prompt)]
+                for a, b, candidate in ((answer, reference, 0), (reference, answer, 1)):
+                    texts.append(self.rubric.replace("{prompt}", prompt).replace("{answer_a}", a).replace("{answer_b}", b))
+                    owners.append(i)
+                    candidates.append(candidate)
+        per_example: dict[int, list[float]] = {i: [] for i in ids}
+        self._unparsed = {i: 0 for i in ids}
+        for i, value in zip(owners, self.judged(texts, owners, candidates, model.device), strict=True):
+            if value is None:
+                self._unparsed[i] += 1
+                value = self.unparsed_score()
+            per_example[i].append(value)
+        # pairwise: both orders' mean cancels the judge's position bias
+        return [sum(per_example[i]) / len(per_example[i]) for i in ids]

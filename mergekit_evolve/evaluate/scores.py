@@ -7,7 +7,7 @@ Every trial also keeps the per-objective scores in ``user_attrs["scores"]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
@@ -17,9 +17,11 @@ from mergekit_evolve.recipe.evolve_settings import EvolveSettings, Objective
 
 @dataclass
 class Scores:
-    """Per-objective metric values of one model on one split."""
+    """Per-objective metric values of one model on one split; ``unparsed``: for an objective whose
+    judge's replies are parsed, how many of its judgements gave no rating, of how many."""
 
     values: dict[str, float]
+    unparsed: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def weighted(self, objectives: list[Objective]) -> float:
         """The weighted mean, sign-flipped for objectives to minimise, so higher is always better."""

@@ -450,7 +450,10 @@ class Evaluator:
             wanted[obj.name] = (plan, self.example_ids(obj, plan, fraction, anchors))
         rows = dict(zip(wanted, self.rows_many(model, digest, list(wanted.values())))) if wanted else {}
         values: dict[str, float] = {}
+        unparsed: dict[str, tuple[int, int]] = {}
         for obj, plan in zip(objectives, plans):
+            if plan.scorer is not None and obj.name in rows and (count := plan.scorer.unparsed(rows[obj.name])):
+                unparsed[obj.name] = count
             if obj.name not in rows:
                 value = self._whole(model, plan, obj)
             elif anchors and obj.name in anchors:
@@ -460,7 +463,7 @@ class Evaluator:
             if math.isnan(value):
                 raise ValueError(f"task '{plan.task}' scored NaN for '{obj.metric}'")
             values[obj.name] = value
-        return Scores(values)
+        return Scores(values, unparsed)
 
     def example_ids(self, objective: Objective, plan: EvalPlan, fraction: float, anchors: dict[str, Any] | None) -> list[int]:
         """The examples ``score`` runs for a plain task: its anchors, else the first ``fraction`` of the shuffle."""

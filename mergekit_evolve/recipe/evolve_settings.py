@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
@@ -187,6 +188,8 @@ DEFAULT_PAIRWISE_RUBRIC = (
     "Which answer to the question is better? Reply with A or B.\n\nQuestion: {prompt}\n\n"
     "Answer A: {answer_a}\n\nAnswer B: {answer_b}\n\nBetter answer (A or B):"
 )
+# settings that only a judge whose reply is parsed reads
+PARSE_ONLY = {"pattern", "judge_generation", "unparsed_score"}
 # what each judge mode's rubric must hold: where the judged answer(s) go
 RUBRIC_SLOTS = {"single": ("{answer}",), "pairwise": ("{answer_a}", "{answer_b}")}
 
@@ -201,11 +204,12 @@ def missing_slots(rubric: str, mode: str) -> str | None:
 
 
 class JudgeObjective(ExampleObjective):
-    """A local causal LM judges the resident model's answer to each prompt by a rubric (G-Eval style):
-    the score is the judge's expected rating, its next-token probabilities over the rating tokens.
+    """A local causal LM judges the resident model's answer to each prompt by a rubric: the score is
+    the judge's expected rating, its next-token probabilities over the rating tokens (G-Eval style),
+    or with ``scoring: parse`` the rating read from the reply it writes (MT-Bench, Model Swarms).
 
     In ``pairwise`` mode the judge compares the answer with a source model's (MT-Bench style) in
-    both orders; the score is its probability of preferring the candidate, from 0 to 1."""
+    both orders; the score is its preference for the candidate, from 0 to 1."""
 
     judge_model: str = Field(description="folder of a causal LM, relative to the recipe's folder")
     prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, relative to the recipe's folder")
@@ -221,15 +225,41 @@ class JudgeObjective(ExampleObjective):
     rubric_file: str | None = Field(default=None, description="a text file holding the rubric, relative to the recipe's folder")
     ratings: list[str] = Field(
         default=["1", "2", "3", "4", "5"], min_length=2,
-        description="single: the judge's possible next tokens, each a number (one token of its tokenizer)",
+        description="single: the judge's possible next tokens, each a number (one token of its tokenizer); "
+        "parse: a rating read outside their range is unparsed",
     )
     verdicts: list[str] = Field(
         default=["A", "B"], min_length=2, max_length=2,
         description="pairwise: the judge's next token preferring answer A, then B (each one token of its tokenizer)",
     )
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    scoring: Literal["expected", "parse"] = Field(
+        default="expected", description="expected: the judge's expected rating (verdict) over its next-token "
+        "probabilities; parse: the judge writes a reply and the rating (verdict) is read from it by 'pattern'")
+    pattern: str | None = Field(
+        default=None, description="parse: a regular expression whose first group is the rating (pairwise: the "
+        "verdict); its first match counts (default: the first number, pairwise: the first verdict standing alone)")
+    judge_generation: GenerationSettings = Field(
+        default_factory=lambda: GenerationSettings(max_new_tokens=16),
+        description="parse: how the judge writes its reply (greedy unless do_sample)")
+    unparsed_score: float | None = Field(
+        default=None, description="parse: the score of a judgement no rating (verdict) can be read from "
+        "(default: the lowest rating; pairwise 0.5, no preference)")
 
     data_fields: ClassVar[tuple[str, str]] = ("prompts", "heldout_prompts")
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            groups = re.compile(value).groups
+        except re.error as e:
+            raise ValueError(f"pattern {value!r} is no regular expression: {e}") from None
+        if groups < 1:
+            raise ValueError(f"pattern {value!r} has no group: its first group (...) is what it reads")
+        return value
 
     @field_validator("ratings")
     @classmethod
@@ -251,6 +281,8 @@ class JudgeObjective(ExampleObjective):
             raise ValueError("give the rubric or a rubric_file, not both")
         if self.rubric is not None and (complaint := missing_slots(self.rubric, self.mode)):
             raise ValueError(complaint)
+        if self.scoring == "expected" and (stray := sorted(self.model_fields_set & PARSE_ONLY)):
+            raise ValueError(f"{', '.join(stray)} belong(s) to scoring: parse (this objective's scoring is expected)")
         if len(set(self.verdicts)) != 2:
             raise ValueError(f"verdicts {self.verdicts} must be two different tokens")
         if not self.name:

@@ -31,6 +31,7 @@ def trial_record(trial: FrozenTrial) -> dict[str, Any]:
         "reused_from": attrs.get("reused_from"),
         "seconds": seconds,
         "error": attrs.get("error"),
+        "unparsed": attrs.get("unparsed"),  # a parsed judge's unreadable replies, of how many
         "worker": attrs.get("worker"),
         "started": trial.datetime_start.isoformat() if trial.datetime_start else None,
     }

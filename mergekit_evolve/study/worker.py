@@ -288,6 +288,7 @@ class Worker:
             t2 = time.perf_counter()
             value = study_values(self.recipe.evolve, scores.values)  # weighted, or one per objective
             trial.set_user_attr("scores", scores.values)
+            self.report_unparsed(trial, scores)
             trial.set_user_attr("seconds", {"merge": round(t1 - t0, 4), "evaluate": round(t2 - t1, 4)})
             self.known[digest] = (trial.number, value, scores.values)
             return value
@@ -306,6 +307,17 @@ class Worker:
             if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
+
+    @staticmethod
+    def report_unparsed(trial: optuna.Trial, scores: Scores) -> None:
+        """A parsed judge's unreadable replies: kept with the trial, and a warning when there are any."""
+        if not scores.unparsed:
+            return
+        trial.set_user_attr("unparsed", {name: list(count) for name, count in scores.unparsed.items()})
+        for name, (failed, total) in scores.unparsed.items():
+            if failed:
+                LOG.warning("trial %d: %s could not read a rating from %d of %d judge replies (each scored as its "
+                            "unparsed_score; check the objective's pattern and rubric)", trial.number, name, failed, total)
 
     def log_failure(self, number: int) -> None:
         """The traceback of the exception being handled: to failures.log, and with -v to the console."""

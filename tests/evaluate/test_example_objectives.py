@@ -335,6 +335,57 @@ def test_judge_objective_is_the_judges_expected_rating_of_each_answer(folder, ti
         EvolveSettings.model_validate({"objectives": [{**settings["objectives"][0], "rubric": "{prompt}"}]})
 
 
+def test_a_parsed_judge_reads_the_rating_from_its_reply_and_counts_the_replies_it_cannot_read(folder, tiny_llama):
+    judge_folder = tiny_llama[2]
+    ratings = [str(r) for r in range(10)]
+    settings = {"objectives": [{"judge_model": str(judge_folder), "prompts": "search.jsonl", "rubric": "{prompt}={answer}:",
+                                "scoring": "parse", "ratings": ratings, "pattern": "^([0-9])",
+                                "generation": {"max_new_tokens": 3}, "judge_generation": {"max_new_tokens": 4}}]}
+    evaluator, model = evaluator_for(settings, folder, tiny_llama)
+    objective = evaluator.suite.settings.objectives[0]
+    evaluator.suite.scorers[objective.name].check()  # ratings of two digits would not be one token: parsed, fine
+    scores = evaluator.score(model, "search", digest="d")
+    # by hand: the judge's greedy reply to each filled rubric, its first character a digit or unread (scored 0)
+    tok = evaluator.tokenizer
+    judge = transformers.AutoModelForCausalLM.from_pretrained(judge_folder).eval()
+
+    def reply(m, text, n):
+        ids_in = tok(text, return_tensors="pt")["input_ids"]
+        out = m.generate(ids_in, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids_in.shape[1]:], skip_special_tokens=True)
+
+    read = []
+    for e in evaluator.suite.scorers[objective.name].examples["search"]:
+        first = reply(judge, f"{e['prompt']}={reply(model, e['prompt'], 3)}:", 4)[:1]
+        read.append(int(first) if first.isdigit() else None)
+    failed = sum(r is None for r in read)
+    assert 0 < failed < len(read), read  # both paths taken
+    assert scores.unparsed == {objective.name: (failed, len(read))}
+    assert scores.values[objective.name] == pytest.approx(sum(r or 0 for r in read) / len(read))
+    # stored with the rows: scoring again from the store counts the same
+    assert evaluator.score(model, "search", digest="d").unparsed == scores.unparsed
+
+
+@pytest.mark.parametrize(("settings", "reply", "expected"), [
+    ({}, "4 out of 5", 4.0),
+    ({}, "rating: 2.5.", 2.5),
+    ({}, "7", None),  # outside the ratings' range
+    ({}, "no idea", None),
+    ({"pattern": r"\[\[(\d+)\]\]"}, "3 points, so [[5]]", 5.0),
+    ({"mode": "pairwise"}, "[[B]]", 1.0),
+    ({"mode": "pairwise"}, "And so A is better", 0.0),  # a verdict standing alone, not a word's first letter
+    ({"mode": "pairwise"}, "Both are fine", None),
+])
+def test_a_parsed_judges_default_patterns(folder, settings, reply, expected):
+    from mergekit_evolve.evaluate.judge import JudgeScorer
+    from mergekit_evolve.recipe.evolve_settings import JudgeObjective
+
+    objective = JudgeObjective.model_validate({"judge_model": "j", "prompts": "search.jsonl", "scoring": "parse", **settings})
+    scorer = JudgeScorer(objective, folder, False)
+    assert scorer.read(reply) == expected
+    assert scorer.unparsed_score() == (0.5 if settings.get("mode") == "pairwise" else 1.0)
+
+
 @pytest.mark.slow
 def test_an_error_in_the_users_function_fails_the_trial_with_its_file_and_line(folder, tiny_llama):
     from click.testing import CliRunner
@@ -530,7 +581,8 @@ def interrupt_objective(kind: str, folder: Path, reward: Path, judge: Path) -> s
         return "{python: counted.py:score, data: search.jsonl, heldout_data: heldout.jsonl}"
     if kind == "reward":
         return f"{{reward_model: {reward}, prompts: search.jsonl, generation: {{max_new_tokens: 3}}}}"
-    return f"{{judge_model: {judge}, prompts: search.jsonl, ratings: ['1', '2'], generation: {{max_new_tokens: 3}}}}"
+    # the judge's replies parsed: the count of unreadable ones is stored with the rows too
+    return f"{{judge_model: {judge}, prompts: search.jsonl, scoring: parse, generation: {{max_new_tokens: 3}}}}"
 
 
 @pytest.mark.slow
@@ -587,6 +639,8 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
     rows = [tuple(json.loads(line)) for line in stored.read_text().splitlines()]
     assert len(rows) > len(first) and {r[1] for r in rows}  # the resume scored its new trials
     assert not [r for r, n in Counter(rows).items() if n > 1]
+    if kind == "judge":  # every trial, resumed or not, reports its count of replies no rating could be read from
+        assert all(t["unparsed"]["judge:" + judge_model.name][1] > 0 for t in done if t["state"] == "COMPLETE")
     if kind == "python":
         calls = [tuple(json.loads(line)) for line in fitness.read_text().splitlines()]
         interrupted = calls[before_resume - 1][0]  # the model of the first process's last call
