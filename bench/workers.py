@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from pg_cluster import ClusterUnavailable, PostgresCluster  # noqa: E402
-from test_parallel import write_recipe  # noqa: E402
+from study.test_parallel import write_recipe  # noqa: E402
 from tiny_models import make_family, write_copy_task  # noqa: E402
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
