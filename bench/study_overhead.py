@@ -49,7 +49,7 @@ def no_op_worker(recipe: Recipe) -> Worker:
     worker = Worker(recipe, merge_options(recipe))
     worker.merger.materialize = lambda config: config
 
-    def scores(w: Worker, config, digest: str, trial: optuna.Trial) -> Scores:
+    def scores(settings, evaluator, anchors, config, digest: str, trial: optuna.Trial) -> Scores:
         weights = [m.parameters["weight"] for m in config.models]
         return Scores({o.name: 1.0 - abs(wt - 0.5) for o, wt in zip(recipe.evolve.objectives, weights)})
 
