@@ -264,6 +264,8 @@ def test_card_inherits_the_license_the_sources_share(tmp_path, tiny_llama):
      "scored by the recipe's function `fitness.py:score`"),
     ("{reward_model: rm, prompts: prompts.jsonl}", "reward:rm", "greedy answers scored by the reward model `rm`"),
     ("{judge_model: judge, prompts: prompts.jsonl}", "judge:judge", "rated by the judge model `judge`"),
+    ("{judge_model: judge, prompts: prompts.jsonl, scoring: parse}", "judge:judge",
+     "rated by the judge model `judge` with the recipe's rubric, the rating read from its reply"),
     ("{judge_model: judge, prompts: prompts.jsonl, mode: pairwise, reference: v1}", "judge:judge",
      "greedy answers compared with `v1`'s by the judge model `judge` in both orders"),
 ])
