@@ -639,8 +639,9 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
     rows = [tuple(json.loads(line)) for line in stored.read_text().splitlines()]
     assert len(rows) > len(first) and {r[1] for r in rows}  # the resume scored its new trials
     assert not [r for r, n in Counter(rows).items() if n > 1]
-    if kind == "judge":  # every trial, resumed or not, reports its count of replies no rating could be read from
-        assert all(t["unparsed"]["judge:" + judge_model.name][1] > 0 for t in done if t["state"] == "COMPLETE")
+    if kind == "judge":  # every trial scored, resumed or not, reports its count of replies no rating could be read from
+        assert all(t["unparsed"]["judge:" + judge_model.name][1] > 0 for t in done
+                   if t["state"] == "COMPLETE" and t["reused_from"] is None)
     if kind == "python":
         calls = [tuple(json.loads(line)) for line in fitness.read_text().splitlines()]
         interrupted = calls[before_resume - 1][0]  # the model of the first process's last call
