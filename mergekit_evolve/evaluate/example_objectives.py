@@ -151,7 +151,14 @@ class ExampleScorer(ABC):
             if not math.isfinite(number):
                 raise ObjectiveError(f"objective {self.objective.name}: example {i} scored {number}")
             rows[i] = {self.objective.metric: number}
+        for i, extra in self.row_extras(ids).items():
+            rows[i].update(extra)
         return rows
+
+    def row_extras(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """What the last ``score`` call learnt about each example beyond its score, stored in its row
+        (a parsed judge: how many replies it could not read); nothing for most kinds."""
+        return {}
 
     def unparsed(self, rows: list[dict[str, Any]]) -> tuple[int, int] | None:
         """How many of the judgements behind ``rows`` could not be read, of how many; None for a kind

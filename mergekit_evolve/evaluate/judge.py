@@ -33,13 +33,7 @@ from typing import Any
 import torch
 import transformers
 
-from mergekit_evolve.evaluate.example_objectives import (
-    ExampleScorer,
-    Split,
-    TaskSetupError,
-    chat_prompt,
-    complete,
-)
+from mergekit_evolve.evaluate.example_objectives import ExampleScorer, TaskSetupError, chat_prompt, complete
 from mergekit_evolve.recipe.evolve_settings import DEFAULT_PAIRWISE_RUBRIC, DEFAULT_RUBRIC, missing_slots
 
 FIELD = "judge_model"
@@ -64,6 +58,7 @@ class JudgeScorer(ExampleScorer):
         self.reference: Reference | None = None  # pairwise: set by whoever knows the recipe's sources
         self.reference_answers: dict[tuple[int, str], str] = {}  # by (example id, prompt): both fix an answer
         self._unparsed: dict[int, int] = {}  # parse: unread judgements by example id, of the last call
+        self.values = [float(r) for r in self.objective.ratings]  # single: what each rating is worth
 
     @property
     def pairwise(self) -> bool:
@@ -160,8 +155,7 @@ class JudgeScorer(ExampleScorer):
             rating = float(found)
         except ValueError:
             return None
-        values = [float(r) for r in self.objective.ratings]
-        return rating if min(values) <= rating <= max(values) else None
+        return rating if min(self.values) <= rating <= max(self.values) else None
 
     @property
     def pattern(self) -> str:
@@ -174,7 +168,7 @@ class JudgeScorer(ExampleScorer):
     def unparsed_score(self) -> float:
         if self.objective.unparsed_score is not None:
             return self.objective.unparsed_score
-        return 0.5 if self.pairwise else min(float(r) for r in self.objective.ratings)
+        return 0.5 if self.pairwise else min(self.values)
 
     def judged(self, texts: list[str], ids: list[int], candidates: list[int], device: torch.device) -> list[float | None]:
         """Each text's judgement: single, the rating; pairwise, the preference for the answer at
@@ -185,18 +179,15 @@ class JudgeScorer(ExampleScorer):
                 return read
             return [None if v is None else float(v == c) for v, c in zip(read, candidates, strict=True)]
         if not self.pairwise:
-            values = torch.tensor([float(r) for r in self.objective.ratings])
+            values = torch.tensor(self.values)
             return [float((self.preference(t, device) * values).sum()) for t in texts]
         return [float(self.preference(t, device)[c]) for t, c in zip(texts, candidates, strict=True)]
 
-    def rows(self, model: transformers.PreTrainedModel, tokenizer: Any, split: Split,
-             ids: list[int]) -> dict[int, dict[str, Any]]:
-        self._unparsed = {}
-        rows = super().rows(model, tokenizer, split, ids)
-        if self.parses:  # stored with the score, so a resumed run still counts them
-            for i, row in rows.items():
-                row[UNPARSED] = self._unparsed[i]
-        return rows
+    def row_extras(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        if not self.parses:
+            return {}
+        # stored with the score, so a resumed run still counts them
+        return {i: {UNPARSED: self._unparsed[i]} for i in ids}
 
     def unparsed(self, rows: list[dict[str, Any]]) -> tuple[int, int] | None:
         if not self.parses:
