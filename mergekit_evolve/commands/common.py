@@ -18,9 +18,23 @@ LOG = logging.getLogger("mergekit_evolve")
 console = Console(stderr=True)
 
 
+class OneLine(logging.Filter):
+    """Without -v a logged exception is one line, its message and the error, from whichever library
+    logs it (SQLAlchemy logs a cursor it cannot close after a Ctrl-C with its whole traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()}: {type(error).__name__}: {error}", None
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    if not verbose:
+        handler.addFilter(OneLine())
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
     LOG.setLevel(logging.INFO if verbose == 0 else level)
     # a failed trial is one line; its traceback is in the run folder's failures.log, here with -v

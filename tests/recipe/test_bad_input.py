@@ -221,6 +221,18 @@ def test_failed_trials_tracebacks_show_with_v(verbose, shown):
     assert not logging.getLogger("optuna").isEnabledFor(logging.WARNING)  # its per-trial tracebacks
 
 
+@pytest.mark.parametrize(("verbose", "shown"), [(0, False), (1, True)])
+def test_a_library_logging_an_exception_is_one_line_without_v(verbose, shown, capsys):
+    setup_logging(verbose)
+    try:
+        raise RuntimeError("Cannot operate on a closed database.")
+    except RuntimeError:  # as SQLAlchemy's pool logs a cursor it cannot close after a Ctrl-C
+        logging.getLogger("sqlalchemy.pool.impl").error("Error closing cursor", exc_info=True)
+    err = capsys.readouterr().err
+    assert "Error closing cursor: RuntimeError: Cannot operate on a closed database." in " ".join(err.split()) or shown
+    assert ("Traceback" in err) is shown
+
+
 def failed(error: str | None) -> optuna.trial.FrozenTrial:
     return optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"error": error} if error else {})
 
