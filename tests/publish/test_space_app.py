@@ -187,7 +187,7 @@ def served(run_dir, tmp_path):
         yield url
     finally:
         proc.terminate()  # the command stops its app child on SIGTERM
-        # generous: the command's own exit (torch, lm-eval imported) took 4 s beside three busy processes
+        # generous: the command's own exit (torch and lm-eval imported) slows down a lot on a loaded machine
         proc.wait(timeout=120)
         log.close()
 
