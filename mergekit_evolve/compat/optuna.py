@@ -66,6 +66,12 @@ def _frames(error: BaseException | None) -> Iterator:
         error = error.__cause__ or error.__context__
 
 
+# RDBStorage's private methods that Optuna calls from outside its storage interface: the heartbeat
+# (stale trials) and the cached storage wrapping every RDB storage (reading trials). A wrapper of
+# every storage call (study/storage.py's reconnecting storage) wraps these too.
+RDB_PRIVATE_CALLS = ("_get_stale_trial_ids", "_get_trials")
+
+
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """A journal file with Optuna's heartbeat protocol (Optuna implements it for RDB storages only).
 

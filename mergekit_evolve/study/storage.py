@@ -18,7 +18,7 @@ from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from mergekit_evolve.compat.optuna import HeartbeatJournalStorage, rdb_storage
+from mergekit_evolve.compat.optuna import RDB_PRIVATE_CALLS, HeartbeatJournalStorage, rdb_storage
 from mergekit_evolve.runfolder import RunFolder, process_gone
 
 LOG = logging.getLogger(__name__)
@@ -158,8 +158,9 @@ def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-# Every storage operation of a search goes through these: the BaseStorage interface, and finding stale trials.
-for _name in [n for n in vars(optuna.storages.BaseStorage) if not n.startswith("_")] + ["_get_stale_trial_ids"]:
+# Every storage operation of a search goes through these: the BaseStorage interface, and the private
+# methods Optuna's heartbeat and cached storage call directly.
+for _name in [n for n in vars(optuna.storages.BaseStorage) if not n.startswith("_")] + list(RDB_PRIVATE_CALLS):
     setattr(ReconnectingRDBStorage, _name, _reconnecting(getattr(RDBStorage, _name)))
 
 

@@ -72,3 +72,18 @@ def test_trials_in_flight_names_a_trial_interrupted_in_tell(tmp_path, monkeypatc
         study.optimize(lambda t: 1.0, n_trials=1)
     (running,) = study.get_trials(states=(TrialState.RUNNING,))
     assert compat.trials_in_flight(caught.value) == [compat.trial_id(running)]
+
+
+def test_the_private_rdb_calls_optuna_makes_exist_and_are_called_from_outside():
+    """A storage error in one of these escaped the reconnecting storage once (``_get_trials``, read by
+    the cached storage during a PostgreSQL restart): pinned so an Optuna upgrade that renames them fails here."""
+    import inspect
+
+    from optuna.storages import RDBStorage, _cached_storage
+    from optuna.storages._heartbeat import fail_stale_trials
+
+    from mergekit_evolve.compat.optuna import RDB_PRIVATE_CALLS
+
+    assert all(callable(getattr(RDBStorage, name, None)) for name in RDB_PRIVATE_CALLS)
+    assert "._backend._get_trials(" in inspect.getsource(_cached_storage)
+    assert "._get_stale_trial_ids(" in inspect.getsource(fail_stale_trials)
