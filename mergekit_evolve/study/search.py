@@ -186,7 +186,10 @@ def _fail_in_flight(study: optuna.Study, error: BaseException) -> None:
     """The trials the interrupt escaped Optuna with, failed as interrupted rather than left RUNNING."""
     storage = storage_of(study)
     for tid in trials_in_flight(error):
-        trial = storage.get_trial(tid)
+        try:
+            trial = storage.get_trial(tid)
+        except KeyError:  # interrupted while the storage created it: rolled back, never stored
+            continue
         if trial.state == TrialState.RUNNING:
             storage.set_trial_user_attr(tid, "error", "interrupted")
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)

@@ -247,7 +247,9 @@ def fail_orphans(study: optuna.Study) -> list[int]:
     """Fail (and re-queue once) the running trials of this host's processes that have ended (a kill -9,
     a crash): at once, on resume, rather than after the heartbeat grace period."""
     lost = []
-    for name in sorted({t.user_attrs.get(WORKER_KEY) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    # a trial whose process lost the storage right after creating it may have no worker name yet
+    for name in sorted({t.user_attrs[WORKER_KEY] for t in running if t.user_attrs.get(WORKER_KEY)}):
         host, _, pid = (name or "").rpartition(":")
         if host and pid.isdigit() and process_gone(host, int(pid)):
             lost += reap(study, name, "ended without finishing")

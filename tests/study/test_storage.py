@@ -60,3 +60,26 @@ def test_processes_on_one_machine_share_study_db(tmp_path):
     trials = optuna.load_study(study_name="s", storage=open_storage(url)).trials
     assert sorted(t.number for t in trials) == list(range(60))
     assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_orphans_are_found_beside_a_running_trial_that_has_no_worker_name_yet(tmp_path):
+    """A process that lost the storage right after creating its trial leaves it RUNNING unnamed."""
+    from mergekit_evolve.study.storage import WORKER_KEY, fail_orphans
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    study.ask()
+    named = study.ask()
+    named.set_user_attr(WORKER_KEY, "another-host:1")  # another host's process: never reaped from here
+    assert fail_orphans(study) == []
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.RUNNING]
+
+
+def test_an_interrupt_naming_a_trial_the_storage_never_stored_fails_nothing(tmp_path, monkeypatch):
+    """Ctrl-C inside ``create_new_trial``: the id its frames hold was rolled back."""
+    from mergekit_evolve.study import search
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    running = study.ask()
+    monkeypatch.setattr(search, "trials_in_flight", lambda error: [running._trial_id, 999])
+    search._fail_in_flight(study, KeyboardInterrupt())
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
