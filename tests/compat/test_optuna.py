@@ -1,5 +1,6 @@
 """Pins what compat/optuna.py relies on in the installed Optuna: an upgrade that moves one fails here."""
 
+import re
 import warnings
 
 import optuna
@@ -75,8 +76,9 @@ def test_trials_in_flight_names_a_trial_interrupted_in_tell(tmp_path, monkeypatc
 
 
 def test_the_private_rdb_calls_optuna_makes_exist_and_are_called_from_outside():
-    """A storage error in one of these escaped the reconnecting storage once (``_get_trials``, read by
-    the cached storage during a PostgreSQL restart): pinned so an Optuna upgrade that renames them fails here."""
+    """A storage error in these escaped the reconnecting storage during PostgreSQL restarts (``_get_trials``,
+    ``_set_trial_param``, called by the cached storage): exactly the private calls Optuna makes, pinned so an
+    Optuna upgrade that adds or renames one fails here."""
     import inspect
 
     from optuna.storages import RDBStorage, _cached_storage
@@ -85,5 +87,6 @@ def test_the_private_rdb_calls_optuna_makes_exist_and_are_called_from_outside():
     from mergekit_evolve.compat.optuna import RDB_PRIVATE_CALLS
 
     assert all(callable(getattr(RDBStorage, name, None)) for name in RDB_PRIVATE_CALLS)
-    assert "._backend._get_trials(" in inspect.getsource(_cached_storage)
-    assert "._get_stale_trial_ids(" in inspect.getsource(fail_stale_trials)
+    called = set(re.findall(r"\._backend\.(_\w+)\(", inspect.getsource(_cached_storage)))
+    called |= set(re.findall(r"storage\.(_\w+)\(", inspect.getsource(fail_stale_trials)))
+    assert called == set(RDB_PRIVATE_CALLS)
