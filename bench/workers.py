@@ -1,7 +1,7 @@
 """Trial throughput of the search with 1 and 2 worker processes, measured side by side in one run.
 
     python bench/workers.py [--trials 24]
-    python bench/workers.py --long [--examples 240] [--trials 12]
+    python bench/workers.py --long [--examples 480] [--trials 24]
 
 Runs `mergekit-evolve RECIPE --workers N` on the demo recipe (recipes/demo.yml), or on tiny
 Llama models with a 96-example copy task while the demo's models are not built, each in a fresh run
@@ -13,8 +13,8 @@ workers start searching together, once all are loaded); the command's wall time,
 report included, is printed beside it, and the load average, since the machine may be shared.
 
 ``--long``: trials of realistic length (seconds, as a real checkpoint gives). The demo with
-``--examples`` search examples per skill (its own 80 and its held-out ones, repeated: a trial
-scores each; the default 240 makes a trial 2-4 s on one core), every row with one torch thread
+``--examples`` search examples per skill (drawn afresh as recipes/demo/train.py draws its own: a
+trial scores each; the default 480 makes a trial 2-3 s on one core), every row with one torch thread
 a worker: 1 worker, 2 workers (``--workers 2``), and two separate processes, each with its
 own run folder, on one SQLite file and on one PostgreSQL study (a throwaway server from
 tests/pg_cluster.py, with PostgreSQL's durable defaults), as several hosts would run. Then
@@ -27,11 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,10 +68,18 @@ def long_recipe(folder: Path, examples: int) -> Path:
         sys.exit("--long needs the demo's models: python recipes/demo/train.py")
     shutil.copytree(demo, folder / "demo", ignore=shutil.ignore_patterns("models"))
     (folder / "demo" / "models").symlink_to(demo / "models")
-    for skill in ("copy", "reverse", "sort"):
-        pool = [line for split in ("search", "heldout") for line in (demo / "data" / f"{skill}_{split}.jsonl").read_text().splitlines()]
-        lines = [pool[i % len(pool)] for i in range(examples)]
-        (folder / "demo" / "data" / f"{skill}_search.jsonl").write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(demo))
+    from train import SKILLS, Settings, random_text
+
+    # new examples drawn as the demo draws its own: repeated ones would be scored once (identical requests)
+    rng, cfg = random.Random(0), Settings()
+    for skill in SKILLS:
+        items, seen = [], set()
+        while len(items) < examples:
+            if (text := random_text(rng, cfg, skill)) not in seen:
+                seen.add(text)
+                items.append(json.dumps(skill.item(text)))
+        (folder / "demo" / "data" / f"{skill.name}_search.jsonl").write_text("\n".join(items) + "\n")
     shutil.copyfile(REPO / "recipes" / "demo.yml", folder / "demo.yml")
     return folder / "demo.yml"
 
@@ -114,6 +124,7 @@ def storage_ms(storage: str, trials: int) -> float:
     from mergekit_evolve.recipe.document import load_recipe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: experimental since 2.8
     recipe = load_recipe(REPO / "recipes" / "demo.yml")
     worker = study_overhead.no_op_worker(recipe)
     return min(study_overhead.loop_ms(recipe, worker, trials, False, storage)[0] for _ in range(2))
@@ -160,15 +171,14 @@ def print_row(row: tuple[str, int, float, float, float], first: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=None, help="default 24, or 12 with --long")
+    parser.add_argument("--trials", type=int, default=24, help="a row's budget (two workers finish one more: the last ask "
+                        "of the other; more trials dilute that tail)")
     parser.add_argument("--long", action="store_true", help="trials of seconds; also several processes on SQLite and PostgreSQL")
-    parser.add_argument("--examples", type=int, default=240, help="--long: search examples a skill")
+    parser.add_argument("--examples", type=int, default=480, help="--long: search examples a skill")
     args = parser.parse_args()
     if args.long:
-        args.trials = args.trials or 12
         long_trials(args)
         return
-    args.trials = args.trials or 24
     rows = [("1 worker, default threads", 1, {}), ("1 worker, 1 thread", 1, {"OMP_NUM_THREADS": "1"}), ("2 workers", 2, {})]
     with tempfile.TemporaryDirectory() as tmp:
         recipe, label = bench_recipe(Path(tmp))

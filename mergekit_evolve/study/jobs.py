@@ -154,7 +154,7 @@ def run_parallel(
 ) -> optuna.Study:
     """Run the search with ``plan``'s workers through ``runner``; returns the study once they have all stopped."""
     study = open_study(recipe, run_dir)
-    fail_orphans(study)
+    fail_orphans(study, recipe.evolve.heartbeat_grace)
     export_records(run_dir, study)
     if counted(study):
         LOG.info("resuming study '%s': %d of %d trials already done", study.study_name, counted(study), job.trials)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
@@ -229,30 +230,44 @@ def reap(study: optuna.Study, name: str, why: str, quiet: bool = False) -> list[
     """Fail the running trials of the dead worker ``name`` and re-queue each point once.
 
     ``why`` ends "worker NAME ..." in the warning; ``quiet`` logs nothing (a stop we asked for)."""
-    retry = RetryLost(max_retry=1)
-    lost = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(WORKER_KEY) != name:
-            continue
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        retry(study, trial)  # uses only its point and attrs
-        lost.append(trial.number)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    lost = requeue(study, [t for t in running if t.user_attrs.get(WORKER_KEY) == name])
     if not quiet:
         requeued = f"; its trial {', '.join(map(str, lost))} failed and was re-queued" if lost else ""
         LOG.warning("worker %s %s%s", name, why, requeued)
     return lost
 
 
-def fail_orphans(study: optuna.Study) -> list[int]:
+def requeue(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[int]:
+    """Fail ``trials`` and re-queue each one's point once; returns their numbers."""
+    retry = RetryLost(max_retry=1)
+    for trial in trials:
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        retry(study, trial)  # uses only its point and attrs
+    return [t.number for t in trials]
+
+
+def fail_orphans(study: optuna.Study, grace_seconds: int = GRACE_SECONDS) -> list[int]:
     """Fail (and re-queue once) the running trials of this host's processes that have ended (a kill -9,
-    a crash): at once, on resume, rather than after the heartbeat grace period."""
+    a crash): at once, on resume, rather than after the heartbeat grace period.
+
+    Also a running trial that no worker named for twice the grace period: its process lost the
+    storage right after creating it (so it sent no heartbeat either, and Optuna never finds it
+    stale), and a process that cannot reach the storage for the grace period stops. Twice, so a
+    host whose clock runs ahead of the trial's creator cannot fail a trial that is being named."""
     lost = []
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    # a trial whose process lost the storage right after creating it may have no worker name yet
     for name in sorted({t.user_attrs[WORKER_KEY] for t in running if t.user_attrs.get(WORKER_KEY)}):
-        host, _, pid = (name or "").rpartition(":")
+        host, _, pid = name.rpartition(":")
         if host and pid.isdigit() and process_gone(host, int(pid)):
             lost += reap(study, name, "ended without finishing")
+    now = datetime.datetime.now()
+    unnamed = [t for t in running if not t.user_attrs.get(WORKER_KEY) and t.datetime_start is not None
+               and (now - t.datetime_start).total_seconds() > 2 * grace_seconds]
+    if unnamed:
+        lost += requeue(study, unnamed)
+        LOG.warning("trial %s: no worker named it within %d s (its process lost the study storage right after "
+                    "creating it); failed and re-queued", ", ".join(str(t.number) for t in unnamed), 2 * grace_seconds)
     return lost
 
 

@@ -4,6 +4,7 @@ killed, shared by several processes on one machine, readable by plain Optuna (op
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -72,6 +73,21 @@ def test_orphans_are_found_beside_a_running_trial_that_has_no_worker_name_yet(tm
     named.set_user_attr(WORKER_KEY, "another-host:1")  # another host's process: never reaped from here
     assert fail_orphans(study) == []
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.RUNNING]
+
+
+def test_a_trial_no_worker_named_within_twice_the_grace_is_failed_and_requeued(tmp_path):
+    """Its process lost the storage before naming it or sending a heartbeat: Optuna never finds it stale."""
+    from mergekit_evolve.study.storage import WORKER_KEY, fail_orphans
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    unnamed = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    named = study.ask()
+    named.set_user_attr(WORKER_KEY, "another-host:1")
+    time.sleep(0.01)
+    assert fail_orphans(study, grace_seconds=0) == [unnamed.number]
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING]
+    assert study.trials[2].params == {"x": unnamed.params["x"]}  # its point is tried again
 
 
 def test_an_interrupt_naming_a_trial_the_storage_never_stored_fails_nothing(tmp_path, monkeypatch):
