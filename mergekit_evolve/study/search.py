@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -147,6 +149,36 @@ def search_progress(show_progress: bool) -> Progress:
     )
 
 
+class CtrlC:
+    """A Ctrl-C during a search, kept until the search has seen it.
+
+    Python raises KeyboardInterrupt in whatever the main thread runs at that moment; inside a
+    finalizer the garbage collector runs (a ``__del__``, a weakref callback) it is printed as
+    "Exception ignored" and dropped, and a search went on to its budget (seen once in a test run of
+    a thousand short trials). So the press is also remembered, and raised again after the trial."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+            self.previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def _press(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:  # an Optuna callback, after each trial
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
 def optimize_until(
     study: optuna.Study, objective: Callable[[optuna.Trial], Any], trials: int, guard: FailureGuard,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]], timeout: float | None = None,
@@ -165,13 +197,14 @@ def optimize_until(
             LOG.info("time budget of %.0f s spent after %d trials", timeout, counted(study))
             break
         try:
-            study.optimize(
-                objective,
-                n_trials=trials - counted(study),
-                timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
-                catch=(Exception,),
-                callbacks=[reached, *callbacks, guard],
-            )
+            with CtrlC() as ctrl_c:
+                study.optimize(
+                    objective,
+                    n_trials=trials - counted(study),
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
+                    catch=(Exception,),
+                    callbacks=[ctrl_c, reached, *callbacks, guard],
+                )
         except BaseException as e:
             lost = lost_storage(e) if isinstance(e, Exception) else None
             if lost is not None:
@@ -200,7 +233,7 @@ def run_search(
 ) -> optuna.Study:
     """Run until the study holds ``trials`` completed trials; an interrupted run resumes here."""
     study = open_study(recipe, run_dir)
-    fail_orphans(study)
+    fail_orphans(study, recipe.evolve.heartbeat_grace)
     worker.use_store(run_dir)
     export_records(run_dir, study)
     worker.remember(study)

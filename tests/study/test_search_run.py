@@ -189,6 +189,38 @@ def test_trial_budget_counts_the_trials_other_workers_finish():
     assert len(ran) == 3 and counted(study) == 5 and len(study.trials) == 7
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one, as designed
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_search():
+    """The KeyboardInterrupt raised inside a ``__del__`` is printed and dropped by Python; the press is not."""
+    import gc
+    import os
+    import signal
+
+    from mergekit_evolve.study.search import FailureGuard, optimize_until
+
+    class PressedWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100_000):  # the handler runs between these bytecodes, inside __del__
+                pass
+
+    study = optuna.create_study()
+    ran = []
+
+    def objective(trial):
+        ran.append(trial.number)
+        if len(ran) == 2:
+            PressedWhileCollected()
+            gc.collect()
+        return 0.5
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize_until(study, objective, 50, FailureGuard(3), [])
+    assert ran == [0, 1]  # stopped after the trial it was pressed in, which is kept
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_progress_shows_the_best_of_the_trials_just_counted(direction):
     from mergekit_evolve.study.search import Reached, best_text
