@@ -20,6 +20,8 @@ answers) and the recipe's ``pattern`` reads the rating or verdict from it, as MT
 Model Swarms' judges do; it suits a judge trained to reply in a format (``[[4]]``). A reply it
 cannot read scores ``unparsed_score``, and each row keeps how many of its judgements were
 unreadable, so every trial reports the count (``Scores.unparsed``) and a resume keeps it.
+A judge behind an OpenAI-compatible endpoint (``judge_model: openai:MODEL``, judge_endpoint.py)
+is always read this way.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 import transformers
 
 from mergekit_evolve.evaluate.example_objectives import ExampleScorer, TaskSetupError, chat_prompt, complete
+from mergekit_evolve.evaluate.judge_endpoint import Endpoint
 from mergekit_evolve.recipe.evolve_settings import DEFAULT_PAIRWISE_RUBRIC, DEFAULT_RUBRIC, missing_slots
 
 FIELD = "judge_model"
@@ -52,7 +55,9 @@ class Reference:
 class JudgeScorer(ExampleScorer):
     def __init__(self, *args: Any):
         super().__init__(*args)
-        self.folder = (self.base_dir / self.objective.judge_model).resolve()
+        remote = self.objective.remote
+        self.endpoint = Endpoint(self.objective.judge_model, self.objective.endpoint) if remote else None
+        self.folder = None if remote else (self.base_dir / self.objective.judge_model).resolve()
         self._loaded: tuple[Any, Any, list[int]] | None = None
         self.rubric = self._rubric()
         self.reference: Reference | None = None  # pairwise: set by whoever knows the recipe's sources
@@ -80,6 +85,9 @@ class JudgeScorer(ExampleScorer):
 
     def check(self) -> None:
         self.check_prompts()
+        if self.endpoint is not None:
+            self.endpoint.check()
+            return
         self.model_config(FIELD)
         tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder)
         if not self.parses:
@@ -101,7 +109,7 @@ class JudgeScorer(ExampleScorer):
         return ids
 
     def files(self) -> list[Path]:
-        folders = [self.folder] + ([self.reference.folder] if self.reference else [])
+        folders = [f for f in (self.folder, self.reference and self.reference.folder) if f is not None]
         rubric = [(self.base_dir / self.objective.rubric_file).resolve()] if self.objective.rubric_file else []
         return [*super().files(), *rubric, *(p for d in folders for p in sorted(d.rglob("*")) if p.is_file())]
 
@@ -138,6 +146,8 @@ class JudgeScorer(ExampleScorer):
 
     def replies(self, texts: list[str], ids: list[int], device: torch.device) -> list[str]:
         """What the judge writes after each text (``scoring: parse``), in batches like any answer."""
+        if self.endpoint is not None:
+            return self.endpoint.replies(texts, ids, self.objective.judge_generation)
         judge, judge_tokenizer, _ = self.judge(device)
         return complete(judge, judge_tokenizer, texts, ids, self.objective.judge_generation,
                         bool(judge_tokenizer.chat_template))

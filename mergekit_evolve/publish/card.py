@@ -372,13 +372,14 @@ def _example_objective_md(o: Objective) -> str:
         return f"local prompts file; {how} answers scored by the reward model `{o.reward_model}`"
     if isinstance(o, JudgeObjective):
         how = "sampled" if o.generation.do_sample else "greedy"
+        judge = f"the judge model `{o.judge_model}`" + (" (an OpenAI-compatible endpoint)" if o.remote else "")
         if o.mode == "pairwise":
             against = f"`{o.reference}`" if o.reference else "the base model (else the first model)"
-            return (f"local prompts file; {how} answers compared with {against}'s by the judge model `{o.judge_model}` "
+            return (f"local prompts file; {how} answers compared with {against}'s by {judge} "
                     "in both orders, with the recipe's rubric (0.5: a tie)"
                     + (", the verdict read from its reply" if o.scoring == "parse" else ""))
         read = ", the rating read from its reply" if o.scoring == "parse" else ""
-        return f"local prompts file; {how} answers rated by the judge model `{o.judge_model}` with the recipe's rubric{read}"
+        return f"local prompts file; {how} answers rated by {judge} with the recipe's rubric{read}"
     return f"local JSONL file, scored by the recipe's function `{getattr(o, 'python', o.name)}`"
 
 

@@ -188,6 +188,27 @@ DEFAULT_PAIRWISE_RUBRIC = (
     "Which answer to the question is better? Reply with A or B.\n\nQuestion: {prompt}\n\n"
     "Answer A: {answer_a}\n\nAnswer B: {answer_b}\n\nBetter answer (A or B):"
 )
+ENDPOINT_PREFIX = "openai:"  # judge_model: openai:MODEL is a judge behind an OpenAI-compatible endpoint
+
+
+class EndpointSettings(BaseModel):
+    """How to reach a judge behind an OpenAI-compatible chat-completions endpoint (``judge_model: openai:MODEL``).
+
+    The URL and the key are read from the environment, never written in the recipe: a recipe is
+    shared and published with the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url_env: str = Field(default="OPENAI_BASE_URL", description="the environment variable holding the endpoint's "
+                         "base URL, e.g. http://localhost:8000/v1 (unset: https://api.openai.com/v1)")
+    key_env: str = Field(default="OPENAI_API_KEY", description="the environment variable holding its API key "
+                         "(unset: no key is sent, as a local server needs none)")
+    concurrency: int = Field(default=4, ge=1, description="requests in flight at once")
+    timeout: float = Field(default=120.0, gt=0, description="seconds to wait for one reply")
+    retries: int = Field(default=3, ge=0, description="tries again after a rate limit, a server error or a lost "
+                         "connection, waiting 1, 2, 4 ... s (or the server's Retry-After)")
+
+
 # settings that only a judge whose reply is parsed reads
 PARSE_ONLY = {"pattern", "judge_generation", "unparsed_score"}
 # what each judge mode's rubric must hold: where the judged answer(s) go
@@ -211,7 +232,10 @@ class JudgeObjective(ExampleObjective):
     In ``pairwise`` mode the judge compares the answer with a source model's (MT-Bench style) in
     both orders; the score is its preference for the candidate, from 0 to 1."""
 
-    judge_model: str = Field(description="folder of a causal LM, relative to the recipe's folder")
+    judge_model: str = Field(description="folder of a causal LM, relative to the recipe's folder; or openai:MODEL, "
+                             "a model behind an OpenAI-compatible endpoint (see endpoint)")
+    endpoint: EndpointSettings | None = Field(
+        default=None, description="openai:MODEL: where the endpoint's URL and key are found, and how it is asked")
     prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, relative to the recipe's folder")
     heldout_prompts: str | None = Field(default=None, description="JSONL prompts scored only for the report")
     mode: Literal["single", "pairwise"] = Field(
@@ -233,9 +257,11 @@ class JudgeObjective(ExampleObjective):
         description="pairwise: the judge's next token preferring answer A, then B (each one token of its tokenizer)",
     )
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
-    scoring: Literal["expected", "parse"] = Field(
-        default="expected", description="expected: the judge's expected rating (verdict) over its next-token "
-        "probabilities; parse: the judge writes a reply and the rating (verdict) is read from it by 'pattern'")
+    scoring: Literal["expected", "parse"] | None = Field(
+        default=None,  # resolved by _consistent: parse for an endpoint, else expected
+        description="expected (default for a local judge): the judge's expected rating (verdict) over its next-token "
+        "probabilities; parse (an endpoint's only scoring): the judge writes a reply and the rating (verdict) is read "
+        "from it by 'pattern'")
     pattern: str | None = Field(
         default=None, description="parse: a regular expression whose first group is the rating (pairwise: the "
         "verdict); its first match counts (default: the first number, pairwise: the first verdict standing alone)")
@@ -281,6 +307,16 @@ class JudgeObjective(ExampleObjective):
             raise ValueError("give the rubric or a rubric_file, not both")
         if self.rubric is not None and (complaint := missing_slots(self.rubric, self.mode)):
             raise ValueError(complaint)
+        if self.endpoint is not None and not self.remote:
+            raise ValueError(f"endpoint belongs to a judge behind an endpoint (judge_model: {ENDPOINT_PREFIX}MODEL); "
+                             f"'{self.judge_model}' is a folder")
+        if self.scoring is None:
+            self.scoring = "parse" if self.remote else "expected"
+        elif self.remote and self.scoring == "expected":
+            raise ValueError("scoring: expected needs the judge's next-token probabilities, which a local judge gives; "
+                             "a judge behind an endpoint is scored by its reply (scoring: parse)")
+        if self.remote and self.endpoint is None:
+            self.endpoint = EndpointSettings()
         if self.scoring == "expected" and (stray := sorted(self.model_fields_set & PARSE_ONLY)):
             raise ValueError(f"{', '.join(stray)} belong(s) to scoring: parse (this objective's scoring is expected)")
         if len(set(self.verdicts)) != 2:
@@ -292,6 +328,11 @@ class JudgeObjective(ExampleObjective):
     @property
     def field(self) -> str:
         return "judge_model"
+
+    @property
+    def remote(self) -> bool:
+        """A judge behind an OpenAI-compatible endpoint, not a local folder."""
+        return self.judge_model.startswith(ENDPOINT_PREFIX)
 
 
 # each objective names exactly one of these keys; the key says which model reads it

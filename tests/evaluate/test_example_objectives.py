@@ -419,14 +419,6 @@ def test_answers_go_through_the_chat_template_when_the_recipe_asks(tiny_llama):
     assert templated != complete(model, tok, ["ab", "cd"], [0, 1], greedy, False)
 
 
-@pytest.fixture(scope="module")
-def judge_model(tmp_path_factory) -> Path:
-    """A tiny random causal LM over the tests' character tokenizer, other weights than the merged family's."""
-    from tests.tiny_models import make_family
-
-    return make_family(tmp_path_factory.mktemp("judge"), "llama", variants=0, seed=7)[0]
-
-
 def pairwise_objective(judge: Path, **extra) -> dict:
     # the tests' tokenizer has no capitals: its verdicts are lower-case
     return {"judge_model": str(judge), "prompts": "search.jsonl", "mode": "pairwise", "verdicts": ["a", "b"],
@@ -582,13 +574,24 @@ def interrupt_objective(kind: str, folder: Path, reward: Path, judge: Path) -> s
     if kind == "reward":
         return f"{{reward_model: {reward}, prompts: search.jsonl, generation: {{max_new_tokens: 3}}}}"
     # the judge's replies parsed: the count of unreadable ones is stored with the rows too
-    return f"{{judge_model: {judge}, prompts: search.jsonl, scoring: parse, generation: {{max_new_tokens: 3}}}}"
+    where = "openai:tiny-judge" if kind == "endpoint" else f"{judge}, scoring: parse"
+    return f"{{judge_model: {where}, prompts: search.jsonl, generation: {{max_new_tokens: 3}}}}"
+
+
+@pytest.fixture()
+def judge_server(judge_model, monkeypatch):
+    """The judge behind a local OpenAI-compatible endpoint, its URL where the recipe's default endpoint looks."""
+    from tests.openai_server import serving
+
+    with serving(judge_model) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        yield server
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["task", "python", "reward", "judge"])
+@pytest.mark.parametrize("kind", ["task", "python", "reward", "judge", "endpoint"])
 def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, reward_model, judge_model, kind,
-                                                         monkeypatch):
+                                                         monkeypatch, request):
     """Ctrl-C a run (a subprocess) after two trials, then the same command to two more (in this process:
     a second subprocess costs its imports again): across both no config is scored twice on one example of
     one objective. Each logs every row it stores (tests/stored_rows); rows of the interrupted trial that were
@@ -601,6 +604,8 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
     from tests.recipe.test_bad_input import REPO
     from tests.stored_rows.sitecustomize import logging_put
 
+    if kind == "endpoint":
+        request.getfixturevalue("judge_server")
     path = folder / "recipe.yml"
     path.write_text(run_recipe_text(tiny_llama, interrupt_objective(kind, folder, reward_model, judge_model)))
     run_dir, stored, fitness = folder / "run", folder / "stored.jsonl", folder / "fitness.jsonl"
@@ -639,8 +644,9 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
     rows = [tuple(json.loads(line)) for line in stored.read_text().splitlines()]
     assert len(rows) > len(first) and {r[1] for r in rows}  # the resume scored its new trials
     assert not [r for r, n in Counter(rows).items() if n > 1]
-    if kind == "judge":  # every trial scored, resumed or not, reports its count of replies no rating could be read from
-        assert all(t["unparsed"]["judge:" + judge_model.name][1] > 0 for t in done
+    if kind in ("judge", "endpoint"):  # every trial scored, resumed or not, reports its count of unread replies
+        name = "judge:" + ("openai:tiny-judge" if kind == "endpoint" else judge_model.name)
+        assert all(t["unparsed"][name][1] > 0 for t in done
                    if t["state"] == "COMPLETE" and t["reused_from"] is None)
     if kind == "python":
         calls = [tuple(json.loads(line)) for line in fitness.read_text().splitlines()]
