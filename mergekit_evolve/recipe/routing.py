@@ -24,9 +24,11 @@ Search dimensions (all floats, so CMA-ES can search them as in the paper):
 - ``routing.r{rep}.{model}.L{layer}`` in [-1, 1], one per slot: the indicator;
 - with ``scales`` and ``scale_form: matrix`` (the default), the paper's W: one scale
   ``routing.W.{from}.{to}`` per ordered pair of the M layers (``{model}.L{layer}`` each); the hop
-  from layer i to layer j is scaled by W_ij, whichever slots they sit in;
+  from layer i to layer j is scaled by W_ij, whichever slots they sit in; plus
+  ``routing.W.embed.{A.L0}`` for the hop from the embedding into A's forced first layer;
 - with ``scale_form: slot``, ``routing.r{rep}.{model}.L{layer}.scale``, one per slot: the scale
-  of the hop *into* that slot; plus ``routing.last.scale`` for the hop into A's forced last layer.
+  of the hop *into* that slot; plus ``routing.first.scale`` and ``routing.last.scale`` for the
+  hops into A's forced first and last layers.
 
 Their ``init`` is the paper's: every indicator 0 (off: a slot is on when I > 0) except model A's
 layers in the first repetition at 0.2 (2 sigma of the paper's sigma0 = 0.1), scales 1; so the
@@ -44,8 +46,11 @@ becomes a passthrough ``scale`` parameter, filtered to the architecture's MLP ou
 GPT-2), on the slice of hop k - 1. Scaling those tensors scales exactly what the MLP adds to the
 residual stream. Families whose MLP output is re-normalised before it joins (Gemma 2 and 3:
 ``post_feedforward_layernorm``) or is not a separate tensor are refused with their name.
-Hop 0's input, the embedding, is not scaled (the released model scales it too; not done here),
-and a scale of exactly 1 is left out of the config.
+Hop 0's input is the embedding (the released model scales it too): its scale becomes a global
+passthrough ``scale`` filtered to the embedding tensors (``EMBED_TENSORS``). A model whose head
+is tied to its embedding gets no such scale (it would scale the logits as well), nor does a
+family the table lacks; ``embed_filter`` names the tensors or, as ``[]``, turns it off. A scale
+of exactly 1 is left out of the config.
 """
 
 from __future__ import annotations
@@ -73,6 +78,11 @@ SCALE_TENSORS = {
     "llama": "down_proj", "mistral": "down_proj", "qwen2": "down_proj", "qwen3": "down_proj", "phi3": "down_proj",
     "gpt2": "mlp.c_proj",
 }
+# The tensors whose product is the hidden state entering the first layer (GPT-2 adds positions).
+EMBED_TENSORS = {
+    "llama": ["embed_tokens"], "mistral": ["embed_tokens"], "qwen2": ["embed_tokens"], "qwen3": ["embed_tokens"],
+    "phi3": ["embed_tokens"], "gpt2": ["wte", "wpe"],
+}
 UNSCALABLE = {
     "gemma2": "its post_feedforward_layernorm re-normalises the MLP output before it joins the residual stream",
     "gemma3": "its post_feedforward_layernorm re-normalises the MLP output before it joins the residual stream",
@@ -98,6 +108,10 @@ class Routing(BaseModel):
     num_layers: dict[str, int] = Field(default_factory=dict, description="layer counts of models without a config.json")
     scale_filter: str | None = Field(
         default=None, description="the tensor the scales multiply; default: the architecture's MLP output (SCALE_TENSORS)"
+    )
+    embed_filter: list[str] | None = Field(
+        default=None, description="the embedding tensors the first hop's scale multiplies; default: the architecture's "
+        "(EMBED_TENSORS), none when A's head is tied to its embedding; [] for no scale on that hop"
     )
 
     @field_validator("repeats")
@@ -165,7 +179,8 @@ class Routing(BaseModel):
 
 @dataclass(frozen=True)
 class Hop:
-    """One layer of the path and the scale of the hop into it (applied to the previous hop's MLP output)."""
+    """One layer of the path and the scale of the hop into it (applied to the previous hop's MLP output; hop 0's to
+    the embedding)."""
 
     model: str
     layer: int
@@ -210,6 +225,7 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
     resolved = [resolve(m) for m in written]
     counts: dict[str, int] = {}
     shapes: dict[str, dict[str, Any]] = {}
+    tied = False  # A's head is its embedding (tie_word_embeddings)
     for i, (w, m) in enumerate(zip(written, resolved)):
         try:
             cfg = read_config(m)
@@ -221,6 +237,7 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
             if given is not None and given != n:
                 raise doc.error((KEY, "num_layers", w), f"routing.num_layers gives {w} {given} layers, its config.json has {n}")
             shapes[w] = {k: getattr(cfg, k, None) for k in SHAPE_KEYS}
+            tied = tied or (i == 0 and bool(getattr(cfg, "tie_word_embeddings", False)))
         elif given is not None:
             n = given
         else:
@@ -234,7 +251,15 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
     scale_filter = block.scale_filter
     if block.scales and scale_filter is None:
         scale_filter = _scale_tensor(doc, shapes, written)
-    block = block.model_copy(update={"models": resolved, "num_layers": counts, "scale_filter": scale_filter})
+    embed_filter = block.embed_filter
+    if embed_filter is None:
+        family = next((s["model_type"] for s in shapes.values() if s.get("model_type")), "llama")  # as _scale_tensor
+        embed_filter = [] if tied or not block.scales else EMBED_TENSORS.get(family, [])
+    if embed_filter and "scale" in (template.get("parameters") or {}):
+        raise doc.error(("parameters", "scale"), "parameters.scale cannot be used with routing.scales: the scale of the "
+                                                 "hop from the embedding is the embedding's passthrough scale")
+    block = block.model_copy(update={"models": resolved, "num_layers": counts, "scale_filter": scale_filter,
+                                     "embed_filter": embed_filter if block.scales else []})
     lo, hi = block.length_limits
     if hi < 2:
         raise doc.error((KEY, "max_layers"), f"routing.max_layers {hi} is below 2: the first and last layers of {written[0]} are always in the path")
@@ -299,7 +324,7 @@ def slot_names(block: Routing) -> list[str]:
     return out
 
 
-LAST_SCALE = f"{KEY}.last.scale"
+FIRST_SCALE, LAST_SCALE = f"{KEY}.first.scale", f"{KEY}.last.scale"
 
 
 def layer_names(block: Routing) -> list[str]:
@@ -312,13 +337,21 @@ def w_name(block: Routing, names: list[str], src: int, dst: int) -> str:
     return f"{KEY}.W.{names[src]}.{names[dst]}"
 
 
+def embed_name(block: Routing) -> str | None:
+    """The dimension of the hop from the embedding into A's first layer; None when it is not scaled."""
+    if not block.scales or not block.embed_filter:
+        return None
+    return FIRST_SCALE if block.scale_form == "slot" else f"{KEY}.W.embed.{layer_names(block)[0]}"
+
+
 def scale_names(block: Routing) -> list[str]:
     if not block.scales:
         return []
+    first = [n] if (n := embed_name(block)) else []
     if block.scale_form == "slot":
-        return [f"{n}.scale" for n in slot_names(block)] + [LAST_SCALE]
+        return first + [f"{n}.scale" for n in slot_names(block)] + [LAST_SCALE]
     names = layer_names(block)
-    return [w_name(block, names, i, j) for i in range(block.width) for j in range(block.width)]
+    return first + [w_name(block, names, i, j) for i in range(block.width) for j in range(block.width)]
 
 
 def add_dimensions(space: SearchSpace, block: Routing) -> None:
@@ -359,7 +392,7 @@ def decode(block: Routing, point: dict[str, Any]) -> list[Hop]:
     slots: list[int | None] = [None, *open_slots(block, [point[n] for n in names]), None]  # None: A's forced layers
     path = [(0, 0)] + [block.slot_layer(s) for s in slots[1:-1] if s is not None] + [last]
     layers = layer_names(block)
-    hops = [Hop(a, 0)]
+    hops = [Hop(a, 0, float(point[embed]) if (embed := embed_name(block)) else 1.0)]
     for k in range(1, len(path)):
         (i, layer), scale = path[k], 1.0
         if block.scales and block.scale_form == "matrix":
@@ -387,6 +420,10 @@ def routed_config(config: dict[str, Any], point: dict[str, Any]) -> dict[str, An
     """Replace a (prepared) ``routing:`` block by the passthrough config of ``point``'s path."""
     block = Routing.model_validate(config.pop(KEY))
     config["base_model"] = block.models[0]  # output config, embeddings and tokenizer come from A
-    config["slices"] = compile_path(block, decode(block, point))
+    hops = decode(block, point)
+    config["slices"] = compile_path(block, hops)
+    if hops[0].scale != 1.0:  # the embedding is no slice's tensor: a global parameter, filtered to it
+        config["parameters"] = {**(config.get("parameters") or {}),
+                                "scale": [{"filter": f, "value": hops[0].scale} for f in block.embed_filter]}
     return config
 

@@ -25,14 +25,14 @@ def write_recipe(tmp_path, models, repeats=2):
     return load_recipe(path)
 
 
-def by_hand(models, path, scales, ids):
-    """Embed with A, run each (model, layer) of ``path`` from the HF modules, A's norm and head.
+def by_hand(models, path, scales, ids, embed_scale=1.0):
+    """Embed with A (times ``embed_scale``), run each (model, layer) of ``path`` from the HF modules, A's norm and head.
 
     ``scales[k]`` multiplies the MLP output of hop k before it joins the residual stream.
     """
     a = models[0]
     n = ids.shape[1]
-    h = a.model.embed_tokens(ids)
+    h = embed_scale * a.model.embed_tokens(ids)
     rope = a.model.rotary_emb(h, torch.arange(n)[None])
     mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
     for (m, layer), scale in zip(path, scales):
@@ -56,10 +56,11 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, arch, seed
     indicator = [rng.uniform(-1, 1) for _ in range(T)]
     W = [[rng.uniform(0.25, 4.0) for _ in range(M)] for _ in range(M)]  # the paper's W, by layout layer
     names = [n for n in recipe.search_space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
-    assert len(names) == T and len(recipe.search_space) == T + M * M
+    assert len(names) == T and len(recipe.search_space) == T + M * M + 1  # + the hop from the embedding
     point = {n: v for n, v in zip(names, indicator)}
     labels = [f"{m}.L{layer}" for m in ("v1", "v2", "base") for layer in range(layers)]
     point |= {f"routing.W.{labels[i]}.{labels[j]}": W[i][j] for i in range(M) for j in range(M)}
+    point["routing.W.embed.v1.L0"] = embed = rng.uniform(0.25, 4.0)
 
     # the paper's decoding, by hand: slot i is used when I[i] > 0; the layer is i mod M
     used = [i for i in range(T) if indicator[i] > 0]
@@ -76,7 +77,7 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, arch, seed
     ids = torch.tensor([[2, 5, 9, 13, 17, 21, 30, 33, 7]])
     with torch.no_grad():
         got = merged(ids).logits
-        want = by_hand(sources, path, mlp_scales, ids)
+        want = by_hand(sources, path, mlp_scales, ids, embed)
         unscaled = by_hand(sources, path, [1.0] * len(path), ids)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
     assert not torch.allclose(got, unscaled, atol=1e-3), "the scales changed nothing: the check would be vacuous"
@@ -127,6 +128,7 @@ def test_gpt2_routed_merge_scales_the_mlp_output_with_its_bias(tmp_path):
     labels = [f"{m}.L{layer}" for m in ("base", "v1") for layer in range(4)]
     W = {(i, j): 1.0 + 0.1 * i + 0.05 * j for i in range(8) for j in range(8)}
     point |= {f"routing.W.{labels[i]}.{labels[j]}": w for (i, j), w in W.items()}
+    point["routing.W.embed.base.L0"] = 1.3  # the token and the position embeddings: their sum, scaled
     path = [(0, 0), (0, 1), (0, 2), (1, 1), (0, 3)]
     flat = [m * 4 + layer for m, layer in path]
     mlp_scales = [W[(flat[k], flat[k + 1])] for k in range(4)] + [1.0]
@@ -135,7 +137,7 @@ def test_gpt2_routed_merge_scales_the_mlp_output_with_its_bias(tmp_path):
     ids = torch.tensor([[2, 5, 9, 13, 17, 21]])
     with torch.no_grad():
         a = models[0].transformer
-        h = a.wte(ids) + a.wpe(torch.arange(ids.shape[1])[None])
+        h = 1.3 * (a.wte(ids) + a.wpe(torch.arange(ids.shape[1])[None]))
         for (m, layer), scale in zip(path, mlp_scales):
             block = models[m].transformer.h[layer]
             h = h + block.attn(block.ln_1(h))[0]

@@ -37,7 +37,7 @@ def test_dimensions_and_init_is_the_papers(tiny_llama, tmp_path):
     assert len(names) == 8 * 3  # M x r
     assert names[:5] == ["routing.r0.v1.L0", "routing.r0.v1.L1", "routing.r0.v1.L2", "routing.r0.v1.L3", "routing.r0.v2.L0"]
     assert names[-1] == "routing.r2.v2.L3"
-    assert len(recipe.search_space) == 24 + 8 * 8  # the indicator and the paper's W (M x M)
+    assert len(recipe.search_space) == 24 + 8 * 8 + 1  # the indicator, the paper's W (M x M), the embedding's hop
     assert all(recipe.search_space.dimensions[n].low == -1.0 and recipe.search_space.dimensions[n].high == 1.0 for n in names)
     # the paper's init: I = 0 except A's first-repetition layers at 2 sigma0 = 0.2 (A's forced ends need no slot)
     init = {n: recipe.search_space.dimensions[n].init for n in names}
@@ -55,8 +55,9 @@ def test_compiled_config_pinned(tiny_llama, tmp_path):
     _, v1, v2 = tiny_llama
     recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 2\n  scales: [0.5, 2.0]\n  scale_form: slot\n"))
     names = indicator_names(recipe)
-    assert len(recipe.search_space) == 2 * 16 + 1  # indicator, a scale per slot, the hop into the forced last layer
-    point = {n: -0.3 for n in names} | {f"{n}.scale": 1.0 for n in names} | {"routing.last.scale": 1.75}
+    assert len(recipe.search_space) == 2 * 16 + 2  # indicator, a scale per slot, the hops into the forced ends
+    point = {n: -0.3 for n in names} | {f"{n}.scale": 1.0 for n in names} | {"routing.last.scale": 1.75,
+                                                                             "routing.first.scale": 1.0}
     for slot, value, scale in [(2, 0.9, 0.6), (5, 0.1, 1.5), (9, 0.4, 0.8), (12, 0.7, 1.2)]:
         point[names[slot]] = value
         point[f"{names[slot]}.scale"] = scale
@@ -87,6 +88,7 @@ def test_w_scales_a_hop_by_the_layers_it_leaves_and_enters(tiny_llama, tmp_path)
     names = indicator_names(recipe)
     layers = ["v1.L0", "v1.L1", "v1.L2", "v1.L3", "v2.L0", "v2.L1", "v2.L2", "v2.L3"]
     point = {n: -0.3 for n in names} | {f"routing.W.{a}.{b}": 1.0 for a in layers for b in layers}
+    point["routing.W.embed.v1.L0"] = 1.0
     for slot in (2, 5, 9, 12):
         point[names[slot]] = 0.5
     # path v1 L0 -> v1 L2 -> v2 L1 -> v1 L1 -> v2 L0 -> v1 L3: hops (0,2) (2,5) (5,1) (1,4) (4,3)
@@ -110,6 +112,36 @@ def test_w_scales_a_hop_by_the_layers_it_leaves_and_enters(tiny_llama, tmp_path)
     again[names[8 + 2]], again[names[8 + 5]] = 0.5, 0.5  # v1 L2 and v2 L1 from the second repetition
     got = recipe.compile(again).model_dump(mode="json", exclude_none=True)["slices"]
     assert got == [hop(v1, 0, 0.6), hop(v1, 2, 1.5), hop(v2, 1), hop(v1, 3)]  # W[v2 L1, v1 L3] = 1: no scale
+
+
+def test_the_hop_from_the_embedding_scales_the_embedding_unless_the_head_is_tied(tiny_llama, tmp_path):
+    from tiny_models import make_family
+
+    _, v1, v2 = tiny_llama
+    for form, name in (("matrix", "routing.W.embed.v1.L0"), ("slot", "routing.first.scale")):
+        recipe = load(tmp_path, recipe_text([v1, v2], f"  scales: [0.5, 2.0]\n  scale_form: {form}\n"))
+        assert recipe.search_space.dimensions[name].init == 1.0
+        config = recipe.compile(recipe.search_space.default_point() | {name: 1.25}).model_dump(mode="json", exclude_none=True)
+        assert config["parameters"] == {"scale": [{"filter": "embed_tokens", "value": 1.25}]}
+        assert all("parameters" not in s["sources"][0] for s in config["slices"])  # the path is A's, unscaled
+    assert "parameters" not in recipe.compile(recipe.search_space.default_point()).model_dump(exclude_none=True)
+    off = load(tmp_path, recipe_text([v1, v2], "  scales: [0.5, 2.0]\n  embed_filter: []\n"))
+    assert not [n for n in off.search_space.dimensions if "embed" in n]
+    # GPT-2 adds its positions to the token embedding: both scale; tied to the head, neither can
+    gpt2 = make_family(tmp_path / "gpt2", "gpt2", variants=1)
+    recipe = load(tmp_path, recipe_text(gpt2, "  scales: [0.5, 2.0]\n"))
+    config = recipe.compile(recipe.search_space.default_point() | {"routing.W.embed.base.L0": 0.75})
+    assert config.model_dump(mode="json", exclude_none=True)["parameters"] == {
+        "scale": [{"filter": "wte", "value": 0.75}, {"filter": "wpe", "value": 0.75}]}
+    from tiny_models import CONFIGS
+
+    config = CONFIGS["llama"]()
+    config.tie_word_embeddings = True
+    tied = make_family(tmp_path / "tied", config=config, variants=1)
+    assert not [n for n in load(tmp_path, recipe_text(tied, "  scales: [0.5, 2.0]\n")).search_space.dimensions
+                if "embed" in n]
+    with pytest.raises(RecipeError, match="parameters.scale cannot be used with routing.scales"):
+        load(tmp_path, recipe_text([v1, v2], "  scales: [0.5, 2.0]\n") + "parameters: {scale: 2.0}\n")
 
 
 def test_scale_tensor_is_chosen_per_architecture_or_refused(tmp_path):
