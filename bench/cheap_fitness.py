@@ -37,11 +37,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
-from mergekit_evolve.recipe.evolve_settings import PruningSettings  # noqa: E402
+import mergekit_evolve.study.search as search_module  # noqa: E402
 from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
+from mergekit_evolve.recipe.evolve_settings import PruningSettings  # noqa: E402
 from mergekit_evolve.report.finalists import best_of_finalists  # noqa: E402
 from mergekit_evolve.report.winner import winner_config  # noqa: E402
-import mergekit_evolve.study.search as search_module  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
 from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
 
@@ -147,7 +147,7 @@ def main() -> None:
         per_trial = statistics.mean(x[1] for x in r)
         held = statistics.mean(x[2] for x in r)
         ratio = f"{rate / full_rate:.2f}x" if full_rate else "-"
-        deltas = " / ".join(f"{x[2] - f[2]:+.3f}" for x, f in zip(r, rows["full"])) if "full" in rows else "-"
+        deltas = " / ".join(f"{x[2] - f[2]:+.3f}" for x, f in zip(r, rows["full"], strict=False)) if "full" in rows else "-"
         print(f"| {mode} | {rate:.0f} | {ratio} | {per_trial:.0f} | {held:.4f} | {deltas} |")
 
 if __name__ == "__main__":

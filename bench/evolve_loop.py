@@ -46,8 +46,8 @@ from tiny_models import make_family  # noqa: E402
 
 from mergekit_evolve.merge.chunked import ChunkedMerge  # noqa: E402
 from mergekit_evolve.merge.engine import InMemoryMerger  # noqa: E402
-from mergekit_evolve.recipe.evolve_settings import PruningSettings  # noqa: E402
 from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
+from mergekit_evolve.recipe.evolve_settings import PruningSettings  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
 from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
 
@@ -186,7 +186,7 @@ def merge_calls(merger: InMemoryMerger, config: MergeConfiguration) -> list[tupl
     gathers = [m.inner.gather_tensors for m in merges]
     gathered = dict(Executor(gathers, math_device="cpu", storage_device="cpu").run(quiet=True))
     calls = []
-    for merge, gather in zip(merges, gathers):
+    for merge, gather in zip(merges, gathers, strict=False):
         tensors = gathered[gather]
         calls.append((merge, tensors, torch.empty_like(next(iter(tensors.values())))))
     return calls
@@ -211,18 +211,18 @@ def bandwidth(paths: list[Path]) -> None:
         model_bytes = sum(out.numel() * out.element_size() for _, _, out in calls)
         sources = [next(iter(tensors.values())) for _, tensors, _ in calls]
 
-        def copy_all() -> None:
-            for src, (_, _, dst) in zip(sources, calls):
+        def copy_all(sources=sources, calls=calls) -> None:  # bound now: run within this iteration anyway
+            for src, (_, _, dst) in zip(sources, calls, strict=False):
                 dst.copy_(src)
 
-        def merge_all() -> None:
+        def merge_all(calls=calls) -> None:
             for merge, tensors, out in calls:
                 merge.run_into(tensors, out)
 
         print(f"{name} ({inputs} inputs, {len(calls)} tensors, {model_bytes / 1e6:.0f} MB out):")
         for threads in sorted({1, DEFAULT_THREADS}):  # one thread, as the demo recipe sets; all of torch's default
             torch.set_num_threads(threads)
-            copy_s, merge_s, whole_s = interleaved([copy_all, merge_all, lambda: merger.materialize(config)])
+            copy_s, merge_s, whole_s = interleaved([copy_all, merge_all, lambda config=config: merger.materialize(config)])
             copy_bw = 2 * model_bytes / copy_s
             print(f"  {threads} torch thread(s): torch copy of the same tensors {copy_bw / 1e9:6.2f} GB/s (dst.copy_(src): read + write)")
             for label, seconds in (("merge kernel (run_into)", merge_s), ("whole materialize()", whole_s)):

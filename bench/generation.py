@@ -57,7 +57,7 @@ def main() -> None:
     ours = QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     expected, hf_cpu, hf_wall = timed(lambda: hflm.generate_until(requests, disable_tqdm=True), args.repeats)
     got, our_cpu, our_wall = timed(lambda: ours.generate_until(requests), args.repeats)
-    assert got == expected, [(a, b) for a, b in zip(got, expected) if a != b][:5]
+    assert got == expected, [(a, b) for a, b in zip(got, expected, strict=False) if a != b][:5]
     print(f"{len(requests)} requests from {args.task}, batch {args.batch_size}, model {folder}")
     print("| generate_until | CPU s | wall s | requests/CPU-s |")
     print("| --- | --- | --- | --- |")

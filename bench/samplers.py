@@ -23,12 +23,12 @@ deterministic, so this changes the wall time only, never a result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import tempfile
 import warnings
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,9 +42,9 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings  # noqa: E402
 from mergekit_evolve.recipe.parse import Recipe  # noqa: E402
-from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
 from mergekit_evolve.report.winner import winner_config  # noqa: E402
 from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402

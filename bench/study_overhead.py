@@ -35,8 +35,8 @@ import sqlalchemy  # noqa: E402
 
 import mergekit_evolve.study.worker as worker_module  # noqa: E402
 from mergekit_evolve.evaluate.scores import Scores  # noqa: E402
-from mergekit_evolve.recipe.parse import Recipe  # noqa: E402
 from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
+from mergekit_evolve.recipe.parse import Recipe  # noqa: E402
 from mergekit_evolve.samplers.registry import make_sampler  # noqa: E402
 from mergekit_evolve.study.search import run_search  # noqa: E402
 from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
@@ -51,7 +51,7 @@ def no_op_worker(recipe: Recipe) -> Worker:
 
     def scores(settings, evaluator, anchors, config, digest: str, trial: optuna.Trial) -> Scores:
         weights = [m.parameters["weight"] for m in config.models]
-        return Scores({o.name: 1.0 - abs(wt - 0.5) for o, wt in zip(recipe.evolve.objectives, weights)})
+        return Scores({o.name: 1.0 - abs(wt - 0.5) for o, wt in zip(recipe.evolve.objectives, weights, strict=False)})
 
     worker_module.staged_scores = scores  # the name Worker.objective calls
     return worker

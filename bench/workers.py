@@ -121,6 +121,7 @@ def storage_ms(storage: str, trials: int) -> float:
     """The study machinery's milliseconds a trial on ``storage``, "sqlite" (study.db) or a URL
     (bench/study_overhead.py's loop, best of 2)."""
     import study_overhead
+
     from mergekit_evolve.recipe.document import load_recipe
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
-from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.evaluate.scores import directions, study_values
+from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 
 Scorer = Callable[[dict[str, Any]], dict[str, float]]
 

@@ -21,7 +21,7 @@ class AnchorSet:
 
     def estimate(self, rows: list[dict[str, Any]], plan: Any) -> float:
         key = f"{plan.metric},{plan.filter}"
-        return float(sum(w * float(r[key]) for w, r in zip(self.weights, rows)))
+        return float(sum(w * float(r[key]) for w, r in zip(self.weights, rows, strict=False)))
 
 
 def choose_anchors(results: np.ndarray, ids: list[int], size: int, seed: int) -> AnchorSet:

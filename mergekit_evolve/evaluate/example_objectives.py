@@ -143,7 +143,7 @@ class ExampleScorer(ABC):
             raise ObjectiveError(f"objective {self.objective.name}: got {got} for {len(ids)} examples "
                                  "(expected one float per example)")
         rows = {}
-        for i, value in zip(ids, values):
+        for i, value in zip(ids, values, strict=False):
             try:
                 number = float(value)
             except (TypeError, ValueError):

@@ -80,7 +80,7 @@ def _decode(lm: Any, ids: torch.Tensor, mask: torch.Tensor, max_new: int, stops:
         if all(done) or step == max_new - 1:
             break
         # a finished sequence is fed padding, as ``generate`` does, so the others see the same batch
-        chosen = torch.tensor([pad if d else t for d, t in zip(done, chosen.tolist())], device=ids.device)
+        chosen = torch.tensor([pad if d else t for d, t in zip(done, chosen.tolist(), strict=False)], device=ids.device)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, use_cache=True, **cache)
@@ -106,7 +106,7 @@ def generate_until(lm: Any, requests: list[Any]) -> list[str]:
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         max_gen_toks = kwargs.pop("max_gen_toks")
         ids, mask = lm.tok_batch_encode(list(contexts), left_truncate_len=lm.max_length - max_gen_toks, truncation=lm.truncation)
-        for tokens, context in zip(_decode(lm, ids.to(lm.device), mask.to(lm.device), max_gen_toks, until), contexts):
+        for tokens, context in zip(_decode(lm, ids.to(lm.device), mask.to(lm.device), max_gen_toks, until), contexts, strict=False):
             text = postprocess_generated_text(generation=lm.tok_decode(tokens), stop=until, think_end_token=None)
             results.append(text)
             lm.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)

@@ -134,7 +134,7 @@ class JudgeScorer(ExampleScorer):
             ids = list(range(len(examples)))
             prompts = [e["prompt"] for e in examples]
             answers = complete(model, tokenizer, prompts, ids, self.objective.generation, self.apply_chat_template)
-            self.reference_answers.update(zip(zip(ids, prompts), answers))
+            self.reference_answers.update(zip(zip(ids, prompts, strict=False), answers, strict=False))
 
     def preference(self, text: str, device: torch.device) -> torch.Tensor:
         """The judge's next-token probabilities over the ratings (verdicts) after ``text``."""

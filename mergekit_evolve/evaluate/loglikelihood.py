@@ -55,10 +55,10 @@ def loglikelihood_tokens(lm: Any, requests: list[Request]) -> list[tuple[float, 
         checked: list[int] = []
         tokens_out: list[int] = []
         spans: list[tuple[Any, int, int]] = []
-        for row, ((request_str, context, continuation), length) in enumerate(zip(chunk, lengths)):
+        for row, ((request_str, context, continuation), length) in enumerate(zip(chunk, lengths, strict=False)):
             end = length + (logits.shape[1] - padded)  # the row's last input position, + 1
             start = end - len(continuation)
-            for request_str, cont, _ in order.get_cache(
+            for cached_str, cont, _ in order.get_cache(  # the request and its repeats (one-token grouping)
                 req_str=request_str, cxt_toks=context, cont_toks=continuation, logits=_NO_LOGITS
             ):
                 n = len(cont)
@@ -68,7 +68,7 @@ def loglikelihood_tokens(lm: Any, requests: list[Request]) -> list[tuple[float, 
                 scored += range(start, start + n)
                 checked += range(end - n, end)
                 tokens_out += cont
-                spans.append((request_str, len(tokens_out) - n, len(tokens_out)))
+                spans.append((cached_str, len(tokens_out) - n, len(tokens_out)))
         index = torch.tensor(rows, device=logits.device)
         wanted = torch.tensor(tokens_out, device=logits.device)
         log_probs = logits[index, torch.tensor(scored, device=logits.device), wanted]

@@ -64,7 +64,7 @@ class RewardScorer(ExampleScorer):
         reward, reward_tokenizer = self.reward_model(model.device)
         index = self.label_index(reward.config)
         values = []
-        for prompt, answer in zip(prompts, answers):
+        for prompt, answer in zip(prompts, answers, strict=False):
             if reward_tokenizer.chat_template:
                 text = reward_tokenizer.apply_chat_template(
                     [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False)

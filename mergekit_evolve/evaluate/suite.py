@@ -33,8 +33,8 @@ from mergekit_evolve.evaluate.example_objectives import (
 from mergekit_evolve.evaluate.example_store import ExampleStore
 from mergekit_evolve.evaluate.judge import JudgeScorer
 from mergekit_evolve.evaluate.python_objectives import PythonScorer
-from mergekit_evolve.evaluate.reward import RewardScorer
 from mergekit_evolve.evaluate.requests import PreparedRequests
+from mergekit_evolve.evaluate.reward import RewardScorer
 from mergekit_evolve.evaluate.scores import Scores
 from mergekit_evolve.recipe.evolve_settings import (
     EvolveSettings,
@@ -76,7 +76,7 @@ def task_manager(settings: EvolveSettings, base_dir: Path) -> TaskManager:
     """lm-eval's index of the objectives' tasks: the recipe's task folders, and lm-eval's own tasks
     only when the recipe names one of them (indexing its ~15k tasks takes many seconds)."""
     paths = [str((base_dir / p).resolve()) for p in settings.task_paths]
-    for p, raw in zip(paths, settings.task_paths):
+    for p, raw in zip(paths, settings.task_paths, strict=False):
         if not os.path.isdir(p):
             raise TaskSetupError(f"evolve.task_paths: no folder '{raw}' (looked at {p})", field="task_paths")
     names = objective_tasks(settings)
@@ -444,14 +444,14 @@ class Evaluator:
         objectives = self.suite.settings.objectives
         plans = [self.plan(obj, split) for obj in objectives]
         wanted: dict[str, tuple[EvalPlan, list[int]]] = {}
-        for obj, plan in zip(objectives, plans):
+        for obj, plan in zip(objectives, plans, strict=False):
             if plan.ids is None or (digest is None and plan.scorer is None):
                 continue
             wanted[obj.name] = (plan, self.example_ids(obj, plan, fraction, anchors))
-        rows = dict(zip(wanted, self.rows_many(model, digest, list(wanted.values())))) if wanted else {}
+        rows = dict(zip(wanted, self.rows_many(model, digest, list(wanted.values())), strict=False)) if wanted else {}
         values: dict[str, float] = {}
         unparsed: dict[str, tuple[int, int]] = {}
-        for obj, plan in zip(objectives, plans):
+        for obj, plan in zip(objectives, plans, strict=False):
             if plan.scorer is not None and obj.name in rows and (count := plan.scorer.unparsed(rows[obj.name])):
                 unparsed[obj.name] = count
             if obj.name not in rows:

@@ -69,7 +69,7 @@ class _Linear:
     def torch_block(self, blocks: list[torch.Tensor], out: torch.Tensor) -> None:
         shape = (1,) * (blocks[0].ndim + 1)
         result = torch.zeros((1, *blocks[0].shape), dtype=self.weight.dtype)
-        for block, coefficient in zip(blocks, self.weight.unbind(1)):
+        for block, coefficient in zip(blocks, self.weight.unbind(1), strict=False):
             result.addcmul_(block.unsqueeze(0), coefficient.reshape(shape))
         if self.denominator is not None:
             result.div_(self.denominator.reshape(shape))

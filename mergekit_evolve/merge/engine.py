@@ -89,7 +89,7 @@ class InMemoryPlanner(MergePlanner):
         global_params, tensor_params = resolve_parameters(
             planner_method(self).spec,
             tensor_name=weight.name,
-            inputs={model: w.name for model, w in zip(models, weights_in)},
+            inputs={model: w.name for model, w in zip(models, weights_in, strict=False)},
             sources=cfg_reader.parameter_sources,
             base_model=cfg_reader.base_model,
             t=cfg_reader.t,

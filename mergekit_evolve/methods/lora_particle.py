@@ -143,7 +143,7 @@ def combined_factors(
     adapters: Sequence[LoraAdapter], weights: Sequence[float], module: str, device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(sum_i w_i A_i, sum_i w_i B_i)`` in fp32 for one module (None: no adapter adapts it)."""
-    held = [(w, adapter.factors[module]) for adapter, w in zip(adapters, weights) if module in adapter.factors]
+    held = [(w, adapter.factors[module]) for adapter, w in zip(adapters, weights, strict=False) if module in adapter.factors]
     if not held:
         return None
     if len(held) < len(adapters):

@@ -11,13 +11,13 @@ Any annotation may carry ``name:`` so several places share one search dimension.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergekit_evolve.recipe.yaml_lines import Loc
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 ANNOTATION_KEYS = {"search", "choice", "var"}
 
@@ -36,7 +36,7 @@ class RangeAnnotation(_Annotation):
     points: int = Field(default=1, ge=1, description="number of gradient points across the layers")
 
     @model_validator(mode="after")
-    def _check(self) -> "RangeAnnotation":
+    def _check(self) -> RangeAnnotation:
         lo, hi = self.search
         if not lo < hi:
             raise ValueError(f"search range [{lo}, {hi}] is empty: the low end must be below the high end")
@@ -64,7 +64,7 @@ class ChoiceAnnotation(_Annotation):
     init: Scalar | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ChoiceAnnotation":
+    def _check(self) -> ChoiceAnnotation:
         if self.init is not None and self.init not in self.choice:
             raise ValueError(f"init {self.init!r} is not one of the choices {self.choice}")
         if len(set(map(repr, self.choice))) != len(self.choice):
@@ -77,7 +77,7 @@ class VarAnnotation(BaseModel):
     var: str
 
 
-Annotation = Union[RangeAnnotation, ChoiceAnnotation, VarAnnotation]
+Annotation = RangeAnnotation | ChoiceAnnotation | VarAnnotation
 
 
 def is_annotation(value: Any) -> bool:

@@ -135,7 +135,7 @@ class PythonObjective(ExampleObjective):
         return value
 
     @model_validator(mode="after")
-    def _default_name(self) -> "PythonObjective":
+    def _default_name(self) -> PythonObjective:
         if not self.name:
             self.name = self.python.rpartition(":")[2]
         return self
@@ -170,7 +170,7 @@ class RewardObjective(ExampleObjective):
     data_fields: ClassVar[tuple[str, str]] = ("prompts", "heldout_prompts")
 
     @model_validator(mode="after")
-    def _default_name(self) -> "RewardObjective":
+    def _default_name(self) -> RewardObjective:
         if not self.name:
             self.name = "reward:" + self.reward_model.rstrip("/").rpartition("/")[2]
         return self
@@ -298,7 +298,7 @@ class JudgeObjective(ExampleObjective):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JudgeObjective":
+    def _consistent(self) -> JudgeObjective:
         other = "single" if self.mode == "pairwise" else "pairwise"
         stray = sorted(self.model_fields_set & ({"ratings"} if other == "single" else {"reference", "verdicts"}))
         if stray:
@@ -376,7 +376,7 @@ class SelectRule(BaseModel):
     at_most: dict[str, float] = Field(default_factory=dict, description="objective -> highest acceptable score")
 
     @model_validator(mode="after")
-    def _one_ranking(self) -> "SelectRule":
+    def _one_ranking(self) -> SelectRule:
         if self.weighted and self.objective:
             raise ValueError("select ranks by the weighted objective or by one objective, not both")
         return self
@@ -397,8 +397,8 @@ class PruningSettings(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the Optuna pruner")
 
     @model_validator(mode="after")
-    def _stages(self) -> "PruningSettings":
-        if not self.stages or self.stages[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *self.stages], self.stages)):
+    def _stages(self) -> PruningSettings:
+        if not self.stages or self.stages[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *self.stages], self.stages, strict=False)):
             raise ValueError(f"stages must rise from above 0 to exactly 1.0, got {self.stages}")
         return self
 
@@ -458,7 +458,7 @@ class EvolveSettings(BaseModel):
         return options_for(info.data.get("sampler", "cmaes"), options)
 
     @model_validator(mode="after")
-    def _resolve_auto_pruner(self) -> "EvolveSettings":
+    def _resolve_auto_pruner(self) -> EvolveSettings:
         if self.pruning.pruner != "auto":
             return self
         update: dict[str, Any] = {"pruner": "none"}
@@ -474,7 +474,7 @@ class EvolveSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _unique_objectives(self) -> "EvolveSettings":
+    def _unique_objectives(self) -> EvolveSettings:
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives repeat a name (task/metric pair, or name): {names}")

@@ -109,7 +109,7 @@ def _model_label(template: dict[str, Any], loc: Loc) -> str | None:
             label = names[loc[i]] if isinstance(entry, dict) else ""
             if not label or names.count(label) > 1:
                 label = f"{loc[i - 1]}[{loc[i]}]"
-            prefix = ".".join(f"{k}[{j}]" for k, j in zip(loc[: i - 1 : 2], loc[1 : i - 1 : 2])) if i > 1 else ""
+            prefix = ".".join(f"{k}[{j}]" for k, j in zip(loc[: i - 1 : 2], loc[1 : i - 1 : 2], strict=False)) if i > 1 else ""
             return f"{prefix}.{label}" if prefix else label
     return None
 
@@ -207,7 +207,7 @@ def _add_dimensions(space: SearchSpace, doc: LocatedYaml, loc: Loc, base: str, a
                 n, ann.type, low=cast(ann.search[0]), high=cast(ann.search[1]), log=ann.log, step=ann.step,
                 init=None if i is None else cast(i),
             )
-            for n, i in zip(names, inits)
+            for n, i in zip(names, inits, strict=False)
         ]
     for d in dims:
         if d.name in space.dimensions:

@@ -50,7 +50,7 @@ class PublishSettings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _space_needs_repo(self) -> "PublishSettings":
+    def _space_needs_repo(self) -> PublishSettings:
         if self.space and not self.repo:
             raise ValueError("'space' needs 'repo': the Space serves the model pushed there")
         return self

@@ -226,7 +226,7 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
     counts: dict[str, int] = {}
     shapes: dict[str, dict[str, Any]] = {}
     tied = False  # A's head is its embedding (tie_word_embeddings)
-    for i, (w, m) in enumerate(zip(written, resolved)):
+    for i, (w, m) in enumerate(zip(written, resolved, strict=False)):
         try:
             cfg = read_config(m)
         except ValueError as e:  # unknown model_type and the like

@@ -7,7 +7,7 @@ The recipe is validated once, into the model that fits its sampler.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,7 +19,7 @@ class _Options(BaseModel):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @model_validator(mode="after")
-    def _apply_preset(self) -> "_Options":
+    def _apply_preset(self) -> _Options:
         preset = getattr(self, "preset", None)
         for key, value in self.PRESETS.get(preset or "", {}).items():
             if key not in self.model_fields_set:
@@ -98,7 +98,7 @@ class CycleQDOptions(_Options):
     )
 
     @model_validator(mode="after")
-    def _check_bounds(self) -> "CycleQDOptions":
+    def _check_bounds(self) -> CycleQDOptions:
         for name, (low, high) in self.bounds.items():
             if not low < high:
                 raise ValueError(f"bounds of '{name}': low {low} must be below high {high}")
@@ -164,13 +164,13 @@ class SwarmOptions(_Options):
     )
 
     @model_validator(mode="after")
-    def _check_box(self) -> "SwarmOptions":
+    def _check_box(self) -> SwarmOptions:
         if self.box is not None and not (self.box[0] <= 0.0 and self.box[1] >= 1.0):
             raise ValueError(f"box {list(self.box)} must include [0, 1]: the swarm starts at the experts themselves")
         return self
 
 
-SamplerOptions = Union[OptunaOptions, PyCmaOptions, CycleQDOptions, SwarmOptions]
+SamplerOptions = OptunaOptions | PyCmaOptions | CycleQDOptions | SwarmOptions
 TYPED_OPTIONS: dict[str, type[_Options]] = {"cma": PyCmaOptions, "cycleqd": CycleQDOptions, "swarm": SwarmOptions}
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from importlib.metadata import version
 import tempfile
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import yaml

@@ -62,7 +62,7 @@ class UnitBox:
 
     def decode(self, x: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, u in zip(self.names, np.clip(x, 0.0, 1.0)):
+        for name, u in zip(self.names, np.clip(x, 0.0, 1.0), strict=False):
             dist = self.distributions[name]
             lo, hi = self._ends(dist)
             v = lo + float(u) * (hi - lo)
@@ -139,7 +139,7 @@ class ExpertWeights:
         """The Optuna params of a coefficient vector (clipped to each dimension's range)."""
         return {
             name: _snap(float(c), self.distributions[name])
-            for expert, c in zip(self.experts, coefficients)
+            for expert, c in zip(self.experts, coefficients, strict=False)
             for name in expert.dims
         }
 

@@ -76,7 +76,7 @@ def with_mutation(recipe: Recipe, options: CycleQDOptions) -> Recipe:
     space = copy.deepcopy(recipe.search_space)
     if options.mutation == "svd" and options.w_min:
         params["w_min"] = options.w_min  # fixed for the run: only the seed and w_max vary
-    for dim, param in zip(dims, ("seed", scale_param)):
+    for dim, param in zip(dims, ("seed", scale_param), strict=False):
         params[param] = {"search": [dim.low, dim.high]}
         space.dimensions[dim.name] = dim
         space.placements.append(Placement(("parameters", param), (dim.name,)))
@@ -205,7 +205,7 @@ class CycleQDSampler(GenerationalSampler):
         if not best:
             return None
         beta = softmax(np.array([e.qualities[t] for e, t in best]))
-        return combine([(e, float(b)) for b, (e, _) in zip(beta, best)], len(self.experts))
+        return combine([(e, float(b)) for b, (e, _) in zip(beta, best, strict=False)], len(self.experts))
 
     def _params(self, coefficients: np.ndarray, mutation: tuple[int, float] | None) -> dict[str, Any]:
         params: dict[str, Any] = self.experts.params(coefficients)
@@ -235,7 +235,7 @@ class CycleQDSampler(GenerationalSampler):
                 continue
             e = self.individuals[t]
             nodes[f"t{t}"] = {
-                "weights": {m: c for m, c in zip(models, e.coefficients) if c},
+                "weights": {m: c for m, c in zip(models, e.coefficients, strict=False) if c},
                 "mix": [[f"t{u}", c] for u, c in e.mix],
                 "mutation": list(e.mutation) if e.mutation else None,
             }

@@ -87,7 +87,7 @@ class WorkerJob:
 
     @classmethod
     def for_run(cls, recipe: Recipe, run_dir: Path, options: MergeOptions, allow_pickle: bool, trials: int,
-                timeout: float | None = None) -> "WorkerJob":
+                timeout: float | None = None) -> WorkerJob:
         # absolute paths: a Ray actor does not start in this working directory
         recipe = dataclasses.replace(recipe, path=recipe.path.resolve())
         return cls(recipe, run_dir.resolve(), options, allow_pickle, trials, timeout)

@@ -85,7 +85,7 @@ def run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.St
         children.append(proc)
     LOG.info("%d workers: this process and %s; waiting for them to load", plan.count, ", ".join(str(p.pid) for p in children))
     # all start together, so each worker's share (and a throughput measurement) does not depend on start-up time
-    while not all(r.is_set() or p.exitcode is not None for r, p in zip(ready, children)):
+    while not all(r.is_set() or p.exitcode is not None for r, p in zip(ready, children, strict=False)):
         time.sleep(POLL_SECONDS)
     child_tripped = threading.Event()
     parent_done = threading.Event()

@@ -90,7 +90,7 @@ def _report_examples(settings: EvolveSettings, evaluator: Evaluator, model: Any,
         if plan.ids is None:
             continue
         ids = evaluator.example_ids(obj, plan, rung.fraction, rung.anchors)
-        for doc_id, row in zip(ids, evaluator.rows(model, digest, plan, ids)):
+        for doc_id, row in zip(ids, evaluator.rows(model, digest, plan, ids), strict=False):
             step = k * 10_000_000 + doc_id
             if step not in reported:
                 trial.report(obj.sign * obj.weight / total * float(row[f"{plan.metric},{plan.filter}"]), step)

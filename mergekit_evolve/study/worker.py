@@ -20,8 +20,8 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
-from mergekit_evolve.evaluate.example_store import ExampleStore, ScoreCache
 from mergekit_evolve.evaluate.example_objectives import ObjectiveError
+from mergekit_evolve.evaluate.example_store import ExampleStore, ScoreCache
 from mergekit_evolve.evaluate.judge import JudgeScorer, Reference
 from mergekit_evolve.evaluate.scores import Scores, study_values
 from mergekit_evolve.evaluate.suite import Evaluator, Split, TaskSetupError, TaskSuite

@@ -9,9 +9,9 @@ import safetensors.torch
 import torch
 import transformers
 from click.testing import CliRunner
+from tiny_models import make_family
 
 from mergekit_evolve.cli import cli
-from tiny_models import make_family
 
 # fitness: the mean log-likelihood of a few strings (any score that depends on the path will do)
 FITNESS = """\

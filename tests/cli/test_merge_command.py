@@ -13,12 +13,12 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.merge_methods import registry
 from mergekit.options import MergeOptions
+from tiny_models import write_copy_task
 
-from mergekit_evolve.methods import registry as plugins
 from mergekit_evolve.cli import cli
 from mergekit_evolve.commands.merge import trial_config
 from mergekit_evolve.merge.engine import InMemoryMerger
-from tiny_models import write_copy_task
+from mergekit_evolve.methods import registry as plugins
 
 
 def invoke(*args):

@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers
 
-from mergekit_evolve.evaluate.suite import QuietHFLM
 from mergekit_evolve.evaluate.requests import PreparedRequests
+from mergekit_evolve.evaluate.suite import QuietHFLM
 
 TASKS = {
     # several instances per document (one per choice)

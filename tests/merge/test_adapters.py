@@ -28,7 +28,7 @@ def adapters(tiny_llama, tmp_path_factory):
 def _config(base, adapters, dtype):
     return MergeConfiguration.model_validate({
         "merge_method": "task_arithmetic", "base_model": str(base), "dtype": dtype,
-        "models": [{"model": f"{base}+{a}", "parameters": {"weight": w}} for a, w in zip(adapters, (0.7, 0.4))],
+        "models": [{"model": f"{base}+{a}", "parameters": {"weight": w}} for a, w in zip(adapters, (0.7, 0.4), strict=False)],
     })
 
 

@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+from tiny_models import CONFIGS, make_family, write_copy_task
 
 from mergekit_evolve.cli import cli
 from mergekit_evolve.commands.merge import trial_config
 from mergekit_evolve.merge.engine import InMemoryMerger
-from tiny_models import CONFIGS, make_family, write_copy_task
 
 # (family, tied input/output embeddings): small Qwen2 and Llama 3.2 checkpoints tie them
 FAMILIES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("mistral", False)]

@@ -35,7 +35,7 @@ def by_hand(models, path, scales, ids, embed_scale=1.0):
     h = embed_scale * a.model.embed_tokens(ids)
     rope = a.model.rotary_emb(h, torch.arange(n)[None])
     mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
-    for (m, layer), scale in zip(path, scales):
+    for (m, layer), scale in zip(path, scales, strict=False):
         block = models[m].model.layers[layer]
         attn, _ = block.self_attn(hidden_states=block.input_layernorm(h), position_embeddings=rope, attention_mask=mask)
         h = h + attn
@@ -49,7 +49,7 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, arch, seed
 
     base, v1, v2 = tiny_llama if arch == "llama" else make_family(tmp_path / arch, arch)
     recipe = write_recipe(tmp_path, [v1, v2, base])
-    layers, r = 4, 2
+    layers = 4
     M, T = 3 * layers, 3 * layers * 2
 
     rng = random.Random(seed)
@@ -57,7 +57,7 @@ def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, arch, seed
     W = [[rng.uniform(0.25, 4.0) for _ in range(M)] for _ in range(M)]  # the paper's W, by layout layer
     names = [n for n in recipe.search_space.dimensions if n.startswith("routing.r") and not n.endswith(".scale")]
     assert len(names) == T and len(recipe.search_space) == T + M * M + 1  # + the hop from the embedding
-    point = {n: v for n, v in zip(names, indicator)}
+    point = {n: v for n, v in zip(names, indicator, strict=False)}
     labels = [f"{m}.L{layer}" for m in ("v1", "v2", "base") for layer in range(layers)]
     point |= {f"routing.W.{labels[i]}.{labels[j]}": W[i][j] for i in range(M) for j in range(M)}
     point["routing.W.embed.v1.L0"] = embed = rng.uniform(0.25, 4.0)
@@ -89,9 +89,9 @@ def test_paths_longer_and_shorter_than_the_source_work_for_layer_types_families(
     and in a written model folder (what best/, merge --trial and export write), which loads and
     computes what the in-memory candidate computed."""
     from mergekit.merge import run_merge
+    from tiny_models import make_family
 
     from mergekit_evolve.merge.layer_types import layer_types_fixed
-    from tiny_models import make_family
 
     base, v1 = make_family(tmp_path / arch, arch, variants=1)
     path = tmp_path / "r.yml"
@@ -138,7 +138,7 @@ def test_gpt2_routed_merge_scales_the_mlp_output_with_its_bias(tmp_path):
     with torch.no_grad():
         a = models[0].transformer
         h = 1.3 * (a.wte(ids) + a.wpe(torch.arange(ids.shape[1])[None]))
-        for (m, layer), scale in zip(path, mlp_scales):
+        for (m, layer), scale in zip(path, mlp_scales, strict=False):
             block = models[m].transformer.h[layer]
             h = h + block.attn(block.ln_1(h))[0]
             h = h + scale * block.mlp(block.ln_2(h))

@@ -19,8 +19,8 @@ from mergekit.options import MergeOptions
 from mergekit_evolve.cli import cli
 from mergekit_evolve.merge.engine import InMemoryMerger
 from mergekit_evolve.methods.registry import register_plugins
-from mergekit_evolve.recipe.genome import is_genome
 from mergekit_evolve.recipe.document import load_recipe
+from mergekit_evolve.recipe.genome import is_genome
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 
 CORPUS = Path(__file__).resolve().parent / "data" / "mergekit-examples"

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from mergekit.evo.config import EvolMergeConfiguration
 from mergekit.evo.genome import ModelGenome
 from mergekit.options import MergeOptions
+from tiny_models import write_copy_task
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.recipe.overrides import Overrides
 from mergekit_evolve.merge.engine import InMemoryMerger
 from mergekit_evolve.recipe.document import load_recipe
+from mergekit_evolve.recipe.overrides import Overrides
 from mergekit_evolve.recipe.yaml_lines import RecipeError
-from tiny_models import write_copy_task
 
 BERT_GENOME = Path(__file__).resolve().parent / "data" / "mergekit-examples" / "pr451_evo_bert_large.yml"
 
@@ -112,7 +112,7 @@ def genotype_point(recipe, genome: ModelGenome, genotype: torch.Tensor) -> dict[
     else:
         values = genotype.permute(0, 1, 3, 2).flatten().tolist()
     assert len(values) == len(recipe.search_space)
-    return dict(zip(recipe.search_space.dimensions, values))
+    return dict(zip(recipe.search_space.dimensions, values, strict=False))
 
 
 GENOMES = {

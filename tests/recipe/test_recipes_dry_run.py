@@ -8,8 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.recipe.document import load_recipe
-from mergekit_evolve.recipe.document import load_document
+from mergekit_evolve.recipe.document import load_document, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yml"))
@@ -45,7 +44,8 @@ def test_paper_recipes_keep_the_paper_settings(tmp_path):
     for recipe in (dfs, staged_dfs):
         block = recipe.template["routing"]
         assert block["repeats"] == 3 and len(block["models"]) == 2 and block["models"][1] == "augmxnt/shisa-gamma-7b-v1"
-        assert len(recipe.search_space) == 64 * 3 + 64 * 64  # T = M x r = 192 indicators and the paper's W (M x M)
+        # T = M x r = 192 indicators, the paper's W (M x M) and the hop from the embedding
+        assert len(recipe.search_space) == 64 * 3 + 64 * 64 + 1
         assert block["max_layers"] >= 65  # the paper's own model has 65 hops
         assert (recipe.evolve.sampler, recipe.evolve.sampler_options.given(), recipe.evolve.trials) == (
             "cma", {"popsize": 128, "sigma0": 0.05}, 12800)

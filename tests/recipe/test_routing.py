@@ -4,8 +4,8 @@ import pytest
 import transformers
 
 from mergekit_evolve.recipe.document import load_recipe
-from mergekit_evolve.recipe.yaml_lines import RecipeError
 from mergekit_evolve.recipe.routing import Routing, open_slots
+from mergekit_evolve.recipe.yaml_lines import RecipeError
 
 EVOLVE = "evolve:\n  objectives: [{task: unused}]\n"
 

@@ -5,11 +5,11 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+from tiny_models import write_copy_task
 
 from mergekit_evolve.cli import cli
-from mergekit_evolve.recipe.yaml_lines import RecipeError
 from mergekit_evolve.recipe.document import load_document
-from tiny_models import write_copy_task
+from mergekit_evolve.recipe.yaml_lines import RecipeError
 
 
 def staged(tmp_path, tiny_llama, *, ps_trials=2, dfs_trials=2):

@@ -7,17 +7,17 @@ import pytest
 from click.testing import CliRunner
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
+from sampler_harness import expert_space, settings, write_recipe
+from tiny_models import write_copy_task
 
 from mergekit_evolve.cli import cli
+from mergekit_evolve.evaluate.scores import directions, study_values
 from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.recipe.yaml_lines import RecipeError
 from mergekit_evolve.report.pareto import select_trial, write_pareto
 from mergekit_evolve.runfolder import RunFolder
 from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
-from mergekit_evolve.evaluate.scores import directions, study_values
 from mergekit_evolve.study.records import trial_record
-from sampler_harness import expert_space, settings, write_recipe
-from tiny_models import write_copy_task
 
 A, B = "a/acc,none", "b/acc,none"
 

@@ -7,13 +7,13 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 from mergekit.options import MergeOptions
+from tiny_models import write_copy_task
 
 import mergekit_evolve.pipeline as pipeline
 from mergekit_evolve.cli import cli
 from mergekit_evolve.recipe.compile import config_digest
 from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.study.worker import Worker
-from tiny_models import write_copy_task
 
 
 def two_stages(tmp_path, tiny_llama):

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 from mergekit.merge_methods import TensorGroup, get
+from sampler_harness import expert_space, run_study, settings
 
 from mergekit_evolve.methods.common import tensor_generator
 from mergekit_evolve.methods.registry import register_plugins
-from mergekit_evolve.samplers.archive import Archive, Elite, bin_index, elite_probabilities
-from mergekit_evolve.runfolder import RunFolder
-from mergekit_evolve.samplers.cycleqd import combine, crossover, experts_bounds
-from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
-from mergekit_evolve.samplers.generations import MEMBER_ATTR, Outcome
 from mergekit_evolve.recipe.search_space import Dimension
-from sampler_harness import expert_space, run_study, settings
+from mergekit_evolve.runfolder import RunFolder
+from mergekit_evolve.samplers.archive import Archive, Elite, bin_index, elite_probabilities
+from mergekit_evolve.samplers.cycleqd import combine, crossover, experts_bounds
+from mergekit_evolve.samplers.generations import MEMBER_ATTR, Outcome
+from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
 
 MUTATION = (Dimension("mutation.seed", "int", low=0, high=2**31 - 1), Dimension("mutation.w_max", "float", low=0.0, high=2.0))
 

@@ -10,6 +10,8 @@ import transformers
 from click.testing import CliRunner
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
+from sampler_harness import write_recipe
+from tiny_models import make_family, make_lora_adapter, write_copy_task
 
 from mergekit_evolve.cli import cli
 from mergekit_evolve.merge.engine import InMemoryMerger
@@ -17,8 +19,6 @@ from mergekit_evolve.methods.lora_particle import read_adapter
 from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.report.winner import write_best
 from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe
-from sampler_harness import write_recipe
-from tiny_models import make_family, make_lora_adapter, write_copy_task
 
 LORA = "{particles: 4, particle_kind: lora}"
 Q = "model.layers.0.self_attn.q_proj.weight"

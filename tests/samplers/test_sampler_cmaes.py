@@ -4,9 +4,9 @@ import optuna
 from optuna.storages import InMemoryStorage
 
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
 from mergekit_evolve.samplers.cmaes import CmaEsSampler
 from mergekit_evolve.samplers.registry import make_sampler
-from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
 
 TRIALS = 15  # popsize 4: three generations told, and a partial one
 

@@ -6,13 +6,13 @@ import time
 import optuna
 import pytest
 from optuna.trial import TrialState
-
-from mergekit_evolve.samplers import generations
-from mergekit_evolve.samplers.registry import make_sampler
-from mergekit_evolve.samplers.generations import MEMBER_ATTR
-from mergekit_evolve.recipe.sampler_options import SwarmOptions
-from mergekit_evolve.samplers.swarm import swarm_space
 from sampler_harness import expert_space, new_study, settings
+
+from mergekit_evolve.recipe.sampler_options import SwarmOptions
+from mergekit_evolve.samplers import generations
+from mergekit_evolve.samplers.generations import MEMBER_ATTR
+from mergekit_evolve.samplers.registry import make_sampler
+from mergekit_evolve.samplers.swarm import swarm_space
 
 SPACE = swarm_space(expert_space(2), SwarmOptions())  # as prepare_recipe widens a swarm's weights
 DISTS = SPACE.distributions()

@@ -3,12 +3,12 @@
 import cma
 import numpy as np
 import pytest
+from sampler_harness import new_study, run_study, settings
 
-from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
+from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
 from mergekit_evolve.samplers.generations import MEMBER_ATTR
 from mergekit_evolve.samplers.pycma import PyCmaSampler
-from mergekit_evolve.recipe.search_space import Dimension, SearchSpace
-from sampler_harness import new_study, run_study, settings
+from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
 
 
 def space(*dims: Dimension) -> SearchSpace:
@@ -43,7 +43,7 @@ def test_generations_are_pycmas_ask_and_tell_on_the_unit_box():
         xs = es.ask()
         members = study.trials[6 * g: 6 * g + 6]
         assert [t.system_attrs[MEMBER_ATTR] for t in members] == [[g, i] for i in range(6)]
-        for x, t in zip(xs, members):
+        for x, t in zip(xs, members, strict=False):
             assert t.params == box.decode(x)
             assert 1e-4 <= t.params["lr"] <= 1e-1 and isinstance(t.params["k"], int) and 2 <= t.params["k"] <= 9
         es.tell(xs, [-t.value for t in members])  # pycma minimises the negated objective
@@ -114,7 +114,7 @@ def test_bipop_interleaves_small_local_runs_by_budget():
     popsize0 = int(sampler.runs[0].es.popsize)
     small = large = 0
     large_runs = 0
-    for previous, run in zip(sampler.runs, sampler.runs[1:]):
+    for previous, run in zip(sampler.runs, sampler.runs[1:], strict=False):
         if previous.kind == "large":
             large += previous.evaluations
         else:  # the first run is accounted as a small one (cma.fmin)

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+from sampler_harness import write_recipe
+from tiny_models import make_family, write_copy_task
 
 from mergekit_evolve.cli import cli
 from mergekit_evolve.merge.engine import InMemoryMerger
 from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.samplers.registry import SamplerSetupError, prepare_recipe
-from sampler_harness import write_recipe
-from tiny_models import make_family, write_copy_task
 
 
 @pytest.fixture(scope="module")

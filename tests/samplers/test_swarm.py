@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
-
-from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
-from mergekit_evolve.samplers.generations import MEMBER_ATTR, Outcome
-from mergekit_evolve.samplers.generations import stream
-from mergekit_evolve.samplers.swarm import UNBOUNDED, Swarm, initial_swarm, swarm_space, velocity
 from sampler_harness import expert_space, run_study, settings
+
+from mergekit_evolve.samplers.generations import MEMBER_ATTR, Outcome, stream
+from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
+from mergekit_evolve.samplers.swarm import UNBOUNDED, Swarm, initial_swarm, swarm_space, velocity
 
 PHI = (0.4, 0.3, 0.3, 0.3)
 

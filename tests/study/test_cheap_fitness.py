@@ -9,13 +9,13 @@ import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
+from tiny_models import write_copy_task
 
-from mergekit_evolve.recipe.compile import config_digest
 from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
+from mergekit_evolve.recipe.compile import config_digest
 from mergekit_evolve.recipe.document import load_recipe
 from mergekit_evolve.study.search import run_search
 from mergekit_evolve.study.worker import Worker
-from tiny_models import write_copy_task
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_anchor_choice_by_hand():
     # 3 sources x 6 examples; examples 0-2 behave alike, 3-4 alike, 5 alone
     results = np.array([[1, 1, 1, 0, 0, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]])
     anchors = choose_anchors(results, ids=[10, 11, 12, 13, 14, 15], size=3, seed=0)
-    chosen = dict(zip(anchors.ids, anchors.weights))
+    chosen = dict(zip(anchors.ids, anchors.weights, strict=False))
     assert sorted(chosen.values()) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
     assert 15 in chosen and len(chosen) == 3
     plan = type("Plan", (), {"metric": "acc", "filter": "none"})

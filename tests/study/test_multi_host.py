@@ -15,10 +15,10 @@ import sys
 import optuna
 import pytest
 from optuna.trial import TrialState
-
-from mergekit_evolve.study.storage import WORKER_KEY, open_storage
 from test_parallel import wait_for, write_recipe
 from tiny_models import write_copy_task
+
+from mergekit_evolve.study.storage import WORKER_KEY, open_storage
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ import optuna
 import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
+from tiny_models import write_copy_task
 
 from mergekit_evolve.cli import cli
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.study.jobs import ParallelError, plan_workers
-from mergekit_evolve.study.storage import reap
-from mergekit_evolve.study.storage import WORKER_KEY, StorageError, check_storage, open_storage, register_worker
-from tiny_models import write_copy_task
+from mergekit_evolve.study.storage import WORKER_KEY, StorageError, check_storage, open_storage, reap, register_worker
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
-
-from mergekit_evolve.study.storage import WORKER_KEY, StorageLost, open_storage
 from test_multi_host import start
 from test_parallel import wait_for, write_recipe
 from tiny_models import write_copy_task
+
+from mergekit_evolve.study.storage import WORKER_KEY, StorageLost, open_storage
 
 TRIALS = 40
 

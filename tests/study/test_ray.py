@@ -16,14 +16,14 @@ import optuna
 import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
-
-from mergekit_evolve.cli import cli
-from mergekit_evolve.study.ray_actors import plan_actors
-from mergekit_evolve.study.storage import WORKER_ATTR, WORKER_KEY
 from pg_cluster import free_port
 from test_parallel import wait_for, write_recipe
 from test_postgres import agrees_with_study, no_trial_lost_or_run_twice, running_in, study_of
 from tiny_models import write_copy_task
+
+from mergekit_evolve.cli import cli
+from mergekit_evolve.study.ray_actors import plan_actors
+from mergekit_evolve.study.storage import WORKER_ATTR, WORKER_KEY
 
 
 @pytest.mark.parametrize("resources, requested, expected", [

@@ -12,10 +12,10 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import write_copy_task
 from transformers import AutoModelForCausalLM
 
 from mergekit_evolve.cli import cli
-from tiny_models import write_copy_task
 
 
 @pytest.fixture(scope="module")
