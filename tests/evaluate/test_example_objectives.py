@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import transformers
@@ -652,3 +653,34 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
         calls = [tuple(json.loads(line)) for line in fitness.read_text().splitlines()]
         interrupted = calls[before_resume - 1][0]  # the model of the first process's last call
         assert not [c for c, n in Counter(calls).items() if n > 1 and c[0] != interrupted]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["python", "reward", "judge", "pairwise", "endpoint"])
+def test_every_objective_kind_searches_with_two_workers(folder, tiny_llama, reward_model, judge_model, kind, request):
+    """--workers 2: the spawned worker builds its own scorers (a pairwise judge answers its reference there too)."""
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import cli
+    from mergekit_evolve.study.storage import WORKER_KEY
+
+    if kind == "endpoint":
+        request.getfixturevalue("judge_server")
+    objective = {
+        "python": "{python: fitness.py:score, data: search.jsonl, heldout_data: heldout.jsonl}",
+        "pairwise": f"{{judge_model: {judge_model}, prompts: search.jsonl, mode: pairwise, verdicts: [a, b], "
+                    "generation: {max_new_tokens: 3}}",
+    }.get(kind) or interrupt_objective(kind, folder, reward_model, judge_model)
+    path = folder / "recipe.yml"
+    path.write_text(run_recipe_text(tiny_llama, objective))
+    run_dir = folder / "run"
+    result = CliRunner().invoke(cli, ["run", str(path), "-o", str(run_dir), "--trials", "12", "--workers", "2",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    done = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+    complete = [t for t in done if t["state"] == "COMPLETE"]
+    assert len(complete) >= 12 and all(len(t["scores"]) == 1 for t in complete)
+    study = optuna.load_study(study_name="recipe", storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert len({t.user_attrs[WORKER_KEY] for t in study.trials if t.state.is_finished()}) == 2  # both searched
+    report = json.loads((run_dir / "report.json").read_text())
+    assert len(report["winner"]["per_objective"]["heldout"]) == 1
