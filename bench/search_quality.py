@@ -28,6 +28,16 @@ method found on that seed (median, and how many seeds reached it). Ablations: ``
 and ``cycleqd_paper_nomut`` (CycleQD without mutation), ``cycleqd_paper``/``swarm_paper``
 (``preset: paper``),
 ``swarm_clip`` (positions clipped to [0, 1], the old behaviour).
+
+``--section routing``: the data flow space, on a problem where a path through two models beats
+either. Models ``A`` and ``B`` are ``--route-layers`` residual MLP layers each
+(``h += s * V tanh(U h)``), fine-tunes of one random base. The target is a path of
+``--route-layers`` hops through both, as DFS could pick it (slots of the layout repeated twice),
+with a random scale on every hop and on the embedding. A candidate is decoded by the package's own
+``routing.decode`` (the paper's indicator, W and the embedding's scale) and scored ``1 / (1 + err)``
+on each split's inputs. pycma from the paper's start (``sigma0`` 0.05, as the paper recipes) runs:
+``dfs`` (indicator and W), ``dfs_w1`` (the indicator alone, W = 1), ``ps`` (a per-layer mix of A
+and B, the parameter space), ``ps_dfs`` (``ps``'s winner, then DFS over it and B: twice the trials).
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from scipy import stats
 
 from mergekit_evolve.evaluate.scores import study_values
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
+from mergekit_evolve.recipe.routing import Hop, Routing, add_dimensions, decode
 from mergekit_evolve.recipe.sampler_options import CycleQDOptions, SwarmOptions
 from mergekit_evolve.recipe.search_space import Dimension, Placement, SearchSpace
 from mergekit_evolve.samplers.cycleqd import CycleQDSampler, mutation_dims
@@ -267,6 +278,122 @@ def table(runs: list[Run], methods: list[str], seeds: list[int], problem: Proble
     return "\n".join(lines)
 
 
+# -- the data flow space -----------------------------------------------------------------
+
+ROUTE_METHODS = ("dfs", "dfs_w1", "ps", "ps_dfs")
+
+
+@dataclass
+class RoutingProblem:
+    models: dict[str, list[tuple[np.ndarray, np.ndarray]]]  # name -> its layers' (U, V)
+    inputs: dict[str, np.ndarray]  # split -> n x d
+    target: dict[str, np.ndarray]  # split -> the target path's outputs
+    path: list[Hop]
+
+    def forward(self, hops: list[Hop], x: np.ndarray) -> np.ndarray:
+        """The package's convention: hop k's scale multiplies hop k-1's MLP output, hop 0's the embedding."""
+        h = hops[0].scale * x
+        for k, hop in enumerate(hops):
+            u, v = self.models[hop.model][hop.layer]
+            h = h + (hops[k + 1].scale if k + 1 < len(hops) else 1.0) * np.tanh(h @ u.T) @ v.T
+        return h
+
+    def score(self, hops: list[Hop], split: str) -> float:
+        target = self.target[split]
+        err = np.sum((self.forward(hops, self.inputs[split]) - target) ** 2) / np.sum(target**2)
+        return float(1.0 / (1.0 + err))
+
+    def own(self, model: str) -> list[Hop]:
+        return [Hop(model, i) for i in range(len(self.models[model]))]
+
+
+def routing_block(models: list[str], layers: int, scales: bool) -> Routing:
+    return Routing(models=models, num_layers=dict.fromkeys(models, layers), repeats=2,
+                   scales=(0.5, 2.0) if scales else None, embed_filter=["embed"] if scales else [])
+
+
+def make_routing_problem(seed: int, layers: int, d: int, inputs: int) -> RoutingProblem:
+    rng = np.random.default_rng(seed)
+    base = [(rng.normal(size=(d, d)) / math.sqrt(d), rng.normal(size=(d, d)) / math.sqrt(d)) for _ in range(layers)]
+    models = {m: [(u + 0.5 * rng.normal(size=u.shape) / math.sqrt(d), v + 0.5 * rng.normal(size=v.shape) / math.sqrt(d))
+                  for u, v in base] for m in ("A", "B")}
+    block = routing_block(["A", "B"], layers, scales=True)
+    # the target: `layers` hops through both models, slots DFS can open, a scale on every hop
+    slots = sorted(rng.choice(block.slots, size=layers - 2, replace=False))
+    path = [Hop("A", 0, float(rng.uniform(0.6, 1.6)))]
+    path += [Hop(["A", "B"][m], layer, float(rng.uniform(0.6, 1.6))) for m, layer in map(block.slot_layer, slots)]
+    path.append(Hop("A", layers - 1, float(rng.uniform(0.6, 1.6))))
+    xs = {split: rng.normal(size=(inputs, d)) for split in ("search", "heldout")}
+    problem = RoutingProblem(models, xs, {}, path)
+    problem.target = {split: problem.forward(path, x) for split, x in xs.items()}
+    return problem
+
+
+def search_route(problem: RoutingProblem, block: Routing | None, seed: int, trials: int) -> tuple[Run, dict[str, Any]]:
+    """pycma from the paper's start over ``block``'s dimensions (None: ``ps``, a mix per layer of A and B)."""
+    space = SearchSpace()
+    if block is not None:
+        add_dimensions(space, block)
+    else:
+        for i in range(len(problem.models["A"])):
+            space.dimensions[f"ps.L{i}"] = Dimension(f"ps.L{i}", "float", low=0.0, high=1.0, init=0.5)
+    evolve = EvolveSettings(objectives=[{"task": "route"}], sampler="cma", seed=seed, sampler_options={"sigma0": 0.05},
+                            pruning={"pruner": "none"})
+    search: list[float] = []
+    heldout: list[float] = []
+
+    def hops(params: dict[str, Any]) -> list[Hop]:
+        if block is not None:
+            return decode(block, params)
+        problem.models["PS"] = ps_layers(problem, params)
+        return problem.own("PS")
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {n: trial.suggest_float(n, d.low, d.high) for n, d in space.dimensions.items()}
+        path = hops(params)
+        search.append(problem.score(path, "search"))
+        heldout.append(problem.score(path, "heldout"))
+        return search[-1]
+
+    study = optuna.create_study(sampler=make_sampler(evolve, space), direction="maximize")
+    t0 = time.perf_counter()
+    study.optimize(objective, n_trials=trials)
+    return Run("", seed, search, heldout, time.perf_counter() - t0), study.best_params
+
+
+def ps_layers(problem: RoutingProblem, params: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    a, b = problem.models["A"], problem.models["B"]
+    return [(w * ua + (1 - w) * ub, w * va + (1 - w) * vb)
+            for i, ((ua, va), (ub, vb)) in enumerate(zip(a, b, strict=True)) for w in [params[f"ps.L{i}"]]]
+
+
+def route_run(problem: RoutingProblem, method: str, seed: int, trials: int) -> Run:
+    layers = len(problem.models["A"])
+    if method in ("dfs", "dfs_w1"):
+        r, _ = search_route(problem, routing_block(["A", "B"], layers, scales=method == "dfs"), seed, trials)
+    else:
+        r, best = search_route(problem, None, seed, trials)
+        if method == "ps_dfs":
+            problem.models["PS"] = ps_layers(problem, best)
+            second, _ = search_route(problem, routing_block(["PS", "B"], layers, scales=True), seed, trials)
+            # the second stage's incumbent starts from the first's winner: its own search continues it
+            r = Run("", seed, r.search + second.search, r.heldout + second.heldout, r.seconds + second.seconds)
+    r.method = method
+    return r
+
+
+def route_table(runs: list[Run], methods: list[str], problem: RoutingProblem) -> str:
+    lines = ["| method | held-out (mean ± 95% CI) | search (mean) | trials | s a run |", "|---|---:|---:|---:|---:|"]
+    for m in methods:
+        mine = [r for r in runs if r.method == m]
+        mean, half = interval([winner_heldout(r) for r in mine])
+        lines.append(f"| {m} | {mean:.4f} ± {half:.4f} | {statistics.fmean(max(r.search) for r in mine):.4f} | "
+                     f"{len(mine[0].search)} | {statistics.fmean(r.seconds for r in mine):.1f} |")
+    for m in ("A", "B"):
+        lines.append(f"| {m} alone | {problem.score(problem.own(m), 'heldout'):.4f} | | | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=60)
@@ -279,22 +406,43 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=8, help="input vectors a split")
     parser.add_argument("--problem-seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the table here")
+    parser.add_argument("--section", choices=["weights", "routing"], default="weights",
+                        help="weights: the samplers and methods in weight space; routing: the DFS ablations")
+    parser.add_argument("--route-layers", type=int, default=6, help="routing: layers of each model, hops of the target")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    problem = make_problem(args.problem_seed, args.experts, args.layers, args.dim, args.inputs)
-    runs = []
-    for seed in args.seeds:
-        for method in args.methods:
-            r = run(problem, method, seed, args.trials, args.points)
-            LOG.info("%-14s seed %d: search %.4f held-out %.4f (%.1f s)", method, seed, max(r.search), winner_heldout(r), r.seconds)
-            runs.append(r)
-    head = (f"{args.trials} trials a run, seeds {args.seeds}, {args.experts} experts x {args.layers} layers "
-            f"({args.experts * args.points} gradient dimensions for the box samplers), problem seed {args.problem_seed}")
-    text = f"{head}\n\n{table(runs, args.methods, args.seeds, problem)}\n"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.section == "routing":
+        text = routing_section(args)
+    else:
+        problem = make_problem(args.problem_seed, args.experts, args.layers, args.dim, args.inputs)
+        runs = []
+        for seed in args.seeds:
+            for method in args.methods:
+                r = run(problem, method, seed, args.trials, args.points)
+                LOG.info("%-14s seed %d: search %.4f held-out %.4f (%.1f s)", method, seed, max(r.search), winner_heldout(r), r.seconds)
+                runs.append(r)
+        head = (f"{args.trials} trials a run, seeds {args.seeds}, {args.experts} experts x {args.layers} layers "
+                f"({args.experts * args.points} gradient dimensions for the box samplers), problem seed {args.problem_seed}")
+        text = f"{head}\n\n{table(runs, args.methods, args.seeds, problem)}\n"
     print(text)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def routing_section(args: argparse.Namespace) -> str:
+    problem = make_routing_problem(args.problem_seed, args.route_layers, args.dim, args.inputs)
+    runs = []
+    for seed in args.seeds:
+        for method in ROUTE_METHODS:
+            r = route_run(problem, method, seed, args.trials)
+            LOG.info("%-8s seed %d: search %.4f held-out %.4f (%.1f s)", method, seed, max(r.search), winner_heldout(r), r.seconds)
+            runs.append(r)
+    hops = " -> ".join(f"{h.model}{h.layer}" for h in problem.path)
+    head = (f"{args.trials} trials a run (ps_dfs: twice), seeds {args.seeds}, two models of {args.route_layers} layers, "
+            f"the target path {hops}, problem seed {args.problem_seed}")
+    return f"{head}\n\n{route_table(runs, list(ROUTE_METHODS), problem)}\n"
 
 
 if __name__ == "__main__":

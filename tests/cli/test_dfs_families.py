@@ -1,6 +1,6 @@
 """A DFS search from the command line on the families whose config lists ``layer_types`` (Qwen 2/3,
-Gemma 2 in transformers 5): every path is longer than the source, the winner is written to a
-loadable ``best/``, and ``merge --trial`` writes the same model again."""
+Gemma 2 in transformers 5): every path is longer (or shorter) than the sources, the winner is
+written to a loadable ``best/``, and ``merge --trial`` writes the same model again."""
 
 import json
 
@@ -25,8 +25,9 @@ def score(model, tokenizer, examples):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lengths", [(6, 8), (2, 3)], ids=["longer", "shorter"])
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2"])
-def test_a_dfs_search_writes_a_longer_winner_that_loads(tmp_path, arch):
+def test_a_dfs_search_writes_a_winner_of_another_length_that_loads(tmp_path, arch, lengths):
     base, v1 = make_family(tmp_path / arch, arch, variants=1)
     (tmp_path / "fitness.py").write_text(FITNESS)
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("abcab", "cabbac", "bca")))
@@ -36,8 +37,8 @@ merge_method: passthrough
 routing:
   models: [{base}, {v1}]
   repeats: 1
-  min_layers: 6          # the sources have 4: every path is longer than either
-  max_layers: 8
+  min_layers: {lengths[0]}          # the sources have 4 layers: every path is longer, or shorter
+  max_layers: {lengths[1]}
 dtype: float32
 evolve:
   sampler: random
@@ -54,7 +55,7 @@ evolve:
     assert not (run_dir / "best.partial").exists()
     best = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "best", dtype=torch.float32).eval()
     layers = best.config.num_hidden_layers
-    assert 6 <= layers <= 8 and len(best.config.layer_types) == layers
+    assert lengths[0] <= layers <= lengths[1] and len(best.config.layer_types) == layers
     ids = torch.tensor([[3, 4, 5, 3, 4]])
     with torch.no_grad():
         assert torch.isfinite(best(ids).logits).all()
