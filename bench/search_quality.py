@@ -43,6 +43,7 @@ and B, the parameter space), ``ps_dfs`` (``ps``'s winner, then DFS over it and B
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import statistics
@@ -306,6 +307,13 @@ class RoutingProblem:
     def own(self, model: str) -> list[Hop]:
         return [Hop(model, i) for i in range(len(self.models[model]))]
 
+    def with_ps(self, params: dict[str, Any]) -> RoutingProblem:
+        """This problem with a model ``PS`` more: layer i of A and B mixed ``ps.L{i}`` to 1 - it (the parameter space)."""
+        layers = [(w * ua + (1 - w) * ub, w * va + (1 - w) * vb)
+                  for i, ((ua, va), (ub, vb)) in enumerate(zip(self.models["A"], self.models["B"], strict=True))
+                  for w in [params[f"ps.L{i}"]]]
+        return dataclasses.replace(self, models={**self.models, "PS": layers})
+
 
 def routing_block(models: list[str], layers: int, scales: bool) -> Routing:
     return Routing(models=models, num_layers=dict.fromkeys(models, layers), repeats=2,
@@ -342,29 +350,21 @@ def search_route(problem: RoutingProblem, block: Routing | None, seed: int, tria
     search: list[float] = []
     heldout: list[float] = []
 
-    def hops(params: dict[str, Any]) -> list[Hop]:
-        if block is not None:
-            return decode(block, params)
-        problem.models["PS"] = ps_layers(problem, params)
-        return problem.own("PS")
-
     def objective(trial: optuna.Trial) -> float:
         params = {n: trial.suggest_float(n, d.low, d.high) for n, d in space.dimensions.items()}
-        path = hops(params)
-        search.append(problem.score(path, "search"))
-        heldout.append(problem.score(path, "heldout"))
+        if block is not None:
+            candidate, path = problem, decode(block, params)
+        else:
+            candidate = problem.with_ps(params)
+            path = candidate.own("PS")
+        search.append(candidate.score(path, "search"))
+        heldout.append(candidate.score(path, "heldout"))
         return search[-1]
 
     study = optuna.create_study(sampler=make_sampler(evolve, space), direction="maximize")
     t0 = time.perf_counter()
     study.optimize(objective, n_trials=trials)
     return Run("", seed, search, heldout, time.perf_counter() - t0), study.best_params
-
-
-def ps_layers(problem: RoutingProblem, params: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
-    a, b = problem.models["A"], problem.models["B"]
-    return [(w * ua + (1 - w) * ub, w * va + (1 - w) * vb)
-            for i, ((ua, va), (ub, vb)) in enumerate(zip(a, b, strict=True)) for w in [params[f"ps.L{i}"]]]
 
 
 def route_run(problem: RoutingProblem, method: str, seed: int, trials: int) -> Run:
@@ -374,9 +374,8 @@ def route_run(problem: RoutingProblem, method: str, seed: int, trials: int) -> R
     else:
         r, best = search_route(problem, None, seed, trials)
         if method == "ps_dfs":
-            problem.models["PS"] = ps_layers(problem, best)
-            second, _ = search_route(problem, routing_block(["PS", "B"], layers, scales=True), seed, trials)
-            # the second stage's incumbent starts from the first's winner: its own search continues it
+            second, _ = search_route(problem.with_ps(best), routing_block(["PS", "B"], layers, scales=True), seed, trials)
+            # one run of 2 x trials: its winner is the better of the PS winner and the DFS stage's
             r = Run("", seed, r.search + second.search, r.heldout + second.heldout, r.seconds + second.seconds)
     r.method = method
     return r

@@ -26,6 +26,14 @@ DEFAULT_URL = "https://api.openai.com/v1"
 RETRIED = (408, 409, 429)  # and every 5xx: the request itself was fine
 
 
+class EndpointError(ObjectiveError):
+    """The endpoint's answer, as one line; ``status`` is its HTTP status (None: no answer, or not JSON)."""
+
+    def __init__(self, message: str, status: int | None):
+        super().__init__(message)
+        self.status = status
+
+
 class Endpoint:
     def __init__(self, judge_model: str, settings: EndpointSettings):
         self.model = judge_model.removeprefix(ENDPOINT_PREFIX)
@@ -43,8 +51,8 @@ class Endpoint:
                                  f"or {self.settings.key_env} (OpenAI's API) in the environment", field="judge_model")
         try:
             listing = self.request("GET", "/models", retries=0)
-        except ObjectiveError as e:
-            if "HTTP 404" in str(e):  # a server without the listing still serves chat completions
+        except EndpointError as e:
+            if e.status == 404:  # a server without the listing still serves chat completions
                 return
             raise TaskSetupError(f"{where}: {e}", field="judge_model") from None
         served = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
@@ -79,24 +87,25 @@ class Endpoint:
             headers["Authorization"] = f"Bearer {key}"
         data = None if body is None else json.dumps(body).encode()
         retries = self.settings.retries if retries is None else retries
+        status = None
         for attempt in range(retries + 1):
             request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             try:
                 with urllib.request.urlopen(request, timeout=self.settings.timeout) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as e:
-                reason, wait = f"HTTP {e.code}: {_message(e)}", _retry_after(e)
+                status, reason, wait = e.code, f"HTTP {e.code}: {_message(e)}", _retry_after(e)
                 if e.code not in RETRIED and e.code < 500:
                     break
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                reason, wait = str(getattr(e, "reason", e)) or type(e).__name__, None
+                status, reason, wait = None, str(getattr(e, "reason", e)) or type(e).__name__, None
             except json.JSONDecodeError as e:
-                reason, wait = f"an answer that is not JSON ({e.msg})", None
+                status, reason, wait = None, f"an answer that is not JSON ({e.msg})", None
                 break
             if attempt < retries:
                 time.sleep(wait if wait is not None else min(2.0**attempt, 30.0))
         tried = f" (tried {attempt + 1} times)" if attempt else ""
-        raise ObjectiveError(f"judge {ENDPOINT_PREFIX}{self.model}: {method} {self.url}{path}: {reason}{tried}")
+        raise EndpointError(f"judge {ENDPOINT_PREFIX}{self.model}: {method} {self.url}{path}: {reason}{tried}", status)
 
 
 def _message(error: urllib.error.HTTPError) -> str:

@@ -248,18 +248,21 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
             )
         counts[m] = n
     _check_shapes(doc, shapes, written)
+    # None: no config readable (a dry run on layer counts), taken for the Llama family
+    family = next((s["model_type"] for s in shapes.values() if s.get("model_type")), None)
     scale_filter = block.scale_filter
     if block.scales and scale_filter is None:
-        scale_filter = _scale_tensor(doc, shapes, written)
+        scale_filter = _scale_tensor(doc, family)
     embed_filter = block.embed_filter
-    if embed_filter is None:
-        family = next((s["model_type"] for s in shapes.values() if s.get("model_type")), "llama")  # as _scale_tensor
-        embed_filter = [] if tied or not block.scales else EMBED_TENSORS.get(family, [])
+    if not block.scales:
+        embed_filter = []
+    elif embed_filter is None:
+        embed_filter = [] if tied else EMBED_TENSORS.get(family or "llama", [])
     if embed_filter and "scale" in (template.get("parameters") or {}):
         raise doc.error(("parameters", "scale"), "parameters.scale cannot be used with routing.scales: the scale of the "
                                                  "hop from the embedding is the embedding's passthrough scale")
     block = block.model_copy(update={"models": resolved, "num_layers": counts, "scale_filter": scale_filter,
-                                     "embed_filter": embed_filter if block.scales else []})
+                                     "embed_filter": embed_filter})
     lo, hi = block.length_limits
     if hi < 2:
         raise doc.error((KEY, "max_layers"), f"routing.max_layers {hi} is below 2: the first and last layers of {written[0]} are always in the path")
@@ -288,10 +291,9 @@ def _check_shapes(doc: LocatedYaml, shapes: dict[str, dict[str, Any]], written: 
             )
 
 
-def _scale_tensor(doc: LocatedYaml, shapes: dict[str, dict[str, Any]], written: list[str]) -> str:
+def _scale_tensor(doc: LocatedYaml, family: str | None) -> str:
     """The passthrough filter that scales what a layer's MLP adds to the residual stream, for this family."""
-    family = next((s["model_type"] for s in shapes.values() if s.get("model_type")), None)
-    if family is None:  # no config readable (a dry run on layer counts): the Llama-family name
+    if family is None:
         return "down_proj"
     if family in UNSCALABLE:
         raise doc.error((KEY, "scales"), f"routing.scales cannot be applied to {family} models: {UNSCALABLE[family]}, so "
