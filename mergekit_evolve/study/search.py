@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from rich.progress import (
@@ -155,24 +157,34 @@ class CtrlC:
     Python raises KeyboardInterrupt in whatever the main thread runs at that moment; inside a
     finalizer the garbage collector runs (a ``__del__``, a weakref callback) it is printed as
     "Exception ignored" and dropped, and a search went on to its budget (seen once in a test run of
-    a thousand short trials). So the press is also remembered, and raised again after the trial."""
+    a thousand short trials). So the press is also remembered, and raised again after the trial; the
+    dropped one is not printed (its traceback would break the one line a Ctrl-C prints)."""
 
     def __init__(self) -> None:
         self.pressed = False
         self.previous: Any = None
+        self.unraisable: Any = None
 
     def __enter__(self) -> CtrlC:
         if threading.current_thread() is threading.main_thread():  # only there can a handler be set
             self.previous = signal.signal(signal.SIGINT, self._press)
+            self.unraisable, sys.unraisablehook = sys.unraisablehook, self._dropped
         return self
 
     def _press(self, signum: int, frame: Any) -> None:
         self.pressed = True
         raise KeyboardInterrupt
 
+    def _dropped(self, unraisable: Any) -> None:
+        if self.pressed and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            LOG.debug("a Ctrl-C landed in a finalizer (%r); the search stops after this trial", unraisable.object)
+            return
+        self.unraisable(unraisable)
+
     def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+            sys.unraisablehook = self.unraisable
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:  # an Optuna callback, after each trial
         if self.pressed:
@@ -223,9 +235,13 @@ def _fail_in_flight(study: optuna.Study, error: BaseException) -> None:
             trial = storage.get_trial(tid)
         except KeyError:  # interrupted while the storage created it: rolled back, never stored
             continue
-        if trial.state == TrialState.RUNNING:
+        if trial.state != TrialState.RUNNING:
+            continue
+        try:
             storage.set_trial_user_attr(tid, "error", "interrupted")
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        except UpdateFinishedTrialError:  # the interrupt came after the storage finished it, before its cache knew
+            continue
 
 
 def run_search(
