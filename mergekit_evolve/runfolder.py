@@ -200,7 +200,8 @@ class RunFolder:
             except FileExistsError:
                 self.check_lock()
             except OSError as e:
-                raise RunDirError(f"cannot write the run folder {self.path}: {os.strerror(e.errno or errno.EIO)}") from None
+                raise RunDirError(f"cannot write the run folder {self.path}: "
+                                  f"{os.strerror(e.errno or errno.EIO)}") from None
         else:
             raise RunDirError(f"cannot take the lock {self.lock_file}: it keeps reappearing")
         with os.fdopen(fd, "w") as f:
@@ -212,7 +213,8 @@ class RunFolder:
 
     # --- create, resume, overwrite ----------------------------------------------------------
     def check(self, fingerprint: str | tuple[str, ...], overwrite: bool = False) -> None:
-        """Refuse, without writing anything, a folder that holds something other than this run, or that another process uses."""
+        """Refuse, without writing anything, a folder that holds something other than this run, or that
+        another process uses."""
         self.check_lock()
         self.check_contents(fingerprint, overwrite)
 

@@ -60,6 +60,7 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_column("held-out", justify="right")
     table.add_row("[bold]winner", f"{report['winner']['search']:.4f}", f"[bold]{report['winner']['heldout']:.4f}")
     for name, row in report["sources"].items():
-        table.add_row(Path(name).name if Path(name).is_absolute() else name, f"{row['search']:.4f}", f"{row['heldout']:.4f}")
+        table.add_row(Path(name).name if Path(name).is_absolute() else name, f"{row['search']:.4f}",
+                      f"{row['heldout']:.4f}")
     Console().print(table)
     click.echo(f"run folder: {report['run_dir']}")

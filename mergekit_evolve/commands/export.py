@@ -32,19 +32,22 @@ def _pareto_trials(run_dir: Path) -> list[int]:
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--trial", "trials", type=click.IntRange(min=0), multiple=True, help="A trial number (repeat for several).")
+@click.option("--trial", "trials", type=click.IntRange(min=0), multiple=True,
+              help="A trial number (repeat for several).")
 @click.option("--pareto", is_flag=True, help="Every trial of the run's Pareto front (pareto.json).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder; with --pareto or several trials, one OUT/trial-N folder each.")
 @click.option("--device", default="cpu", show_default=True, help="Where mergekit merges (cpu, cuda, ...).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from model repos to run (as in mergekit).")
-def export(run_dir: Path, trials: tuple[int, ...], pareto: bool, out: Path, device: str, trust_remote_code: bool) -> None:
+def export(run_dir: Path, trials: tuple[int, ...], pareto: bool, out: Path, device: str,
+           trust_remote_code: bool) -> None:
     """Merge trials of RUN_DIR into model folders, as best/ is written."""
     numbers = list(dict.fromkeys([*trials, *(_pareto_trials(run_dir) if pareto else [])]))
     if not numbers:
         raise click.UsageError("name the trials to export: --trial N (repeatable) or --pareto")
     register_plugins()  # stored configs may use this package's merge methods
-    options = MergeOptions(device=device, random_seed=run_seed(run_dir), trust_remote_code=trust_remote_code, quiet=True)
+    options = MergeOptions(device=device, random_seed=run_seed(run_dir), trust_remote_code=trust_remote_code,
+                           quiet=True)
     for number in numbers:
         try:
             config = trial_config(run_dir, number)

@@ -50,8 +50,10 @@ def config_from_file(path: Path) -> MergeConfiguration:
         first = recipe.search_space.placements[0].loc
         raise recipe.error(
             first,
-            f"the config has {len(recipe.search_space)} search dimensions ({', '.join(list(recipe.search_space.dimensions)[:3])}...); "
-            "`merge` needs a concrete config: search it with `mergekit-evolve run`, then merge a trial with --trial N --run RUN_DIR",
+            f"the config has {len(recipe.search_space)} search dimensions "
+            f"({', '.join(list(recipe.search_space.dimensions)[:3])}...); "
+            "`merge` needs a concrete config: search it with `mergekit-evolve run`, "
+            "then merge a trial with --trial N --run RUN_DIR",
         )
     return recipe.compile({})
 
@@ -59,7 +61,8 @@ def config_from_file(path: Path) -> MergeConfiguration:
 def _trial_record(run_dir: Path, trial: int) -> dict[str, Any]:
     path = RunFolder(run_dir).trials
     if not path.is_file():
-        raise RecipeError(f"no {path.name}: not a mergekit-evolve run folder, or no trial has finished yet", str(run_dir))
+        raise RecipeError(f"no {path.name}: not a mergekit-evolve run folder, or no trial has finished yet",
+                          str(run_dir))
     records = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -72,7 +75,8 @@ def _trial_record(run_dir: Path, trial: int) -> dict[str, Any]:
     record = records[trial]
     if not record.get("config"):
         raise RecipeError(
-            f"trial {trial} ({record['state']}) stored no config; it failed before compiling: {record.get('error')}", str(path)
+            f"trial {trial} ({record['state']}) stored no config; it failed before compiling: {record.get('error')}",
+            str(path),
         )
     if record["state"] != "COMPLETE":
         LOG.warning("trial %d is %s (%s); merging its config anyway", trial, record["state"], record.get("error"))
@@ -111,7 +115,8 @@ def _merge(merge_options: MergeOptions, paths: tuple[str, ...], trial: int | Non
             config = trial_config(run_dir, trial)
             seed = run_seed(run_dir)
             if merge_options.random_seed is None and seed is not None:
-                click.echo(f"merging with the run's seed {seed}, as its trials were (--random-seed overrides it)", err=True)
+                click.echo(f"merging with the run's seed {seed}, as its trials were (--random-seed overrides it)",
+                           err=True)
                 merge_options = merge_options.model_copy(update={"random_seed": seed})
         else:
             config = config_from_file(Path(paths[0]))
@@ -124,7 +129,8 @@ def _merge(merge_options: MergeOptions, paths: tuple[str, ...], trial: int | Non
 
 @click.command("merge", cls=PrettyPrintHelp, help=USAGE)
 @click.argument("paths", nargs=-1, required=True, metavar="[CONFIG] OUT_PATH")
-@click.option("--trial", type=click.IntRange(min=0), default=None, help="Merge the stored config of this trial of --run (instead of CONFIG).")
+@click.option("--trial", type=click.IntRange(min=0), default=None,
+              help="Merge the stored config of this trial of --run (instead of CONFIG).")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="The run folder --trial refers to.")
 @add_merge_options

@@ -30,7 +30,8 @@ _LEGACY = [
     click.option("--max-fevals", type=click.IntRange(min=1), hidden=True,
                  help="mergekit-evolve compatibility: the same as --trials."),
     click.option("--sigma0", type=click.FloatRange(min=0, min_open=True), hidden=True,
-                 help="mergekit-evolve compatibility: evolve.sampler_options.sigma0 (CMA-ES step size, in units of each range)."),
+                 help="mergekit-evolve compatibility: evolve.sampler_options.sigma0 "
+                      "(CMA-ES step size, in units of each range)."),
     click.option("--task-search-path", multiple=True, hidden=True,
                  help="mergekit-evolve compatibility: added to evolve.task_paths."),
     click.option("--random-seed", type=int, hidden=True,

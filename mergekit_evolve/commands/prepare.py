@@ -13,7 +13,8 @@ from mergekit_evolve.prepared import prepare as prepare_model
 
 @click.command()
 @click.argument("name", type=click.Choice(sorted(MODELS)))
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="dtype of the converted weights.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="dtype of the converted weights.")
 @click.option("--force", is_flag=True, help="Fetch and convert again even if the cache has the folder.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def prepare(name: str, dtype: str, force: bool, verbose: int) -> None:

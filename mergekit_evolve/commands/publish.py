@@ -22,12 +22,14 @@ from mergekit_evolve.recipe.publish_settings import check_repo_id
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--repo", default=None, help="Model repo USER/NAME (default: the recipe's publish.repo).")
-@click.option("--space", default=None, help="Also create or update this Gradio Space USER/NAME-demo (default: publish.space).")
+@click.option("--space", default=None,
+              help="Also create or update this Gradio Space USER/NAME-demo (default: publish.space).")
 @click.option("--private", is_flag=True, default=None, help="Create the repos private (default: publish.private).")
 @click.option("--license", "license_id", default=None,
               help="License id for the model card (default: publish.license, else the one every source's card states).")
 @click.option("--dry-run", "dry_run", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write exactly what would be uploaded into this folder (model/ and space/), print the plan, send nothing.")
+              help="Write exactly what would be uploaded into this folder (model/ and space/), print the plan, "
+                   "send nothing.")
 @click.option("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co).")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def publish(run_dir: Path, repo: str | None, space: str | None, private: bool | None, license_id: str | None,

@@ -37,22 +37,28 @@ from mergekit_evolve.study.worker import merge_options, plan_memory
               help="Run folder (default: runs/<recipe name>). Running again resumes it.")
 @click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Override evolve.trials (completed trials to reach).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop starting new trials after this many seconds (then write the winner).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop starting new trials after this many seconds (then write the winner).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: evolve.device, else auto).")
-@click.option("--dry-run", is_flag=True, help="Validate the recipe, print the search space and one compiled config; load no weights.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run folder of a different recipe instead of refusing.")
+@click.option("--dry-run", is_flag=True,
+              help="Validate the recipe, print the search space and one compiled config; load no weights.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete an existing run folder of a different recipe instead of refusing.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from model repos to run (as in mergekit).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading .bin/.pt pickle checkpoints (they can run code).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker processes, each with its own resident model (default: evolve.workers, 1). With --ray: actors.")
+              help="Worker processes, each with its own resident model (default: evolve.workers, 1). "
+                   "With --ray: actors.")
 @click.option("--ray", "ray_address", metavar="auto|ADDRESS", default=None,
-              help="Run the workers as Ray actors, one per GPU: 'auto' joins the running cluster or starts a local one.")
+              help="Run the workers as Ray actors, one per GPU: 'auto' joins the running cluster "
+                   "or starts a local one.")
 @click.option("--storage", metavar="URL", default=None,
               help="Study storage (default: evolve.storage, else study.db in the run folder): sqlite:///F, journal:F, "
                    "postgresql://... Processes that share it share the search.")
 @click.option("--no-publish", is_flag=True,
-              help="Skip the recipe's publish: push (and its token check); publish later with `mergekit-evolve publish`.")
+              help="Skip the recipe's publish: push (and its token check); "
+                   "publish later with `mergekit-evolve publish`.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @legacy_run_options  # mergekit-evolve's --storage-path, --max-fevals, --sigma0, ... (hidden)
 def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool, overwrite: bool,
@@ -82,7 +88,8 @@ def run(recipe: Path, run_dir: Path | None, timeout: float | None, dry_run: bool
             _print_dry_run(single, trust_remote_code, allow_pickle)
         return
     if single is not None and single.evolve is None:
-        raise click.ClickException(f"{recipe}: no search annotations and no 'evolve:' section; use `mergekit-evolve merge` for a plain merge")
+        raise click.ClickException(f"{recipe}: no search annotations and no 'evolve:' section; "
+                                   "use `mergekit-evolve merge` for a plain merge")
     options = RunOptions(timeout=timeout, overwrite=overwrite, trust_remote_code=trust_remote_code,
                          allow_pickle=allow_pickle, show_progress=not no_progress, ray=ray_address,
                          publish=not no_publish)

@@ -17,7 +17,8 @@ from mergekit.merge import _model_out_config
 from mergekit.plan import MergePlanner
 
 
-def out_config(config: MergeConfiguration, arch_info: Any, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+def out_config(config: MergeConfiguration, arch_info: Any,
+               trust_remote_code: bool = False) -> transformers.PretrainedConfig:
     """The merged model's config, as ``run_merge`` writes it."""
     return _model_out_config(config, arch_info, trust_remote_code=trust_remote_code)
 

@@ -70,7 +70,8 @@ def _frames(error: BaseException | None) -> Iterator:
 # (stale trials) and the cached storage wrapping every RDB storage (creating and reading trials,
 # setting a parameter). A wrapper of
 # every storage call (study/storage.py's reconnecting storage) wraps these too.
-RDB_PRIVATE_CALLS = ("_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials", "_set_trial_param")
+RDB_PRIVATE_CALLS = ("_create_new_trial", "_get_best_trial_id", "_get_stale_trial_ids", "_get_trials",
+                     "_set_trial_param")
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):

@@ -78,10 +78,11 @@ def read_jsonl(base_dir: Path, value: str, field: str) -> list[dict[str, Any]]:
         try:
             example = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TaskSetupError(f"{field}: {value}:{number} is not JSON ({e.msg}); a JSONL file holds one object a line",
-                                 field=field) from None
+            raise TaskSetupError(f"{field}: {value}:{number} is not JSON ({e.msg}); "
+                                 "a JSONL file holds one object a line", field=field) from None
         if not isinstance(example, dict):
-            raise TaskSetupError(f"{field}: {value}:{number} is a {type(example).__name__}, not a JSON object", field=field)
+            raise TaskSetupError(f"{field}: {value}:{number} is a {type(example).__name__}, not a JSON object",
+                                 field=field)
         examples.append(example)
     if not examples:
         raise TaskSetupError(f"{field}: {value} has no examples", field=field)
@@ -94,7 +95,8 @@ class ExampleScorer(ABC):
     def __init__(self, objective: ExampleObjective, base_dir: Path, apply_chat_template: bool):
         self.objective, self.base_dir, self.apply_chat_template = objective, base_dir, apply_chat_template
         search, heldout = objective.data_fields
-        self.examples: dict[Split, list[dict[str, Any]]] = {"search": read_jsonl(base_dir, getattr(objective, search), search)}
+        self.examples: dict[Split, list[dict[str, Any]]] = {
+            "search": read_jsonl(base_dir, getattr(objective, search), search)}
         if getattr(objective, heldout):
             self.examples["heldout"] = read_jsonl(base_dir, getattr(objective, heldout), heldout)
 
@@ -147,7 +149,8 @@ class ExampleScorer(ABC):
             try:
                 number = float(value)
             except (TypeError, ValueError):
-                raise ObjectiveError(f"objective {self.objective.name}: example {i} scored {value!r}, not a number") from None
+                raise ObjectiveError(f"objective {self.objective.name}: example {i} scored {value!r}, "
+                                     "not a number") from None
             if not math.isfinite(number):
                 raise ObjectiveError(f"objective {self.objective.name}: example {i} scored {number}")
             rows[i] = {self.objective.metric: number}
@@ -175,7 +178,8 @@ def chat_prompt(tokenizer: Any, prompt: str, apply_chat_template: bool) -> str:
     """The text the model continues: the prompt as one user turn of its chat template when asked for."""
     if not apply_chat_template:
         return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 @torch.no_grad()

@@ -22,9 +22,10 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from transformers import DynamicCache, GenerationConfig
 
 # generation-config fields that change greedy decoding; any value but the default leaves it to HFLM
-_PROCESSING = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-               "forced_bos_token_id", "forced_eos_token_id", "min_length", "min_new_tokens", "sequence_bias",
-               "encoder_repetition_penalty", "exponential_decay_length_penalty", "num_beams", "renormalize_logits")
+_PROCESSING = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+               "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "min_length", "min_new_tokens",
+               "sequence_bias", "encoder_repetition_penalty", "exponential_decay_length_penalty", "num_beams",
+               "renormalize_logits")
 _DEFAULTS = GenerationConfig()
 
 
@@ -105,8 +106,10 @@ def generate_until(lm: Any, requests: list[Any]) -> list[str]:
         kwargs = normalize_gen_kwargs(all_kwargs[0], lm.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         max_gen_toks = kwargs.pop("max_gen_toks")
-        ids, mask = lm.tok_batch_encode(list(contexts), left_truncate_len=lm.max_length - max_gen_toks, truncation=lm.truncation)
-        for tokens, context in zip(_decode(lm, ids.to(lm.device), mask.to(lm.device), max_gen_toks, until), contexts, strict=False):
+        ids, mask = lm.tok_batch_encode(list(contexts), left_truncate_len=lm.max_length - max_gen_toks,
+                                        truncation=lm.truncation)
+        for tokens, context in zip(_decode(lm, ids.to(lm.device), mask.to(lm.device), max_gen_toks, until), contexts,
+                                   strict=False):
             text = postprocess_generated_text(generation=lm.tok_decode(tokens), stop=until, think_end_token=None)
             results.append(text)
             lm.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)

@@ -94,7 +94,8 @@ class JudgeScorer(ExampleScorer):
             self.rating_ids(tokenizer)
 
     def rating_ids(self, tokenizer: Any) -> list[int]:
-        """The token of each rating (verdict); one its tokenizer splits cannot be read off one next-token distribution."""
+        """The token of each rating (verdict); one its tokenizer splits cannot be read off one
+        next-token distribution."""
         field = "verdicts" if self.pairwise else "ratings"
         ids = []
         for rating in getattr(self.objective, field):
@@ -104,8 +105,8 @@ class JudgeScorer(ExampleScorer):
                                      "must be one", field=field)
             ids.append(tokens[0])
         if len(set(ids)) != len(ids):
-            raise TaskSetupError(f"{field}: {getattr(self.objective, field)} are not all different tokens of the judge's "
-                                 "tokenizer (one it does not know reads as its unknown token)", field=field)
+            raise TaskSetupError(f"{field}: {getattr(self.objective, field)} are not all different tokens of the "
+                                 "judge's tokenizer (one it does not know reads as its unknown token)", field=field)
         return ids
 
     def files(self) -> list[Path]:
@@ -180,7 +181,8 @@ class JudgeScorer(ExampleScorer):
             return self.objective.unparsed_score
         return 0.5 if self.pairwise else min(self.values)
 
-    def judged(self, texts: list[str], ids: list[int], candidates: list[int], device: torch.device) -> list[float | None]:
+    def judged(self, texts: list[str], ids: list[int], candidates: list[int],
+               device: torch.device) -> list[float | None]:
         """Each text's judgement: single, the rating; pairwise, the preference for the answer at
         ``candidates`` (0: A, 1: B). None where a parsed reply gives none."""
         if self.parses:
@@ -211,7 +213,8 @@ class JudgeScorer(ExampleScorer):
         answers = complete(model, tokenizer, prompts, ids, self.objective.generation, self.apply_chat_template)
         # replace, not format: a rubric may hold other braces
         if not self.pairwise:
-            texts = [self.rubric.replace("{prompt}", p).replace("{answer}", a) for p, a in zip(prompts, answers, strict=True)]
+            texts = [self.rubric.replace("{prompt}", p).replace("{answer}", a)
+                     for p, a in zip(prompts, answers, strict=True)]
             owners, candidates = ids, [0] * len(ids)
         else:
             if self.references_needed():
@@ -220,7 +223,8 @@ class JudgeScorer(ExampleScorer):
             for i, prompt, answer in zip(ids, prompts, answers, strict=True):
                 reference = self.reference_answers[(i, prompt)]
                 for a, b, candidate in ((answer, reference, 0), (reference, answer, 1)):
-                    texts.append(self.rubric.replace("{prompt}", prompt).replace("{answer_a}", a).replace("{answer_b}", b))
+                    texts.append(self.rubric.replace("{prompt}", prompt).replace("{answer_a}", a)
+                                 .replace("{answer_b}", b))
                     owners.append(i)
                     candidates.append(candidate)
         per_example: dict[int, list[float]] = {i: [] for i in ids}

@@ -47,7 +47,8 @@ class Endpoint:
         """Before the search: the endpoint answers, and serves the model when it lists its models."""
         where = f"judge_model: {ENDPOINT_PREFIX}{self.model}"
         if not os.environ.get(self.settings.url_env) and not os.environ.get(self.settings.key_env):
-            raise TaskSetupError(f"{where}: set {self.settings.url_env} (your server's URL, e.g. http://localhost:8000/v1) "
+            raise TaskSetupError(f"{where}: set {self.settings.url_env} "
+                                 "(your server's URL, e.g. http://localhost:8000/v1) "
                                  f"or {self.settings.key_env} (OpenAI's API) in the environment", field="judge_model")
         try:
             listing = self.request("GET", "/models", retries=0)

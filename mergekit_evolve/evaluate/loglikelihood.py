@@ -42,7 +42,8 @@ def loglikelihood_tokens(lm: Any, requests: list[Request]) -> list[tuple[float, 
         inputs = []
         for _, context, continuation in chunk:
             if len(context) + len(continuation) > lm.max_length + 1:
-                LOG.warning("context + continuation exceed the model's %d tokens: truncated from the left", lm.max_length)
+                LOG.warning("context + continuation exceed the model's %d tokens: truncated from the left",
+                            lm.max_length)
             inputs.append((context + continuation)[-(lm.max_length + 1) :][:-1])
         lengths = [len(x) for x in inputs]
         padded = max(lengths)

@@ -52,7 +52,8 @@ def load_function(spec: str, base_dir: Path) -> tuple[Callable[..., Any], Path |
         except ModuleNotFoundError as e:
             raise TaskSetupError(f"python: cannot import '{module_name}' ({e})", field="python") from None
         except Exception as e:
-            raise TaskSetupError(f"python: {module_name} fails on import: {type(e).__name__}: {e}", field="python") from None
+            raise TaskSetupError(f"python: {module_name} fails on import: {type(e).__name__}: {e}",
+                                 field="python") from None
         finally:
             if added:
                 sys.path.remove(str(base_dir))

@@ -36,15 +36,17 @@ class RewardScorer(ExampleScorer):
         label = self.objective.label
         if label is None:
             if config.num_labels != 1:
-                raise TaskSetupError(f"label: the reward model has {config.num_labels} outputs {list(config.label2id)}; "
-                                     "name the reward's", field="label")
+                raise TaskSetupError(f"label: the reward model has {config.num_labels} outputs "
+                                     f"{list(config.label2id)}; name the reward's", field="label")
             return 0
         if isinstance(label, str):
             if label not in config.label2id:
-                raise TaskSetupError(f"label: the reward model has no label '{label}'; it has {list(config.label2id)}", field="label")
+                raise TaskSetupError(f"label: the reward model has no label '{label}'; it has {list(config.label2id)}",
+                                     field="label")
             return int(config.label2id[label])
         if not 0 <= label < config.num_labels:
-            raise TaskSetupError(f"label: the reward model has {config.num_labels} outputs; {label} is not one of them", field="label")
+            raise TaskSetupError(f"label: the reward model has {config.num_labels} outputs; {label} is not one of them",
+                                 field="label")
         return label
 
     def files(self) -> list[Path]:
@@ -52,7 +54,8 @@ class RewardScorer(ExampleScorer):
 
     def reward_model(self, device: torch.device) -> tuple[Any, Any]:
         if self._loaded is None:
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(self.folder, dtype="auto").to(device)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                self.folder, dtype="auto").to(device)
             self._loaded = (model.eval(), transformers.AutoTokenizer.from_pretrained(self.folder))
         return self._loaded
 

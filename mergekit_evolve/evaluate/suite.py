@@ -151,8 +151,10 @@ class TaskSuite:
                 try:
                     self.tasks[name] = get_task_dict([name], manager)
                 except Exception as e:
-                    raise TaskSetupError(f"lm-eval could not load task '{name}': {type(e).__name__}: {e}", task=name) from e
-        unsafe = sorted(t.config.task for tree in self.tasks.values() for t in _leaf_tasks(tree) if getattr(t, "UNSAFE_CODE", False))
+                    raise TaskSetupError(f"lm-eval could not load task '{name}': {type(e).__name__}: {e}",
+                                         task=name) from e
+        unsafe = sorted(t.config.task for tree in self.tasks.values() for t in _leaf_tasks(tree)
+                        if getattr(t, "UNSAFE_CODE", False))
         if unsafe:  # lm-eval runs these only when confirmed; a search would run them unattended
             raise TaskSetupError(f"task(s) {unsafe} execute model-written code; mergekit-evolve does not run them",
                                  task=unsafe[0])
@@ -218,11 +220,14 @@ class TaskSuite:
             leaves = _leaf_tasks(self.tasks[name])
             for task in leaves:
                 if not len(task.eval_docs):
-                    raise TaskSetupError(f"task '{task.config.task}' has no examples in its evaluation split", name, field)
+                    raise TaskSetupError(f"task '{task.config.task}' has no examples in its evaluation split",
+                                         name, field)
             metrics = {m for task in leaves for m in task.aggregation()}
             if metric not in metrics:
-                raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(metrics)}", name, "metric")
-            filters = {f.get("name", "none") for task in leaves for f in (task.config.filter_list or [{"name": "none"}])}
+                raise TaskSetupError(f"task '{name}' has no metric '{metric}'; it has {sorted(metrics)}",
+                                     name, "metric")
+            filters = {f.get("name", "none") for task in leaves
+                       for f in (task.config.filter_list or [{"name": "none"}])}
             if flt not in filters:
                 raise TaskSetupError(f"task '{name}' has no filter '{flt}' (metric '{objective.metric}'); it has "
                                      f"{sorted(filters)}", name, "metric")
@@ -327,7 +332,8 @@ class Evaluator:
     aggregation function, so a whole split scores exactly as ``limit`` would.
     """
 
-    def __init__(self, suite: TaskSuite, tokenizer: transformers.PreTrainedTokenizerBase, store: ExampleStore | None = None):
+    def __init__(self, suite: TaskSuite, tokenizer: transformers.PreTrainedTokenizerBase,
+                 store: ExampleStore | None = None):
         self.suite = suite
         self.tokenizer = tokenizer
         self.store = store or ExampleStore()
@@ -356,7 +362,8 @@ class Evaluator:
             limit = objective.limit if split == "search" else objective.heldout_limit
             n = limited(len(scorer.split_examples(split)), limit)
             metric, _, flt = objective.metric.partition(",")
-            self._plans[key] = EvalPlan(scorer.store_key(split), list(range(n)), limit, metric, flt, mean, scorer, split)
+            self._plans[key] = EvalPlan(scorer.store_key(split), list(range(n)), limit, metric, flt, mean, scorer,
+                                        split)
         if key not in self._plans:
             name, limit = self.suite.task_for(objective, split)
             metric, _, flt = objective.metric.partition(",")
@@ -386,7 +393,8 @@ class Evaluator:
             facts |= {"task": task, "limit": limit, "metric": objective.metric, "num_fewshot": objective.num_fewshot}
         return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def rows(self, model: transformers.PreTrainedModel, digest: str, plan: EvalPlan, ids: list[int]) -> list[dict[str, Any]]:
+    def rows(self, model: transformers.PreTrainedModel, digest: str, plan: EvalPlan,
+             ids: list[int]) -> list[dict[str, Any]]:
         """Per-example metrics for ``ids``: from the store, else computed now and stored."""
         return self.rows_many(model, digest, [(plan, ids)])[0]
 
@@ -465,7 +473,8 @@ class Evaluator:
             values[obj.name] = value
         return Scores(values, unparsed)
 
-    def example_ids(self, objective: Objective, plan: EvalPlan, fraction: float, anchors: dict[str, Any] | None) -> list[int]:
+    def example_ids(self, objective: Objective, plan: EvalPlan, fraction: float,
+                    anchors: dict[str, Any] | None) -> list[int]:
         """The examples ``score`` runs for a plain task: its anchors, else the first ``fraction`` of the shuffle."""
         if anchors and objective.name in anchors:
             return anchors[objective.name].ids

@@ -51,7 +51,8 @@ def _facts(name: str, cfg: dict[str, Any]) -> TaskFacts:
     path = cfg.get("dataset_path")
     local = not path or path in LOCAL_LOADERS or os.path.isabs(path) or path.startswith(".")
     split = next((cfg[key] for key in SPLITS if cfg.get(key)), None)
-    metrics = [m["metric"] for m in cfg.get("metric_list") or [] if isinstance(m, dict) and isinstance(m.get("metric"), str)]
+    metrics = [m["metric"] for m in cfg.get("metric_list") or []
+               if isinstance(m, dict) and isinstance(m.get("metric"), str)]
     return TaskFacts(
         task=name,
         dataset=None if local else path,

@@ -200,7 +200,8 @@ def _probe(method: Method) -> bool:
     same = _same(expected, got)
     if not bool(same.all()):
         i = int((~same).nonzero()[0])
-        LOG.debug("fused kernel differs from torch for %s at %d of %d probe elements (first: %r vs torch's %r from %s); "
+        LOG.debug("fused kernel differs from torch for %s at %d of %d probe elements "
+                  "(first: %r vs torch's %r from %s); "
                   "using blocked torch kernels", method.key, int((~same).sum()), n, got[i].item(), expected[i].item(),
                   [t[i].item() for t in inputs])
         return False

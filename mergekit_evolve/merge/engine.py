@@ -64,14 +64,16 @@ class InMemoryPlanner(MergePlanner):
     chunk_bytes: int = 0
     templates: dict[tuple, ExecuteMergeMethodTask | None] | None = None
 
-    def plan_tensor(self, weight: WeightInfo, weights_in: list[WeightInfo], models: list[ModelReference], cfg_reader: Any) -> None:
+    def plan_tensor(self, weight: WeightInfo, weights_in: list[WeightInfo], models: list[ModelReference],
+                    cfg_reader: Any) -> None:
         if self.templates is None or planner_merges_tokenizer(self):
             return super().plan_tensor(weight, weights_in, models, cfg_reader)
         # everything plan_tensor builds the task from, except the parameters (models by name:
         # comparing pydantic ModelReferences field by field would cost what the template saves)
         key = (
             planner_method(self).spec.name, self.config.dtype, self.options.read_to_gpu and self.options.device,
-            self.options.unsafe_truncate_embeddings, weight, tuple(weights_in), *map(str, (*models, cfg_reader.base_model)),
+            self.options.unsafe_truncate_embeddings, weight, tuple(weights_in),
+            *map(str, (*models, cfg_reader.base_model)),
         )
         if key not in self.templates:
             if len(self.templates) >= MAX_TEMPLATES:  # many DFS paths: keep memory bounded
@@ -104,7 +106,8 @@ class InMemoryPlanner(MergePlanner):
         plan_all(self)
         return [
             WorkingReturnTensor(
-                weight_info=w, tensor_task=chunk_if_possible(t, self.chunk_bytes), dtype=w.force_dtype or self.config.out_dtype
+                weight_info=w, tensor_task=chunk_if_possible(t, self.chunk_bytes),
+                dtype=w.force_dtype or self.config.out_dtype,
             )
             for w, t in planned_tensors(self)
         ]
@@ -152,7 +155,8 @@ class InMemoryMerger:
         self._templates: dict[tuple, Any] = {}  # tensor tasks by their inputs (see InMemoryPlanner)
 
     def _shape_key(self, cfg_out: transformers.PretrainedConfig) -> str:
-        diff = {k: v for k, v in cfg_out.to_diff_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
+        diff = {k: v for k, v in cfg_out.to_diff_dict().items()
+                if k not in ("dtype", "torch_dtype", "transformers_version")}
         return json.dumps(diff, sort_keys=True, default=str)
 
     def _dtype(self, config: MergeConfiguration, cfg_out: transformers.PretrainedConfig) -> torch.dtype:
@@ -253,7 +257,8 @@ class InMemoryMerger:
     @staticmethod
     def _bind(target: torch.Tensor, value: torch.Tensor, name: str) -> None:
         if target.shape != value.shape:
-            raise RuntimeError(f"merged tensor '{name}' has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
+            raise RuntimeError(f"merged tensor '{name}' has shape {tuple(value.shape)}, "
+                               f"model expects {tuple(target.shape)}")
         # Rebind, never copy in place: saves a pass over memory, and a passthrough result
         # may be a resident source tensor itself, which an in-place write would corrupt.
         target.data = value.to(device=target.device, dtype=target.dtype).contiguous()

@@ -188,7 +188,8 @@ def _run(kernel: Callable[..., None], *args: object) -> None:
         kernel(*args)
 
 
-def linear(inputs: Sequence[torch.Tensor], weights: Sequence[float], denominator: float | None, out: torch.Tensor) -> None:
+def linear(inputs: Sequence[torch.Tensor], weights: Sequence[float], denominator: float | None,
+           out: torch.Tensor) -> None:
     """``out = T(sum_i fma(x_i, w_i)) [/ denominator]`` for contiguous CPU tensors of one format.
 
     ``weights`` and ``denominator`` are already in mergekit's coefficient dtype (fp32, fp64 for

@@ -35,7 +35,8 @@ def sliced_layer_types(config: MergeConfiguration, trust_remote_code: bool = Fal
     return types
 
 
-def fix_layer_types(cfg_out: transformers.PretrainedConfig, config: MergeConfiguration, trust_remote_code: bool = False) -> None:
+def fix_layer_types(cfg_out: transformers.PretrainedConfig, config: MergeConfiguration,
+                    trust_remote_code: bool = False) -> None:
     """Give ``cfg_out`` (mergekit's output config of ``config``) one layer type per output layer."""
     if getattr(cfg_out, "layer_types", None) is None:
         return
@@ -45,7 +46,8 @@ def fix_layer_types(cfg_out: transformers.PretrainedConfig, config: MergeConfigu
         cfg_out.num_hidden_layers = len(types)
 
 
-def out_config(config: MergeConfiguration, arch_info: Any, trust_remote_code: bool = False) -> transformers.PretrainedConfig:
+def out_config(config: MergeConfiguration, arch_info: Any,
+               trust_remote_code: bool = False) -> transformers.PretrainedConfig:
     """mergekit's output config of ``config``, with ``layer_types`` rebuilt for sliced merges."""
     cfg_out = mergekit_out_config(config, arch_info, trust_remote_code=trust_remote_code)
     fix_layer_types(cfg_out, config, trust_remote_code)

@@ -113,7 +113,8 @@ def memory_plan(sources: list[ModelReference], folders: dict[str, str], out_dtyp
         adapted = [sizes[k] for k in _adapted_keys(Path(model.lora.path)) if k in sizes]
         plan.sources[str(model)], plan.mapped[str(model)] = sum(n * b for n, b in adapted), False
     sizes, _ = seen[folders[str(sources[0])]]
-    itemsize = torch.finfo(dtype_from_name(out_dtype)).bits // 8 if out_dtype else max((b for _, b in sizes.values()), default=4)
+    itemsize = (torch.finfo(dtype_from_name(out_dtype)).bits // 8 if out_dtype
+                else max((b for _, b in sizes.values()), default=4))
     plan.working = 2 * sum(n for n, _ in sizes.values()) * itemsize
     config = transformers.AutoConfig.from_pretrained(folders[str(sources[0])])
     batch = batch_size if isinstance(batch_size, int) else 1

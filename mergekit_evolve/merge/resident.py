@@ -90,11 +90,13 @@ def apply_adapter(model: ModelReference, tensors: dict[str, torch.Tensor]) -> di
     for module, (a, b) in adapter.factors.items():
         name = f"{module}.weight"
         if name not in merged:
-            raise ModelNotFoundError(f"adapter {adapter.folder} adapts '{module}', which model '{model.model}' does not have")
+            raise ModelNotFoundError(f"adapter {adapter.folder} adapts '{module}', "
+                                     f"which model '{model.model}' does not have")
         base = merged[name]
         # PEFT keeps an adapter over a half-precision base in fp32 and adds its delta in place
         compute = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
-        delta = lora_delta(a.to(base.device), b.to(base.device), adapter.scaling, bool(adapter.config.get("fan_in_fan_out")), compute)
+        delta = lora_delta(a.to(base.device), b.to(base.device), adapter.scaling,
+                           bool(adapter.config.get("fan_in_fan_out")), compute)
         merged[name] = add_delta(base, delta)
     LOG.info("merged adapter %s into %s in memory (%d weights)", adapter.folder, model.model, len(adapter.factors))
     return merged

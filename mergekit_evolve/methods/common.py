@@ -47,7 +47,8 @@ def mutated_task_arithmetic(
     memo: dict[str, torch.Tensor] = {}
 
     def individual(weights: dict[str, float], mix: list[list[Any]], mutation: list[Any] | None) -> torch.Tensor:
-        delta = weighted_task_vectors(base, [e.tensor for e in group.non_base], [weights.get(str(e.id), 0.0) for e in group.non_base])
+        delta = weighted_task_vectors(base, [e.tensor for e in group.non_base],
+                                      [weights.get(str(e.id), 0.0) for e in group.non_base])
         for ref, coef in mix:
             delta = delta + coef * node(ref)
         if mutation is not None and mutation[1] > 0 and delta.dim() == 2:

@@ -51,7 +51,8 @@ def adapter_config(folder: Path) -> dict[str, Any]:
     unsupported = [k for k in UNSUPPORTED if config.get(k)]
     if config.get("peft_type", "LORA") != "LORA" or unsupported:
         raise AdapterError(
-            f"adapter {folder}: only plain LoRA adapters merge in memory (it has {config.get('peft_type')} {unsupported})"
+            f"adapter {folder}: only plain LoRA adapters merge in memory "
+            f"(it has {config.get('peft_type')} {unsupported})"
         )
     return config
 
@@ -60,7 +61,8 @@ def _modules(folder: Path, keys: Sequence[str]) -> list[str]:
     """The modules an adapter adapts, from its tensor names (every tensor must be a LoRA factor)."""
     for key in keys:
         if ".lora_A." not in key and ".lora_B." not in key:
-            raise AdapterError(f"adapter {folder}: tensor '{key}' is no LoRA factor (embedding adapters are not supported)")
+            raise AdapterError(f"adapter {folder}: tensor '{key}' is no LoRA factor "
+                               "(embedding adapters are not supported)")
     return sorted(key.split(".lora_A.")[0].removeprefix(PEFT_PREFIX) for key in keys if ".lora_A." in key)
 
 
@@ -119,7 +121,8 @@ def check_same_shape(folders: Sequence[Path]) -> None:
         diff = [k for k in first if first[k] != other[k]]
         if diff:
             what = "; ".join(
-                f"{k}: {other[k]} vs {first[k]}" if k != "factors" else "other adapted modules or factor shapes" for k in diff
+                f"{k}: {other[k]} vs {first[k]}" if k != "factors" else "other adapted modules or factor shapes"
+                for k in diff
             )
             raise AdapterError(
                 f"adapter {folder} cannot be combined factor by factor with {folders[0]} ({what}): "
@@ -127,7 +130,8 @@ def check_same_shape(folders: Sequence[Path]) -> None:
             )
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool, dtype: torch.dtype) -> torch.Tensor:
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool,
+               dtype: torch.dtype) -> torch.Tensor:
     """PEFT's ``get_delta_weight``: ``transpose(B @ A) * scaling``, in ``dtype``."""
     delta = b.to(dtype) @ a.to(dtype)
     return (delta.T if fan_in_fan_out else delta) * scaling
@@ -143,7 +147,8 @@ def combined_factors(
     adapters: Sequence[LoraAdapter], weights: Sequence[float], module: str, device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(sum_i w_i A_i, sum_i w_i B_i)`` in fp32 for one module (None: no adapter adapts it)."""
-    held = [(w, adapter.factors[module]) for adapter, w in zip(adapters, weights, strict=False) if module in adapter.factors]
+    held = [(w, adapter.factors[module]) for adapter, w in zip(adapters, weights, strict=False)
+            if module in adapter.factors]
     if not held:
         return None
     if len(held) < len(adapters):
@@ -156,11 +161,13 @@ def combined_factors(
 
 def expert_adapter(model: ModelReference) -> LoraAdapter:
     if model.lora is None:
-        raise AdapterError(f"lora_particle merges LoRA adapters over the base, but model '{model}' has none (write it as base+adapter)")
+        raise AdapterError(f"lora_particle merges LoRA adapters over the base, but model '{model}' has none "
+                           "(write it as base+adapter)")
     return read_adapter(model.lora.path)
 
 
-def particle_adapter(models: Sequence[ModelReference], weights: Sequence[float]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def particle_adapter(models: Sequence[ModelReference],
+                     weights: Sequence[float]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The particle as a PEFT adapter: the first expert's config and the combined factors (fp32),
     under PEFT's key names; loaded over the base and merged by PEFT it is the ``lora_particle`` merge."""
     adapters = [expert_adapter(m) for m in models]
@@ -191,7 +198,8 @@ def lora_particle(group: TensorGroup, weight: PerNonBase[float]) -> torch.Tensor
     if not group.non_base or not name.endswith(".weight"):
         return base
     adapters = [expert_adapter(e.id) for e in group.non_base]
-    combined = combined_factors(adapters, [weight[e.id] for e in group.non_base], name.removesuffix(".weight"), base.device)
+    combined = combined_factors(adapters, [weight[e.id] for e in group.non_base], name.removesuffix(".weight"),
+                                base.device)
     if combined is None:  # no adapter touches it: every expert holds the base's tensor
         return base
     config = adapters[0].config

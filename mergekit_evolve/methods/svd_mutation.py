@@ -23,7 +23,8 @@ from mergekit.merge_methods import (
 from mergekit_evolve.methods.common import mutated_task_arithmetic, tensor_generator
 
 
-def svd_mutate(delta: torch.Tensor, seed: int, w_max: float, tensor_name: str | None, w_min: float = 0.0) -> torch.Tensor:
+def svd_mutate(delta: torch.Tensor, seed: int, w_max: float, tensor_name: str | None,
+               w_min: float = 0.0) -> torch.Tensor:
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     draw = torch.rand(s.shape[0], generator=tensor_generator(seed, tensor_name), dtype=torch.float32)
     w = w_min + draw * (w_max - w_min)
@@ -37,7 +38,8 @@ def svd_mutate(delta: torch.Tensor, seed: int, w_max: float, tensor_name: str | 
     contract=InputContract(base=BasePolicy.REQUIRED),
 )
 def svd_mutation(
-    group: TensorGroup, weight: PerNonBase[float], seed: int = 0, w_max: float = 0.0, w_min: float = 0.0, lineage: str = "",
+    group: TensorGroup, weight: PerNonBase[float], seed: int = 0, w_max: float = 0.0, w_min: float = 0.0,
+    lineage: str = "",
 ) -> torch.Tensor:
     def mutate(delta: torch.Tensor, seed: int, w_max: float) -> torch.Tensor:
         return svd_mutate(delta, seed, w_max, group.metadata.name, w_min)

@@ -92,7 +92,8 @@ METRIC_NAMES = {
 
 
 def metric_name(metric: str) -> str:
-    """lm-eval's ``acc,none`` as a reader says it: ``accuracy``; a filter other than none is kept: ``exact match (strict-match)``."""
+    """lm-eval's ``acc,none`` as a reader says it: ``accuracy``; a filter other than none is kept:
+    ``exact match (strict-match)``."""
     name, _, flt = metric.partition(",")
     return METRIC_NAMES.get(name, name.replace("_", " ")) + (f" ({flt})" if flt and flt != "none" else "")
 
@@ -102,7 +103,8 @@ def _model_md(run: RunFiles, model: str) -> str:
     parts = []
     for part in filter(None, (ref.model, ref.lora)):
         repo = run.names.hub(part.path)
-        parts.append(f"[{repo}](https://huggingface.co/{repo})" if repo else f"local folder `{run.names.local(part.path)}`")
+        parts.append(f"[{repo}](https://huggingface.co/{repo})" if repo
+                     else f"local folder `{run.names.local(part.path)}`")
     return " + ".join(parts)
 
 
@@ -172,7 +174,8 @@ def objective_md(run: RunFiles) -> str:
     objectives = run.evolve.objectives
     equal = len({o.weight for o in objectives}) == 1
     terms = [
-        f"{'minus ' if o.goal == 'minimize' else ''}{'' if equal else f'{o.weight:g} × '}{metric_name(o.metric)} on `{o.scored_on}`"
+        f"{'minus ' if o.goal == 'minimize' else ''}{'' if equal else f'{o.weight:g} × '}"
+        f"{metric_name(o.metric)} on `{o.scored_on}`"
         for o in objectives
     ]
     if len(terms) == 1:
@@ -231,7 +234,8 @@ def _results_md(run: RunFiles) -> str:
     if weighted:
         header += ["objective (search)", "objective (held-out)"]
     for o in objectives:
-        header += [f"{o.scored_on} {metric_name(o.metric)} (search)", f"{o.heldout_scored_on} {metric_name(o.metric)} (held-out)"]
+        header += [f"{o.scored_on} {metric_name(o.metric)} (search)",
+                   f"{o.heldout_scored_on} {metric_name(o.metric)} (held-out)"]
 
     def row(label: str, entry: dict[str, Any]) -> str:
         cells = [label]
@@ -267,7 +271,8 @@ PLOT_CAPTIONS = {
 def _search_md(run: RunFiles) -> str:
     ev = run.evolve
     lines = [
-        f"Sampler `{ev.sampler}` (seed {ev.seed}{', options ' + json.dumps(ev.sampler_options.given()) if ev.sampler_options.given() else ''}), "
+        f"Sampler `{ev.sampler}` (seed {ev.seed}"
+        f"{', options ' + json.dumps(ev.sampler_options.given()) if ev.sampler_options.given() else ''}), "
         f"{run.report['trials']} trials in study `{run.report.get('study', run.name)}`. Objectives:",
         "",
     ]
@@ -297,7 +302,8 @@ def _lineage_md(run: RunFiles) -> str:
             report = RunFolder(folder.parent).report
             if report.is_file():
                 winner = json.loads(report.read_text(encoding="utf-8"))["winner"]
-                found_by += f" (trial {winner['trial']}, search {winner['search']:.4f}, held-out {winner['heldout']:.4f})"
+                found_by += (f" (trial {winner['trial']}, search {winner['search']:.4f}, "
+                             f"held-out {winner['heldout']:.4f})")
         lines.append(f"{'  ' * depth}- {run.names.name(model)}: a `{config.merge_method}` merge{found_by} of")
         for ref in map(str, config.referenced_models()):
             lines.append(f"{'  ' * (depth + 1)}- {_model_md(run, ref)}")
@@ -313,7 +319,8 @@ def _reproduce(run: RunFiles) -> str:
     only with the local sources in hand."""
     method = run.config.merge_method
     if method in register_plugins():
-        command = f"`mergekit-evolve merge mergekit_config.yml OUT` (`{method}` is a merge method {PROJECT} registers with mergekit)"
+        command = (f"`mergekit-evolve merge mergekit_config.yml OUT` "
+                   f"(`{method}` is a merge method {PROJECT} registers with mergekit)")
     else:
         command = "a plain `mergekit-yaml mergekit_config.yml OUT`"
     local = [run.names.name(m) for m in run.sources if run.names.is_local(m)]
@@ -335,7 +342,8 @@ def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for o in run.evolve.objectives:
-        for split, task, limit in (("search", o.scored_on, o.limit), ("held-out", o.heldout_scored_on, o.heldout_limit)):
+        for split, task, limit in (("search", o.scored_on, o.limit),
+                                   ("held-out", o.heldout_scored_on, o.heldout_limit)):
             f = facts.get(task) or TaskFacts(task)
             if not isinstance(o, TaskObjective):
                 data = _example_objective_md(o)
@@ -347,7 +355,8 @@ def _evaluation_md(run: RunFiles, facts: dict[str, TaskFacts]) -> str:
                 data = "local data file of the task" + (f" (`{f.split}` split)" if f.split else "")
             shots = getattr(o, "num_fewshot", None)
             shots = shots if shots is not None else f.num_fewshot
-            lines.append(f"| {metric_name(o.metric)} | {split} | `{task}` | {data} | {shots} | {limit if limit is not None else 'all'} |")
+            lines.append(f"| {metric_name(o.metric)} | {split} | `{task}` | {data} | {shots} | "
+                         f"{limit if limit is not None else 'all'} |")
     return "\n".join(lines)
 
 
@@ -357,7 +366,8 @@ def _scorer(run: RunFiles) -> str:
 
 
 def _scored_with(run: RunFiles, lm_eval: str | None) -> str:
-    tasks = f"with lm-eval{f' {lm_eval}' if lm_eval else ''} (log-likelihood and generation requests as each task defines them)"
+    tasks = (f"with lm-eval{f' {lm_eval}' if lm_eval else ''} "
+             "(log-likelihood and generation requests as each task defines them)")
     kinds = [o for o in run.evolve.objectives if not isinstance(o, TaskObjective)]
     if not kinds:
         return tasks

@@ -42,7 +42,8 @@ comparison needs it, and released after), so it needs memory for the largest one
 def template_path(name: str) -> Path:
     path = TEMPLATE_DIR / name
     if not path.is_file():
-        raise PublishError(f"the Space template {path} is missing: reinstall mergekit-evolve (its wheel ships publish/gradio_template/)")
+        raise PublishError(f"the Space template {path} is missing: reinstall mergekit-evolve "
+                           "(its wheel ships publish/gradio_template/)")
     return path
 
 
@@ -58,7 +59,8 @@ COMPARE_DEFAULT = 2  # parents ticked for a comparison: the ones that score best
 EXAMPLES = 3
 
 
-def _settings(run: RunFiles, model: str, parents: dict[str, str], assets: dict[str, str], **extra: Any) -> dict[str, Any]:
+def _settings(run: RunFiles, model: str, parents: dict[str, str], assets: dict[str, str],
+              **extra: Any) -> dict[str, Any]:
     """``parents``: the model id or folder of each parent the app can load -> the source it is in the report."""
     report = run.report
     ranked = sorted(parents, key=lambda p: report["sources"][parents[p]]["heldout"], reverse=True)
@@ -96,7 +98,8 @@ def suggested_hardware(size: int) -> str:
     for limit, flavor in HARDWARE:
         if size * 1.2 <= limit:
             return flavor
-    LOG.warning("the largest model is %.0f GB: more than one GPU of a Space holds; suggesting a100-large anyway", size / 1e9)
+    LOG.warning("the largest model is %.0f GB: more than one GPU of a Space holds; suggesting a100-large anyway",
+                size / 1e9)
     return HARDWARE[-1][1]
 
 
@@ -112,7 +115,8 @@ def local_settings(run: RunFiles) -> dict[str, Any]:
     return _settings(run, str(run.best.resolve()), {s: s for s in run.sources}, assets, device="cpu")
 
 
-def space_files(run: RunFiles, repo_id: str, space_id: str, private: bool, license: str | None) -> dict[str, Path | bytes]:
+def space_files(run: RunFiles, repo_id: str, space_id: str, private: bool,
+                license: str | None) -> dict[str, Path | bytes]:
     """Every file of the Space (path in the repo -> local file or content)."""
     plots = run.plots()
     assets = {
@@ -132,7 +136,8 @@ def space_files(run: RunFiles, repo_id: str, space_id: str, private: bool, licen
     return files
 
 
-def _readme(run: RunFiles, repo_id: str, space_id: str, parents: list[str], private: bool, license: str | None) -> SpaceCard:
+def _readme(run: RunFiles, repo_id: str, space_id: str, parents: list[str], private: bool,
+            license: str | None) -> SpaceCard:
     title = space_id.split("/")[1]
     # the largest model the app loads: the merge, or a parent no larger than the merge's sources
     size = model_bytes(run.best)

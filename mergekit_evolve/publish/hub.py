@@ -78,8 +78,10 @@ def plan_publish(run_dir: Path, repo: str, space: str | None = None, private: bo
         repo_id=repo,
         repo_type="model",
         files=files,
-        commit_message=f"mergekit-evolve: winner of {run.name} (trial {winner['trial']}, held-out {winner['heldout']:.4f})",
-        commit_description=f"Objective {objective_md(run)}; {run.report['trials']} trials; sources: {', '.join(map(run.names.name, run.sources))}.",
+        commit_message=f"mergekit-evolve: winner of {run.name} (trial {winner['trial']}, "
+                       f"held-out {winner['heldout']:.4f})",
+        commit_description=f"Objective {objective_md(run)}; {run.report['trials']} trials; "
+                           f"sources: {', '.join(map(run.names.name, run.sources))}.",
     )]
     if space:
         uploads.append(RepoUpload(
@@ -119,7 +121,8 @@ def _scrubbed(run: RunFiles, src: Path | bytes) -> Path | bytes:
 def describe(plan: PublishPlan) -> str:
     lines = []
     for up in plan.uploads:
-        lines.append(f"{up.repo_type} repo {up.repo_id} ({'private' if plan.private else 'public'} if created), one commit: {up.commit_message}")
+        lines.append(f"{up.repo_type} repo {up.repo_id} ({'private' if plan.private else 'public'} if created), "
+                     f"one commit: {up.commit_message}")
         for name, src in sorted(up.files.items()):
             size = len(src) if isinstance(src, bytes) else src.stat().st_size
             lines.append(f"  {name:<40} {size:>12,d} bytes")
@@ -172,15 +175,18 @@ def push(plan: PublishPlan, endpoint: str | None = None, token: str | None = Non
                 space_sdk="gradio" if up.repo_type == "space" else None,
             )
         with _explained("uploading to", up.repo_id, plan.run_dir, token):
-            stale = [f for f in api.list_repo_files(up.repo_id, repo_type=up.repo_type) if f not in up.files and f not in KEEP]
+            stale = [f for f in api.list_repo_files(up.repo_id, repo_type=up.repo_type)
+                     if f not in up.files and f not in KEEP]
             ops = [CommitOperationDelete(f) for f in stale] + [
-                CommitOperationAdd(name, src if isinstance(src, bytes) else str(src)) for name, src in sorted(up.files.items())
+                CommitOperationAdd(name, src if isinstance(src, bytes) else str(src))
+                for name, src in sorted(up.files.items())
             ]
             commit = api.create_commit(
                 up.repo_id, ops, repo_type=up.repo_type,
                 commit_message=up.commit_message, commit_description=up.commit_description,
             )
-        LOG.info("%s %s: %s (%d files, %d deleted)", up.repo_type, up.repo_id, commit.commit_url, len(up.files), len(stale))
+        LOG.info("%s %s: %s (%d files, %d deleted)", up.repo_type, up.repo_id, commit.commit_url, len(up.files),
+                 len(stale))
         with _explained("setting the variables of", up.repo_id, plan.run_dir, token):
             for key, value in up.variables.items():
                 api.add_space_variable(up.repo_id, key, value, description="model repo the demo loads")
@@ -218,7 +224,8 @@ def _http_reason(error: HfHubHTTPError, repo_id: str | None) -> str:
     status = error.response.status_code
     said = f" The Hub said: {error.server_message.strip()}" if error.server_message else ""
     if status == 401 and repo_id is None:
-        return "the Hub rejected the token (401 Unauthorized): it is invalid or has expired; create a new one with write access and set HF_TOKEN, or run `hf auth login`"
+        return ("the Hub rejected the token (401 Unauthorized): it is invalid or has expired; "
+                "create a new one with write access and set HF_TOKEN, or run `hf auth login`")
     if status in (401, 403):
         return (
             f"no write access to {repo_id} ({status}): the name belongs to another user or organisation, or the token "

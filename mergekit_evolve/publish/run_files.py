@@ -73,7 +73,8 @@ class RunFiles:
     def stage(self) -> str | None:
         """The stage name when the recipe is staged (each stage runs in RUN_DIR/NAME)."""
         data = self._recipe_file_data
-        return self.run_dir.resolve().name if isinstance(data, dict) and isinstance(data.get(STAGES_KEY), list) else None
+        return (self.run_dir.resolve().name if isinstance(data, dict) and isinstance(data.get(STAGES_KEY), list)
+                else None)
 
     @cached_property
     def _recipe_data(self) -> dict[str, Any]:
@@ -130,7 +131,8 @@ class RunFiles:
                 + ", ".join(str(self.run_dir / s) for s in stages)
             )
         if not self.best.is_dir() or not (self.best / "config.json").is_file():
-            raise PublishError(f"{self.best} holds no merged model: run the search first (mergekit-evolve RECIPE -o {self.run_dir})")
+            raise PublishError(f"{self.best} holds no merged model: run the search first "
+                               f"(mergekit-evolve RECIPE -o {self.run_dir})")
         if not any(self.best.glob("*.safetensors")):
             raise PublishError(f"{self.best} holds no .safetensors weights")
         # load each piece now, so a broken file is reported before anything is written or sent
@@ -146,4 +148,5 @@ class RunFiles:
         try:
             return path.read_text(encoding="utf-8")
         except OSError as e:
-            raise PublishError(f"{path}: {e.strerror}; is {self.run_dir} a finished mergekit-evolve run folder?") from None
+            raise PublishError(f"{path}: {e.strerror}; "
+                               f"is {self.run_dir} a finished mergekit-evolve run folder?") from None

@@ -41,7 +41,8 @@ class _ObjectiveBase(BaseModel):
 
     weight: float = Field(default=1.0, gt=0)
     goal: Literal["maximize", "minimize"] = "maximize"
-    limit: int | float | None = Field(default=None, description="examples per candidate (a count, or a fraction below 1)")
+    limit: int | float | None = Field(default=None,
+                                      description="examples per candidate (a count, or a fraction below 1)")
     heldout_limit: int | float | None = None
     anchors: int | None = Field(
         default=None, ge=2,
@@ -119,7 +120,8 @@ class ExampleObjective(_ObjectiveBase):
 class PythonObjective(ExampleObjective):
     """A Python function scores the resident model on each example of a JSONL file."""
 
-    python: str = Field(description="'file.py:function' (relative to the recipe's folder) or 'package.module:function'; "
+    python: str = Field(description="'file.py:function' (relative to the recipe's folder) "
+                                    "or 'package.module:function'; "
                                     "called as function(model, tokenizer, examples) -> one float per example")
     data: str = Field(description="JSONL file of examples (one JSON object a line), relative to the recipe's folder")
     heldout_data: str | None = Field(default=None, description="JSONL examples scored only for the report")
@@ -157,13 +159,16 @@ class GenerationSettings(BaseModel):
 
 
 class RewardObjective(ExampleObjective):
-    """A local reward model (``AutoModelForSequenceClassification``) scores the resident model's answer to each prompt."""
+    """A local reward model (``AutoModelForSequenceClassification``) scores the resident model's answer to
+    each prompt."""
 
     reward_model: str = Field(description="folder of a sequence-classification model, relative to the recipe's folder")
-    prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, relative to the recipe's folder")
+    prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, "
+                                     "relative to the recipe's folder")
     heldout_prompts: str | None = Field(default=None, description="JSONL prompts scored only for the report")
     label: int | str | None = Field(
-        default=None, description="which output is the reward: an index or a label name (default: the model's single output)"
+        default=None,
+        description="which output is the reward: an index or a label name (default: the model's single output)",
     )
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
 
@@ -236,7 +241,8 @@ class JudgeObjective(ExampleObjective):
                              "a model behind an OpenAI-compatible endpoint (see endpoint)")
     endpoint: EndpointSettings | None = Field(
         default=None, description="openai:MODEL: where the endpoint's URL and key are found, and how it is asked")
-    prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, relative to the recipe's folder")
+    prompts: str = Field(description="JSONL file, one object with a 'prompt' string a line, "
+                                     "relative to the recipe's folder")
     heldout_prompts: str | None = Field(default=None, description="JSONL prompts scored only for the report")
     mode: Literal["single", "pairwise"] = Field(
         default="single", description="single: rate each answer alone; pairwise: compare it with the reference's")
@@ -246,7 +252,8 @@ class JudgeObjective(ExampleObjective):
     rubric: str | None = Field(
         default=None, description="what the judge reads; {prompt} and {answer} (pairwise: {answer_a}, {answer_b}) "
         "are filled in (default: the mode's built-in rubric)")
-    rubric_file: str | None = Field(default=None, description="a text file holding the rubric, relative to the recipe's folder")
+    rubric_file: str | None = Field(default=None,
+                                    description="a text file holding the rubric, relative to the recipe's folder")
     ratings: list[str] = Field(
         default=["1", "2", "3", "4", "5"], min_length=2,
         description="single: the judge's possible next tokens, each a number (one token of its tokenizer); "
@@ -387,18 +394,21 @@ class PruningSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # auto: where pruning can apply (one objective, a sampler in PRUNABLE_SAMPLERS), successive halving over the stages, or with anchors the percentile pruner described
-    # in EvolveSettings; none elsewhere. bench/cheap_fitness.py measures the choices.
+    # auto: where pruning can apply (one objective, a sampler in PRUNABLE_SAMPLERS), successive halving over the
+    # stages, or with anchors the percentile pruner described in EvolveSettings; none elsewhere.
+    # bench/cheap_fitness.py measures the choices.
     pruner: Literal["auto", "none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"] = "auto"
     stages: list[float] = Field(
         default=[0.25, 0.5, 1.0],
-        description="fractions of the search split, ending at 1; objectives with anchors climb their anchor estimate first",
+        description="fractions of the search split, ending at 1; "
+        "objectives with anchors climb their anchor estimate first",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the Optuna pruner")
 
     @model_validator(mode="after")
     def _stages(self) -> PruningSettings:
-        if not self.stages or self.stages[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *self.stages], self.stages, strict=False)):
+        if (not self.stages or self.stages[-1] != 1.0
+                or any(not a < b for a, b in zip([0.0, *self.stages], self.stages, strict=False))):
             raise ValueError(f"stages must rise from above 0 to exactly 1.0, got {self.stages}")
         return self
 
@@ -409,7 +419,8 @@ class EvolveSettings(BaseModel):
     sampler: Sampler = "cmaes"
     sampler_options: SamplerOptions = Field(
         default_factory=OptunaOptions, validate_default=True,  # the default too becomes the sampler's model
-        description="keyword arguments for Optuna's sampler; for cma, cycleqd and swarm see mergekit_evolve.recipe.sampler_options",
+        description="keyword arguments for Optuna's sampler; "
+        "for cma, cycleqd and swarm see mergekit_evolve.recipe.sampler_options",
     )
     multi_objective: bool = Field(
         default=False, description="one study direction per objective (a Pareto front) instead of their weighted mean"
@@ -420,17 +431,21 @@ class EvolveSettings(BaseModel):
     )
     seed: int = 0
     objectives: list[Objective] = Field(min_length=1)
-    task_paths: list[str] = Field(default_factory=list, description="folders of lm-eval task YAMLs, relative to the recipe")
+    task_paths: list[str] = Field(default_factory=list,
+                                  description="folders of lm-eval task YAMLs, relative to the recipe")
     storage: str | None = Field(
-        default=None, description="Optuna storage URL (sqlite:///, postgresql://, journal:PATH); default SQLite in the run folder"
+        default=None,
+        description="Optuna storage URL (sqlite:///, postgresql://, journal:PATH); default SQLite in the run folder",
     )
     threads: int | None = Field(
         default=None, ge=1,
         description="torch CPU threads per worker (default: the cores divided among the workers); 1 suits tiny models",
     )
-    workers: int = Field(default=1, ge=1, description="worker processes (or Ray actors), each with its own resident model")
+    workers: int = Field(default=1, ge=1,
+                         description="worker processes (or Ray actors), each with its own resident model")
     heartbeat_grace: int = Field(
-        default=120, ge=2, description="seconds without a heartbeat after which a running trial is failed and its point retried once"
+        default=120, ge=2,
+        description="seconds without a heartbeat after which a running trial is failed and its point retried once",
     )
     study_name: str | None = None
     batch_size: int | str = 32
@@ -439,8 +454,9 @@ class EvolveSettings(BaseModel):
     max_failures: int = Field(default=20, ge=1, description="stop after this many failed candidates in a row")
     finalists: int = Field(
         default=5, ge=1,
-        description="when trial values are anchor estimates (anchors, pruner none), the best N trials are scored on the "
-        "whole search split and the best of those wins (an estimate's noise would otherwise pick a lucky candidate)",
+        description="when trial values are anchor estimates (anchors, pruner none), the best N trials are scored "
+        "on the whole search split and the best of those wins (an estimate's noise would otherwise pick a lucky "
+        "candidate)",
     )
     apply_chat_template: bool = False
     allow_constant_objectives: bool = Field(
@@ -467,7 +483,8 @@ class EvolveSettings(BaseModel):
             if any(o.anchors for o in self.objectives):
                 # the anchor estimate as the first rung, keeping its top quarter for the whole split:
                 # bench/cheap_fitness.py's anchors_auto, ~2x full evaluation's trials at its held-out score
-                update = {"pruner": "percentile", "options": {"percentile": 25.0, "n_startup_trials": 4, **self.pruning.options}}
+                update = {"pruner": "percentile",
+                          "options": {"percentile": 25.0, "n_startup_trials": 4, **self.pruning.options}}
                 if "stages" not in self.pruning.model_fields_set:
                     update["stages"] = [1.0]
         self.pruning = self.pruning.model_copy(update=update)
@@ -479,7 +496,8 @@ class EvolveSettings(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"objectives repeat a name (task/metric pair, or name): {names}")
         if self.multi_objective and self.pruning.pruner != "none":
-            raise ValueError("multi_objective studies cannot be pruned (Optuna has no intermediate values there); set pruning.pruner: none")
+            raise ValueError("multi_objective studies cannot be pruned (Optuna has no intermediate values there); "
+                             "set pruning.pruner: none")
         if self.multi_objective and len(names) < 2:
             raise ValueError(f"multi_objective needs at least two objectives; there is one ({names[0]})")
         for name in [self.select.objective, *self.select.at_least, *self.select.at_most]:
@@ -497,5 +515,6 @@ class EvolveSettings(BaseModel):
         found = [o for o in self.objectives if name in (o.name, getattr(o, "task", None))]
         if len(found) != 1:
             known = ", ".join(o.name for o in self.objectives)
-            raise ValueError(f"'{name}' names {'no' if not found else 'more than one'} objective; the objectives are: {known}")
+            raise ValueError(f"'{name}' names {'no' if not found else 'more than one'} objective; "
+                             f"the objectives are: {known}")
         return found[0]

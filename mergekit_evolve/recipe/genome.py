@@ -83,7 +83,8 @@ def _validate(doc: LocatedYaml) -> Any:
 def _num_layers(doc: LocatedYaml, genome: Any, base_dir: Path) -> int:
     """mergekit-evolve reads the layer count from the first model's config."""
     ref = genome.models[0]
-    local = ref.model_copy(update={"model": ref.model.model_copy(update={"path": resolve_model_path(ref.model.path, base_dir)})})
+    local = ref.model_copy(update={"model": ref.model.model_copy(
+        update={"path": resolve_model_path(ref.model.path, base_dir)})})
     try:
         return int(local.config().num_hidden_layers)
     except (OSError, ValueError, AttributeError) as e:
@@ -160,7 +161,8 @@ def _config(b: _Builder, cfg: Any, groups: int, layer_step: int) -> None:
             raise b.doc.error(
                 (GENOME_KEY, "models"),
                 f"a slerp genome with {len(genome.models)} models slerps the two highest-weighted models of each "
-                "layer group, which no recipe can express; list exactly two models (or search a linear/multislerp recipe)",
+                "layer group, which no recipe can express; list exactly two models "
+                "(or search a linear/multislerp recipe)",
             )
         if base_outside:
             raise b.doc.error((GENOME_KEY, "base_model"), "a slerp genome's base_model must be one of its two models")
@@ -181,7 +183,8 @@ def _config(b: _Builder, cfg: Any, groups: int, layer_step: int) -> None:
                 entry["parameters"] = {p: _setting(p, genome, cfg.random_init, points) for p in params}
             out.append(entry)
         if base_outside:
-            out.append({"model": b.model(raw["base_model"]), **({"layer_range": list(layer_range)} if layer_range else {})})
+            out.append({"model": b.model(raw["base_model"]),
+                        **({"layer_range": list(layer_range)} if layer_range else {})})
         return out
 
     if groups == 1 or genome.smooth:
@@ -259,7 +262,8 @@ def _unknown_keys(b: _Builder, cfg: Any) -> None:
             b.note(f"line {b.doc.line_of((key,))}: unknown key '{key}' is ignored (as mergekit-evolve does)")
     for key in data[GENOME_KEY]:
         if key not in ModelGenomeDefinition.model_fields:
-            b.note(f"line {b.doc.line_of((GENOME_KEY, key))}: unknown key 'genome.{key}' is ignored (as mergekit-evolve does)")
+            b.note(f"line {b.doc.line_of((GENOME_KEY, key))}: unknown key 'genome.{key}' is ignored "
+                   "(as mergekit-evolve does)")
 
 
 def translate_genome(doc: LocatedYaml, base_dir: Path, rebase: Callable[[str], str] = lambda m: m) -> GenomeTranslation:
@@ -272,7 +276,8 @@ def translate_genome(doc: LocatedYaml, base_dir: Path, rebase: Callable[[str], s
         if num_layers % genome.layer_granularity:
             raise doc.error(
                 (GENOME_KEY, "layer_granularity"),
-                f"layer_granularity {genome.layer_granularity} does not divide the {num_layers} layers of '{genome.models[0]}'",
+                f"layer_granularity {genome.layer_granularity} does not divide the {num_layers} layers "
+                f"of '{genome.models[0]}'",
             )
         groups, layer_step = num_layers // genome.layer_granularity, genome.layer_granularity
     b = _Builder(doc, rebase)
@@ -288,7 +293,8 @@ def translate_genome_file(doc: LocatedYaml, base_dir: Path) -> GenomeTranslation
     translation = translate_genome(doc, base_dir, lambda m: resolve_model_path(m, base_dir))
     for note in translation.notes:
         LOG.warning("%s: %s", doc.source, note)
-    LOG.info("%s is a mergekit-evolve genome file; searching its translation (see `mergekit-evolve migrate`)", doc.source)
+    LOG.info("%s is a mergekit-evolve genome file; searching its translation (see `mergekit-evolve migrate`)",
+             doc.source)
     return translation
 
 
@@ -312,9 +318,10 @@ _RecipeDumper.add_representer(list, _represent_list)
 def recipe_text(translation: GenomeTranslation, genome_path: Path) -> str:
     """The translated recipe as a commented YAML file."""
     header = [
-        f"# The recipe the mergekit-evolve genome file {genome_path.name} stands for (`mergekit-evolve migrate` writes it).",
-        f"# mergekit-evolve defaults: pycma CMA-ES from x0 with sigma0 1/6, {DEFAULT_TRIALS} evaluations (--max-fevals), "
-        f"seed {DEFAULT_SEED} (--random-seed).",
+        f"# The recipe the mergekit-evolve genome file {genome_path.name} stands for "
+        "(`mergekit-evolve migrate` writes it).",
+        f"# mergekit-evolve defaults: pycma CMA-ES from x0 with sigma0 1/6, {DEFAULT_TRIALS} evaluations "
+        f"(--max-fevals), seed {DEFAULT_SEED} (--random-seed).",
     ]
     header += [f"# Not carried over: {note}" for note in translation.notes]
     body = yaml.dump(translation.recipe, Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False, width=120)

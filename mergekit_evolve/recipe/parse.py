@@ -109,7 +109,8 @@ def _model_label(template: dict[str, Any], loc: Loc) -> str | None:
             label = names[loc[i]] if isinstance(entry, dict) else ""
             if not label or names.count(label) > 1:
                 label = f"{loc[i - 1]}[{loc[i]}]"
-            prefix = ".".join(f"{k}[{j}]" for k, j in zip(loc[: i - 1 : 2], loc[1 : i - 1 : 2], strict=False)) if i > 1 else ""
+            prefix = (".".join(f"{k}[{j}]" for k, j in zip(loc[: i - 1 : 2], loc[1 : i - 1 : 2], strict=False))
+                      if i > 1 else "")
             return f"{prefix}.{label}" if prefix else label
     return None
 
@@ -225,7 +226,8 @@ def _check_methods(doc: LocatedYaml, template: dict[str, Any], space: SearchSpac
     candidates = space.dimensions["merge_method"].choices if is_annotation(method) else (method,)
     for name in candidates:
         if not isinstance(name, str) or name not in known:
-            raise doc.error(("merge_method",), f"unknown merge method '{name}'; mergekit knows: {', '.join(sorted(known))}")
+            raise doc.error(("merge_method",),
+                            f"unknown merge method '{name}'; mergekit knows: {', '.join(sorted(known))}")
     accepted = {p.name for name in candidates for p in known[name].spec.parameters}
     real = {p.name for m in known.values() for p in m.spec.parameters}
     for loc, _ in walk(template):
@@ -281,14 +283,16 @@ def parse_recipe(doc: LocatedYaml, path: Path, text: str) -> Recipe:
         raise doc.error((), "a recipe is a YAML mapping (a mergekit config plus an optional 'evolve:' section)")
     for key in doc.data:
         if key not in RECIPE_KEYS:
-            raise doc.error((key,), f"unknown key '{key}'; a recipe has mergekit's keys ({', '.join(sorted(MERGEKIT_KEYS))}), 'evolve', 'publish' and 'routing'")
+            raise doc.error((key,), f"unknown key '{key}'; a recipe has mergekit's keys "
+                                    f"({', '.join(sorted(MERGEKIT_KEYS))}), 'evolve', 'publish' and 'routing'")
     template = {k: v for k, v in doc.data.items() if k not in SETTINGS_KEYS}
     evolve = _settings(doc, "evolve", EvolveSettings)
     publish = _settings(doc, "publish", PublishSettings)
     space = build_space(doc, template, path.parent)
     _check_methods(doc, template, space)
     resolve_model_paths(template, path.parent, doc)
-    recipe = Recipe(path=path, doc=doc, template=template, evolve=evolve, search_space=space, text=text, publish=publish)
+    recipe = Recipe(path=path, doc=doc, template=template, evolve=evolve, search_space=space, text=text,
+                    publish=publish)
     recipe.compile(space.default_point())
     if space and evolve is None:
         raise doc.error((), "the recipe has search annotations but no 'evolve:' section with objectives")

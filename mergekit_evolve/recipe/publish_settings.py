@@ -21,8 +21,10 @@ def check_repo_id(value: str) -> str:
 class PublishSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    repo: str | None = Field(default=None, description="model repo owner/name; when set, the run pushes its winner there at the end")
-    space: str | None = Field(default=None, description="Gradio demo Space owner/name, created or updated beside the model")
+    repo: str | None = Field(
+        default=None, description="model repo owner/name; when set, the run pushes its winner there at the end")
+    space: str | None = Field(
+        default=None, description="Gradio demo Space owner/name, created or updated beside the model")
     private: bool = Field(default=False, description="create the repos private (an existing repo keeps its visibility)")
     license: str | None = Field(
         default=None,

@@ -89,7 +89,8 @@ UNSCALABLE = {
     "gemma3_text": "its post_feedforward_layernorm re-normalises the MLP output before it joins the residual stream",
 }
 # Config keys that must agree between routed models for their layers to stack in one model.
-SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim")
 
 
 class Routing(BaseModel):
@@ -103,11 +104,14 @@ class Routing(BaseModel):
     scale_form: Literal["matrix", "slot"] = Field(
         default="matrix", description="matrix: the paper's W, a scale per (from layer, to layer); slot: one per slot"
     )
-    min_layers: int | None = Field(default=None, ge=1, description="fewest layers in the path (forced first/last included)")
-    max_layers: int | None = Field(default=None, ge=1, description="most layers in the path (forced first/last included)")
+    min_layers: int | None = Field(default=None, ge=1,
+                                   description="fewest layers in the path (forced first/last included)")
+    max_layers: int | None = Field(default=None, ge=1,
+                                   description="most layers in the path (forced first/last included)")
     num_layers: dict[str, int] = Field(default_factory=dict, description="layer counts of models without a config.json")
     scale_filter: str | None = Field(
-        default=None, description="the tensor the scales multiply; default: the architecture's MLP output (SCALE_TENSORS)"
+        default=None,
+        description="the tensor the scales multiply; default: the architecture's MLP output (SCALE_TENSORS)",
     )
     embed_filter: list[str] | None = Field(
         default=None, description="the embedding tensors the first hop's scale multiplies; default: the architecture's "
@@ -209,9 +213,11 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
     raw = template[KEY]
     for key in ("models", "slices", "modules", "base_model"):
         if key in template:
-            raise doc.error((key,), f"'{key}' cannot be used with 'routing:': the routing block names the models and builds the slices")
+            raise doc.error((key,), f"'{key}' cannot be used with 'routing:': "
+                                    "the routing block names the models and builds the slices")
     if template.get("merge_method") != "passthrough":
-        raise doc.error(("merge_method",), "a 'routing:' recipe needs merge_method: passthrough (each hop is one passthrough slice)")
+        raise doc.error(("merge_method",), "a 'routing:' recipe needs merge_method: passthrough "
+                                           "(each hop is one passthrough slice)")
     try:
         block = Routing.model_validate(raw)
     except pydantic.ValidationError as e:
@@ -221,7 +227,8 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
     written = list(block.models)
     unknown = set(block.num_layers) - set(written)
     if unknown:
-        raise doc.error((KEY, "num_layers"), f"routing.num_layers names {sorted(unknown)}, which are not in routing.models")
+        raise doc.error((KEY, "num_layers"),
+                        f"routing.num_layers names {sorted(unknown)}, which are not in routing.models")
     resolved = [resolve(m) for m in written]
     counts: dict[str, int] = {}
     shapes: dict[str, dict[str, Any]] = {}
@@ -235,7 +242,8 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
         if cfg is not None:
             n = cfg.num_hidden_layers
             if given is not None and given != n:
-                raise doc.error((KEY, "num_layers", w), f"routing.num_layers gives {w} {given} layers, its config.json has {n}")
+                raise doc.error((KEY, "num_layers", w),
+                                f"routing.num_layers gives {w} {given} layers, its config.json has {n}")
             shapes[w] = {k: getattr(cfg, k, None) for k in SHAPE_KEYS}
             tied = tied or (i == 0 and bool(getattr(cfg, "tie_word_embeddings", False)))
         elif given is not None:
@@ -259,18 +267,20 @@ def prepare_routing(doc: LocatedYaml, template: dict[str, Any], resolve: Callabl
     elif embed_filter is None:
         embed_filter = [] if tied else EMBED_TENSORS.get(family or "llama", [])
     if embed_filter and "scale" in (template.get("parameters") or {}):
-        raise doc.error(("parameters", "scale"), "parameters.scale cannot be used with routing.scales: the scale of the "
-                                                 "hop from the embedding is the embedding's passthrough scale")
+        raise doc.error(("parameters", "scale"), "parameters.scale cannot be used with routing.scales: "
+                                                 "the scale of the hop from the embedding is the embedding's "
+                                                 "passthrough scale")
     block = block.model_copy(update={"models": resolved, "num_layers": counts, "scale_filter": scale_filter,
                                      "embed_filter": embed_filter})
     lo, hi = block.length_limits
     if hi < 2:
-        raise doc.error((KEY, "max_layers"), f"routing.max_layers {hi} is below 2: the first and last layers of {written[0]} are always in the path")
+        raise doc.error((KEY, "max_layers"), f"routing.max_layers {hi} is below 2: "
+                                             f"the first and last layers of {written[0]} are always in the path")
     if lo > block.slots + 2:
         raise doc.error(
             (KEY, "min_layers"),
-            f"routing.min_layers {lo} can never be reached: {block.slots} slots ({block.width} layers x {block.repeats} "
-            f"repeats) plus the 2 forced layers make at most {block.slots + 2}",
+            f"routing.min_layers {lo} can never be reached: {block.slots} slots ({block.width} layers x "
+            f"{block.repeats} repeats) plus the 2 forced layers make at most {block.slots + 2}",
         )
     if lo > hi:
         raise doc.error((KEY, "min_layers"), f"routing.min_layers {lo} is above routing.max_layers {hi}: no path fits")
@@ -296,13 +306,15 @@ def _scale_tensor(doc: LocatedYaml, family: str | None) -> str:
     if family is None:
         return "down_proj"
     if family in UNSCALABLE:
-        raise doc.error((KEY, "scales"), f"routing.scales cannot be applied to {family} models: {UNSCALABLE[family]}, so "
-                                         "scaling a tensor does not scale it; drop routing.scales (a path without W)")
+        raise doc.error((KEY, "scales"), f"routing.scales cannot be applied to {family} models: "
+                                         f"{UNSCALABLE[family]}, so scaling a tensor does not scale it; "
+                                         "drop routing.scales (a path without W)")
     if family not in SCALE_TENSORS:
         raise doc.error(
             (KEY, "scales"),
             f"routing.scales does not know which tensor of a {family} layer carries its MLP output into the residual "
-            f"stream (known: {', '.join(sorted(SCALE_TENSORS))}); name it in routing.scale_filter, or drop routing.scales",
+            f"stream (known: {', '.join(sorted(SCALE_TENSORS))}); name it in routing.scale_filter, "
+            "or drop routing.scales",
         )
     return SCALE_TENSORS[family]
 
@@ -362,7 +374,8 @@ def add_dimensions(space: SearchSpace, block: Routing) -> None:
     for slot, name in enumerate(slot_names(block)):
         i, layer = block.slot_layer(slot)
         on = slot < block.width and i == 0 and 0 < layer < a_layers - 1
-        space.dimensions[name] = Dimension(name, "float", low=INDICATOR_RANGE[0], high=INDICATOR_RANGE[1], init=ON if on else OFF)
+        space.dimensions[name] = Dimension(name, "float", low=INDICATOR_RANGE[0], high=INDICATOR_RANGE[1],
+                                           init=ON if on else OFF)
     if block.scales:
         lo, hi = block.scales
         init = 1.0 if lo <= 1.0 <= hi else None

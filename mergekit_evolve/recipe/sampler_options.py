@@ -44,11 +44,13 @@ class OptunaOptions(_Options):
 class PyCmaOptions(_Options):
     """pycma's CMA-ES, generation by generation (``sampler: cma``)."""
 
-    sigma0: float = Field(default=1 / 6, gt=0, description="initial step size in units of each dimension's range (Sakana: 1/6)")
+    sigma0: float = Field(default=1 / 6, gt=0,
+                          description="initial step size in units of each dimension's range (Sakana: 1/6)")
     popsize: int | None = Field(default=None, ge=2, description="points per generation; default pycma's 4 + 3 ln(n)")
     restarts: int = Field(default=0, ge=0, description="restarts when pycma's stop criteria fire (0: keep sampling)")
     restart_strategy: Literal["ipop", "bipop"] = Field(
-        default="ipop", description="ipop: popsize x incpopsize each restart; bipop: interleave small-population local runs"
+        default="ipop",
+        description="ipop: popsize x incpopsize each restart; bipop: interleave small-population local runs",
     )
     incpopsize: float = Field(default=2.0, ge=1.0)
 
@@ -74,9 +76,11 @@ class CycleQDOptions(_Options):
     }
 
     preset: Literal["default", "paper"] = Field(
-        default="default", description="paper: the released code's settings for the paper's method; options written beside it win"
+        default="default",
+        description="paper: the released code's settings for the paper's method; options written beside it win",
     )
-    children: int = Field(default=4, ge=1, description="children per generation, all bred from the cycling task's archive")
+    children: int = Field(default=4, ge=1,
+                          description="children per generation, all bred from the cycling task's archive")
     bins: int = Field(default=15, ge=1, description="equal bins per descriptor task between its low and high bound")
     bounds: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="objective name -> (low, high) score range binned; default (0, 1)"
@@ -85,16 +89,20 @@ class CycleQDOptions(_Options):
         default=None, description="(a, b): bin each task from a x the weakest expert's score to b x the strongest "
         "(the paper: 0.85, 1.15); replaces `bounds`",
     )
-    elite_sampling: bool = Field(default=True, description="parents drawn with prob. ~ prod(0.5 + slope norm(f)); false: uniform")
-    elite_slope: float = Field(default=0.3, gt=0, description="elite sampling's slope (paper text 0.3, released code 0.8)")
+    elite_sampling: bool = Field(default=True,
+                                 description="parents drawn with prob. ~ prod(0.5 + slope norm(f)); false: uniform")
+    elite_slope: float = Field(default=0.3, gt=0,
+                               description="elite sampling's slope (paper text 0.3, released code 0.8)")
     crossover_mu: float = Field(default=1.0, description="mean of the crossover weights w1, w2 ~ N(mu, sigma^2)")
     crossover_sigma: float = Field(default=0.3, ge=0)
     mutation: Literal["svd", "gaussian", "none"] = "svd"
     w_min: float = Field(default=0.0, ge=0, description="SVD mutation: singular values scaled by w ~ U[w_min, w_max]")
     w_max: float = Field(default=2.0, gt=0, description="SVD mutation: singular values scaled by w ~ U[w_min, w_max]")
-    noise: float = Field(default=0.1, gt=0, description="gaussian mutation: noise std in units of each task-vector matrix's std")
+    noise: float = Field(default=0.1, gt=0,
+                         description="gaussian mutation: noise std in units of each task-vector matrix's std")
     merge_elites: bool = Field(
-        default=True, description="after each full cycle, also evaluate the softmax-weighted merge of the archives' best elites"
+        default=True,
+        description="after each full cycle, also evaluate the softmax-weighted merge of the archives' best elites",
     )
 
     @model_validator(mode="after")
@@ -136,7 +144,8 @@ class SwarmOptions(_Options):
     }
 
     preset: Literal["default", "paper"] = Field(
-        default="default", description="paper: every option at the paper's value (positions unbounded); options written beside it win"
+        default="default",
+        description="paper: every option at the paper's value (positions unbounded); options written beside it win",
     )
     box: tuple[float, float] | None = Field(
         default=(-5.0, 5.0),
@@ -157,10 +166,12 @@ class SwarmOptions(_Options):
     step: float = Field(default=1.0, gt=0, description="initial step length lambda")
     step_decay: float = Field(default=0.95, gt=0, le=1)
     step_min: float = Field(default=0.1, gt=0)
-    patience: int = Field(default=10, ge=1, description="iterations without a new global best before the swarm restarts")
+    patience: int = Field(default=10, ge=1,
+                          description="iterations without a new global best before the swarm restarts")
     max_iterations: int = Field(default=200, ge=1, description="iterations before the swarm restarts regardless")
     restart_fraction: float = Field(
-        default=0.67, gt=0, description="a particle whose best has not improved for this x patience iterations is reset to it"
+        default=0.67, gt=0,
+        description="a particle whose best has not improved for this x patience iterations is reset to it",
     )
 
     @model_validator(mode="after")

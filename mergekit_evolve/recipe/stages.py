@@ -109,7 +109,8 @@ def _check_layout(doc: LocatedYaml) -> list[str]:
         name = body.get("name")
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise doc.error((KEY, i, "name") if "name" in body else (KEY, i),
-                            "each stage needs a 'name' made of letters, digits, '_', '.', '-' (it names its run folder)")
+                            "each stage needs a 'name' made of letters, digits, '_', '.', '-' "
+                            "(it names its run folder)")
         if name in names:
             raise doc.error((KEY, i, "name"), f"two stages are named '{name}'")
         if "evolve" not in body:
@@ -144,9 +145,9 @@ def _add_previews(doc: LocatedYaml, uses: set[str], done: dict[str, Stage], run_
         elif folder not in counts and folder in block.get("models", []):
             n = _preview_layers(done[name].recipe)
             if n is None:
-                raise doc.error((routing.KEY, "models"), f"stage '{name}' has no winner yet and the layer count of the "
-                                                         f"model it starts from is not readable; give it in routing.num_layers: "
-                                                         f"{{'{PREFIX}{name}': N}}")
+                raise doc.error((routing.KEY, "models"), f"stage '{name}' has no winner yet and the layer count "
+                                                         "of the model it starts from is not readable; "
+                                                         f"give it in routing.num_layers: {{'{PREFIX}{name}': N}}")
             block["num_layers"] = {**counts, folder: n}
 
 

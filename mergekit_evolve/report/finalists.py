@@ -30,13 +30,15 @@ def best_of_finalists(study: optuna.Study, worker: Worker) -> FrozenTrial:
     if not worker.recipe.evolve.estimated:
         return study.best_trial
     sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
-    ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: (-sign * t.value, t.number))
+    ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                    key=lambda t: (-sign * t.value, t.number))
     finalists: dict[str, FrozenTrial] = {}
     for trial in ranked:
         finalists.setdefault(trial.user_attrs.get("config_digest", str(trial.number)), trial)
         if len(finalists) == worker.recipe.evolve.finalists:
             break
-    full = {t.number: worker.score_config(winner_config(t), "search").weighted(worker.objectives) for t in finalists.values()}
+    full = {t.number: worker.score_config(winner_config(t), "search").weighted(worker.objectives)
+            for t in finalists.values()}
     best = max(finalists.values(), key=lambda t: (full[t.number], -t.number))
     LOG.info(
         "anchor estimates: re-scored the best %d trials on the whole search split; trial %d wins (%.4f; estimate %.4f)",

@@ -54,7 +54,8 @@ def write_best(
     if config.merge_method == LORA_PARTICLE:
         # the particle itself, to load over the base with PEFT (the merged model above is PEFT's merge of it)
         experts = [m for m in config.models or [] if m.model != config.base_model]
-        adapter_config, factors = particle_adapter([m.model for m in experts], [float(m.parameters["weight"]) for m in experts])
+        adapter_config, factors = particle_adapter([m.model for m in experts],
+                                                   [float(m.parameters["weight"]) for m in experts])
         # the base this particle was merged over, as the recipe names it (a publish swaps a local path for its name)
         adapter_config["base_model_name_or_path"] = config.base_model.model.path
         write_adapter(staging / BEST_ADAPTER_DIR, adapter_config, factors)
@@ -67,7 +68,8 @@ def write_best(
 def source_scores(worker: Worker, dtype: str | None) -> dict[str, dict[str, Any]]:
     """Every source model on both splits, each scored once per run (see ``Worker.source_scores``)."""
     return {
-        str(model): _summary(worker.source_scores(model, "search", dtype), worker.source_scores(model, "heldout", dtype), worker)
+        str(model): _summary(worker.source_scores(model, "search", dtype),
+                             worker.source_scores(model, "heldout", dtype), worker)
         for model in worker.sources
     }
 

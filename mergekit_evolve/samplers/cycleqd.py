@@ -175,7 +175,8 @@ class CycleQDSampler(GenerationalSampler):
         if not elites:  # every expert failed in this archive: start from the experts
             a, b = rng.choice(len(self.experts), size=2, replace=len(self.experts) < 2)
             return self._expert(int(a)), self._expert(int(b))
-        probs = elite_probabilities(elites, self.tasks, self.options.elite_slope) if self.options.elite_sampling else None
+        probs = (elite_probabilities(elites, self.tasks, self.options.elite_slope) if self.options.elite_sampling
+                 else None)
         i, j = rng.choice(len(elites), size=2, replace=len(elites) < 2, p=probs)
         return elites[int(i)], elites[int(j)]
 

@@ -138,7 +138,8 @@ class GenerationalSampler(BaseSampler, abc.ABC):
 
     def _oldest_unfinished(self, study: optuna.Study, generation: int) -> int:
         members = _members(study.get_trials(deepcopy=False))
-        running = [i for i in range(len(self._plan_of(generation))) if _status(members.get((generation, i), [])) == "running"]
+        running = [i for i in range(len(self._plan_of(generation)))
+                   if _status(members.get((generation, i), [])) == "running"]
         return min(running, key=lambda i: min(t.number for t in members[(generation, i)]))
 
     def _outcome(self, trials: list[FrozenTrial]) -> Outcome:

@@ -58,11 +58,13 @@ class PyCmaSampler(GenerationalSampler):
         self._maxiter0: float | None = None
         self.runs = [_Run(self._new_es(self._x0, options.sigma0, options.popsize, None), "first", options.sigma0)]
 
-    def _new_es(self, x0: np.ndarray, sigma0: float, popsize: int | None, maxiter: float | None) -> cma.CMAEvolutionStrategy:
+    def _new_es(self, x0: np.ndarray, sigma0: float, popsize: int | None,
+                maxiter: float | None) -> cma.CMAEvolutionStrategy:
         opts: dict[str, Any] = {
             "bounds": [0.0, 1.0],
             "seed": np.nan,  # leave numpy's global stream alone; draw from ours:
-            "randn": np.random.RandomState(np.random.MT19937(stream(self._seed, 2, self._restarts).integers(2**32))).randn,
+            "randn": np.random.RandomState(
+                np.random.MT19937(stream(self._seed, 2, self._restarts).integers(2**32))).randn,
             "verbose": -9,
             "verb_log": 0,
             "verb_disp": 0,

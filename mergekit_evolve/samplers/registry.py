@@ -52,7 +52,9 @@ class SamplerEntry:
     multi_objective: bool = False  # searches a Pareto front (one study direction per objective)
 
 
-def _optuna(cls: Callable[..., optuna.samplers.BaseSampler]) -> Callable[[EvolveSettings, SearchSpace], optuna.samplers.BaseSampler]:
+def _optuna(
+    cls: Callable[..., optuna.samplers.BaseSampler],
+) -> Callable[[EvolveSettings, SearchSpace], optuna.samplers.BaseSampler]:
     def build(settings: EvolveSettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
         options = settings.sampler_options
         assert isinstance(options, OptunaOptions)
@@ -115,14 +117,15 @@ def _cycleqd_experts(settings: EvolveSettings, space: SearchSpace) -> ExpertWeig
     if len(settings.objectives) < 2:
         raise SamplerSetupError(
             f"CycleQD keeps one archive per task and bins each by the other tasks' scores, so it needs at least two "
-            f"objectives; evolve.objectives has {len(settings.objectives)} ({settings.objectives[0].name}): add another "
-            "task, or use sampler: cma / cmaes / tpe"
+            f"objectives; evolve.objectives has {len(settings.objectives)} ({settings.objectives[0].name}): "
+            "add another task, or use sampler: cma / cmaes / tpe"
         )
     assert isinstance(settings.sampler_options, CycleQDOptions)
     extra = mutation_dims(settings.sampler_options)
     missing = [d for d in extra if d not in space.dimensions]
     if missing:
-        raise SamplerSetupError(f"the search space lacks CycleQD's mutation dimensions {missing}; load the recipe through prepare_recipe()")
+        raise SamplerSetupError(f"the search space lacks CycleQD's mutation dimensions {missing}; "
+                                "load the recipe through prepare_recipe()")
     return _experts(space, "cycleqd", extra)
 
 
@@ -209,7 +212,8 @@ def prepare_recipe(recipe: Recipe) -> Recipe:
     assert recipe.evolve is not None
     sampler = recipe.evolve.sampler
     if sampler in COEFFICIENT_METHODS:
-        if SEED_DIM not in recipe.search_space.dimensions and not (sampler == "swarm" and recipe.template.get("merge_method") == LORA_METHOD):
+        if (SEED_DIM not in recipe.search_space.dimensions
+                and not (sampler == "swarm" and recipe.template.get("merge_method") == LORA_METHOD)):
             _check_coefficient_method(recipe, sampler)
         if sampler == "cycleqd":
             assert isinstance(recipe.evolve.sampler_options, CycleQDOptions)

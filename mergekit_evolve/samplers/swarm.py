@@ -87,11 +87,13 @@ def with_lora_particles(recipe: Recipe) -> Recipe:
     if method == LORA_METHOD:
         return recipe
     if method != "task_arithmetic":
-        raise CoordinateError(f"swarm particle_kind: lora replaces task_arithmetic over the base; the recipe's merge_method is {method!r}")
+        raise CoordinateError(f"swarm particle_kind: lora replaces task_arithmetic over the base; "
+                              f"the recipe's merge_method is {method!r}")
     params = dict(recipe.template.get("parameters") or {})
     others = sorted(k for k, v in params.items() if not (k == "normalize" or (k == "lambda" and v == 1)))
     if others:
-        raise CoordinateError(f"swarm particle_kind: lora takes only per-model weights; remove the top-level parameters {others}")
+        raise CoordinateError(f"swarm particle_kind: lora takes only per-model weights; "
+                              f"remove the top-level parameters {others}")
     config = recipe.compile(recipe.search_space.default_point())
     experts = ExpertWeights(recipe.search_space, "swarm").references(config)
     base = config.base_model
@@ -100,14 +102,17 @@ def with_lora_particles(recipe: Recipe) -> Recipe:
     plain = [str(m) for m in experts if m.lora is None or m.model != base.model]
     if plain:
         raise CoordinateError(
-            f"swarm particle_kind: lora needs every expert to be a LoRA adapter over the base ({base}+ADAPTER); '{plain[0]}' is not"
+            f"swarm particle_kind: lora needs every expert to be a LoRA adapter over the base ({base}+ADAPTER); "
+            f"'{plain[0]}' is not"
         )
     weights = [entry.parameters.get("weight") for entry in config.models or [] if entry.model in experts]
     if not all(isinstance(w, (int, float)) for w in weights):
-        raise CoordinateError("swarm particle_kind: lora gives each expert one coefficient; write each weight as one searched number")
+        raise CoordinateError("swarm particle_kind: lora gives each expert one coefficient; "
+                              "write each weight as one searched number")
     fixed = [str(m) for m in config.referenced_models() if m != base and m not in experts]
     if fixed:
-        raise CoordinateError(f"swarm particle_kind: lora merges only the base and the experts; '{fixed[0]}' has no searched weight")
+        raise CoordinateError(f"swarm particle_kind: lora merges only the base and the experts; "
+                              f"'{fixed[0]}' has no searched weight")
     check_same_shape([Path(m.lora.path) for m in experts])
     template = copy.deepcopy(recipe.template)
     template["merge_method"] = LORA_METHOD
@@ -186,7 +191,8 @@ class SwarmSampler(GenerationalSampler):
     def _plan(self, generation: int) -> list[dict[str, Any]]:
         rng = stream(self._seed, generation)
         if self.swarm is None:
-            x, v = initial_swarm(len(self.experts), max(self.options.particles, len(self.experts)), rng, self.low, self.high)
+            x, v = initial_swarm(len(self.experts), max(self.options.particles, len(self.experts)), rng, self.low,
+                                 self.high)
             self.swarm = Swarm(x, v, x.copy(), np.full(len(x), -np.inf), self.options.step, stale=np.zeros(len(x), int))
         else:
             self.move(self.swarm, rng)

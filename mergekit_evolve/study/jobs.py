@@ -67,7 +67,8 @@ class WorkerPlan:
 
 
 def plan_workers(settings: EvolveSettings, ray: str | None) -> WorkerPlan:
-    """``evolve.workers`` (or ``--workers``), as processes or with ``--ray`` as actors; checked before the run folder is touched."""
+    """``evolve.workers`` (or ``--workers``), as processes or with ``--ray`` as actors; checked before the run
+    folder is touched."""
     if ray is not None and importlib.util.find_spec("ray") is None:
         raise ParallelError("--ray needs Ray: pip install 'mergekit-evolve[ray]'")
     return WorkerPlan(settings.workers, ray)

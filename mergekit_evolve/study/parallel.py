@@ -71,7 +71,8 @@ def _exit_text(code: int) -> str:
     return f"stopped with exit code {code}"
 
 
-def run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Study, monitor: Monitor) -> FailureGuard | None:
+def run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Study,
+              monitor: Monitor) -> FailureGuard | None:
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's torch/lm-eval state (and its threads)
     stop_all = ctx.Event()
     threads = job.recipe.evolve.threads or max(1, (os.cpu_count() or 1) // plan.count)
@@ -83,7 +84,8 @@ def run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.St
                            args=(child_job, ready[-1], stop_all, logging.getLogger("mergekit_evolve").level))
         proc.start()
         children.append(proc)
-    LOG.info("%d workers: this process and %s; waiting for them to load", plan.count, ", ".join(str(p.pid) for p in children))
+    LOG.info("%d workers: this process and %s; waiting for them to load", plan.count,
+             ", ".join(str(p.pid) for p in children))
     # all start together, so each worker's share (and a throughput measurement) does not depend on start-up time
     while not all(r.is_set() or p.exitcode is not None for r, p in zip(ready, children, strict=False)):
         time.sleep(POLL_SECONDS)
@@ -107,7 +109,8 @@ def run_local(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.St
                     child_tripped.set()
                     stop_all.set()
                 elif proc.exitcode != 0:
-                    reap(monitor.study, f"{socket.gethostname()}:{proc.pid}", _exit_text(proc.exitcode), quiet=stop_all.is_set())
+                    reap(monitor.study, f"{socket.gethostname()}:{proc.pid}", _exit_text(proc.exitcode),
+                         quiet=stop_all.is_set())
             alive = sum(p.exitcode is None for p in children) + (not parent_done.is_set())
             monitor.poll(alive)
             if not alive:

@@ -61,7 +61,8 @@ def plan_actors(resources: dict[str, float], requested: int) -> tuple[int, dict[
     return requested, {"num_cpus": 1}
 
 
-def run_ray(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Study, monitor: Monitor) -> FailureGuard | None:
+def run_ray(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Study,
+            monitor: Monitor) -> FailureGuard | None:
     """A ``jobs.Runner``: the driver only watches (``worker`` and ``study`` are the driver's, unused here)."""
     import ray  # an optional dependency (the ray extra), imported when --ray asks for it
     from ray.exceptions import RayActorError, RayError
@@ -120,5 +121,6 @@ def run_ray(plan: WorkerPlan, job: WorkerJob, worker: Worker, study: optuna.Stud
     if tripped:
         return last_failures(monitor.study, job.recipe.evolve.max_failures)
     if counted(monitor.study) < job.trials and errors and job.timeout is None:
-        raise ParallelError(f"every Ray actor stopped before the study reached {job.trials} trials; first error: {errors[0]}")
+        raise ParallelError(f"every Ray actor stopped before the study reached {job.trials} trials; "
+                            f"first error: {errors[0]}")
     return None

@@ -23,7 +23,8 @@ def trial_record(trial: FrozenTrial) -> dict[str, Any]:
         "number": trial.number,
         "state": trial.state.name,
         # one value, or one per objective in a multi-objective study
-        "value": (trial.values[0] if len(trial.values) == 1 else trial.values) if trial.state == optuna.trial.TrialState.COMPLETE else None,
+        "value": ((trial.values[0] if len(trial.values) == 1 else trial.values)
+                  if trial.state == optuna.trial.TrialState.COMPLETE else None),
         "scores": attrs.get("scores"),
         "point": trial.params,
         "config": attrs.get("config"),

@@ -265,7 +265,8 @@ def run_search(
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             append_record(run_dir, trial)
             write_sampler_files(study, run_dir)
-            progress.update(bar, completed=min(len(reached.finished), trials), description=best_text(study, reached.finished))
+            progress.update(bar, completed=min(len(reached.finished), trials),
+                            description=best_text(study, reached.finished))
 
         optimize_until(study, tagged(worker.objective), trials, guard, [on_trial], timeout, reached)
     guard.check(run_dir)

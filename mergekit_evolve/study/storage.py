@@ -32,7 +32,8 @@ WORKER_KEY = "worker"  # trial user attr: "host:pid" of the process that ran it
 
 
 # Re-queues a lost trial's point once (Optuna 4.9 renamed the class; the old name warns).
-RetryLost = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+RetryLost = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+             or optuna.storages.RetryFailedTrialCallback)
 
 
 class StorageError(ValueError):
@@ -147,7 +148,8 @@ def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
                 # one outage for every call and thread: once it has lasted the grace period, each call tries once
                 if self.down_since is None:
                     self.down_since = time.monotonic()
-                    LOG.warning("study storage unreachable (%s); retrying for up to %d s", _reason(e), self.grace_period)
+                    LOG.warning("study storage unreachable (%s); retrying for up to %d s", _reason(e),
+                                self.grace_period)
                 if time.monotonic() - self.down_since >= self.grace_period:
                     raise StorageLost(
                         f"lost the study storage {self.engine.url.render_as_string(hide_password=True)} for over "
@@ -194,7 +196,8 @@ def check_storage(url: str, attempts: int = 3) -> None:
             open_storage(url).get_all_studies()
             return
         except ImportError as e:
-            raise StorageError(f"cannot open the study storage '{url}': {e} (PostgreSQL: pip install 'psycopg[binary]'; "
+            raise StorageError(f"cannot open the study storage '{url}': {e} "
+                               "(PostgreSQL: pip install 'psycopg[binary]'; "
                                "MySQL: pip install PyMySQL)") from None
         except Exception as e:  # sqlalchemy, OSError: all mean "cannot use this URL"
             if attempt == attempts - 1:

@@ -84,7 +84,8 @@ def plan_memory(recipe: Recipe, options: MergeOptions) -> MemoryPlan:
     sources = source_models(recipe)
     folders = {str(m): local_folder(m, options) for m in sources}
     config = recipe.compile(recipe.search_space.default_point())
-    return memory_plan(sources, folders, config.out_dtype or config.dtype, options.device or "cpu", recipe.evolve.batch_size)
+    return memory_plan(sources, folders, config.out_dtype or config.dtype, options.device or "cpu",
+                       recipe.evolve.batch_size)
 
 
 def source_config(model: ModelReference, dtype: str | None) -> MergeConfiguration:
@@ -96,7 +97,8 @@ def weights_stamp(model: ModelReference, options: MergeOptions) -> str:
     """The name, size and modification time of every file of ``model``'s folder (and its adapter's):
     it changes when the weights at that path are rewritten."""
     folders = [Path(local_folder(model, options))] + ([Path(model.lora.path)] if model.lora else [])
-    files = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for d in folders for f in d.iterdir() if f.is_file())
+    files = sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for d in folders for f in d.iterdir()
+                   if f.is_file())
     return hashlib.sha256(repr(files).encode()).hexdigest()[:16]
 
 
@@ -125,8 +127,8 @@ def attach_references(recipe: Recipe, suite: TaskSuite, options: MergeOptions) -
 
 
 class Worker:
-    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False, suite: TaskSuite | None = None,
-                 store: ExampleStore | None = None):
+    def __init__(self, recipe: Recipe, options: MergeOptions, allow_pickle: bool = False,
+                 suite: TaskSuite | None = None, store: ExampleStore | None = None):
         """``store``: where the checks before ``use_store`` keep per-example results (default: in memory)."""
         assert recipe.evolve is not None
         self.recipe = recipe
@@ -198,7 +200,8 @@ class Worker:
                 rows = self.evaluator.rows(self.merger.materialize(config), config_digest(config), plan, plan.ids)
                 table.append([float(r[key]) for r in rows])
             self._anchors[obj.name] = choose_anchors(np.array(table), plan.ids, obj.anchors, self.recipe.evolve.seed)
-            LOG.info("objective %s: %d anchor examples of %d", obj.name, len(self._anchors[obj.name].ids), len(plan.ids))
+            LOG.info("objective %s: %d anchor examples of %d", obj.name, len(self._anchors[obj.name].ids),
+                     len(plan.ids))
         return self._anchors
 
     def use_store(self, run_dir: Path, shared: Path | None = None) -> None:
@@ -247,7 +250,8 @@ class Worker:
         what each objective's score depends on."""
         config = source_config(model, dtype)
         stamp = weights_stamp(model, self.merger.options)
-        keys = {o.name: f"{config_digest(config)}/{stamp}/{self.evaluator.score_facts(o, split)}" for o in self.objectives}
+        keys = {o.name: f"{config_digest(config)}/{stamp}/{self.evaluator.score_facts(o, split)}"
+                for o in self.objectives}
         cached = {name: self.source_cache.get(key) for name, key in keys.items()}
         if all(v is not None for v in cached.values()):
             return Scores(cached)
@@ -260,7 +264,8 @@ class Worker:
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             digest = t.user_attrs.get("config_digest")
             if digest and digest not in self.known:
-                self.known[digest] = (t.number, t.values[0] if len(t.values) == 1 else t.values, t.user_attrs.get("scores", {}))
+                self.known[digest] = (t.number, t.values[0] if len(t.values) == 1 else t.values,
+                                      t.user_attrs.get("scores", {}))
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         try:
@@ -317,7 +322,8 @@ class Worker:
         for name, (failed, total) in scores.unparsed.items():
             if failed:
                 LOG.warning("trial %d: %s could not read a rating from %d of %d judge replies (each scored as its "
-                            "unparsed_score; check the objective's pattern and rubric)", trial.number, name, failed, total)
+                            "unparsed_score; check the objective's pattern and rubric)",
+                            trial.number, name, failed, total)
 
     def log_failure(self, number: int) -> None:
         """The traceback of the exception being handled: to failures.log, and with -v to the console."""

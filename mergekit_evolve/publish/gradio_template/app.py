@@ -80,15 +80,18 @@ class Models:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def stream(self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int, temperature: float) -> Iterator[str]:
+    def stream(self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int,
+               temperature: float) -> Iterator[str]:
         """The reply so far, growing as tokens arrive (greedy when temperature is 0)."""
         with self.lock:
             yield from self._stream(model_id, messages, max_new_tokens, temperature)
 
-    def _stream(self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int, temperature: float) -> Iterator[str]:
+    def _stream(self, model_id: str, messages: list[dict[str, str]], max_new_tokens: int,
+                temperature: float) -> Iterator[str]:
         model, tokenizer = self._get(model_id)
         if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
         else:  # a base model: complete the last message as plain text
             ids = tokenizer(messages[-1]["content"], return_tensors="pt")
         ids = {k: v.to(self.device) for k, v in ids.items()}
@@ -97,7 +100,8 @@ class Models:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         worker = threading.Thread(
             target=model.generate,
-            kwargs={**ids, "max_new_tokens": int(max_new_tokens), "streamer": streamer, "pad_token_id": pad, **sampling},
+            kwargs={**ids, "max_new_tokens": int(max_new_tokens), "streamer": streamer, "pad_token_id": pad,
+                    **sampling},
         )
         worker.start()
         text = ""
@@ -182,7 +186,8 @@ def build_demo(settings: dict[str, Any]) -> gr.Blocks:
                 )
             if parents:
                 default = [p for p in settings.get("compare_default", []) if p in parents] or list(parents)[:1]
-                chosen = gr.CheckboxGroup(list(parents), value=default, label="parents to compare (loaded one at a time)",
+                chosen = gr.CheckboxGroup(list(parents), value=default,
+                                          label="parents to compare (loaded one at a time)",
                                           elem_id="compare-parents")
                 prompt = gr.Textbox(label="prompt", elem_id="compare-prompt", value=examples[0] if examples else "")
                 run = gr.Button("Generate with each model", variant="primary", elem_id="compare-run")
@@ -205,7 +210,8 @@ def build_demo(settings: dict[str, Any]) -> gr.Blocks:
                             outputs[slot] = partial
                             yield list(outputs)
 
-                chosen.change(lambda picked: [gr.update(visible=i == 0 or labels[i] in picked) for i in range(len(boxes))],
+                chosen.change(lambda picked: [gr.update(visible=i == 0 or labels[i] in picked)
+                                              for i in range(len(boxes))],
                               chosen, boxes)
                 run.click(compare, [prompt, chosen, max_new_tokens, temperature], boxes)
                 prompt.submit(compare, [prompt, chosen, max_new_tokens, temperature], boxes)
@@ -215,10 +221,11 @@ def build_demo(settings: dict[str, Any]) -> gr.Blocks:
         with gr.Tab("Search history", id="history"):
             with gr.Row():
                 if settings.get("history") and Path(settings["history"]).is_file():
-                    gr.Image(settings["history"], label="objective of every trial and the best so far", elem_id="history-plot",
-                             height=320)
+                    gr.Image(settings["history"], label="objective of every trial and the best so far",
+                             elem_id="history-plot", height=320)
                 if settings.get("pareto") and Path(settings["pareto"]).is_file():
-                    gr.Image(settings["pareto"], label="Pareto front of the objectives", elem_id="pareto-plot", height=320)
+                    gr.Image(settings["pareto"], label="Pareto front of the objectives", elem_id="pareto-plot",
+                             height=320)
             if settings.get("report") and Path(settings["report"]).is_file():
                 headers, rows = score_table(json.loads(_read(settings["report"])))
                 gr.Dataframe(value=rows, headers=headers, label="winner vs sources (held-out is the score to quote)",
