@@ -48,7 +48,8 @@ from mergekit_evolve.study.worker import Worker, merge_options  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 STAGES = [0.25, 0.5, 1.0]
 SH = PruningSettings(pruner="successive_halving", stages=[1.0])
-PCT25 = PruningSettings(pruner="percentile", stages=[1.0], options={"percentile": 25, "n_startup_trials": 4})  # keeps the top quarter
+# keeps the top quarter
+PCT25 = PruningSettings(pruner="percentile", stages=[1.0], options={"percentile": 25, "n_startup_trials": 4})
 MODES = {
     "full": {},
     "median": {"pruning": PruningSettings(pruner="median", stages=STAGES, options={"n_startup_trials": 4})},
@@ -71,7 +72,8 @@ MODES = {
     "anchors_pct25_pruned": {"anchors": 16, "pruning": PCT25, "sampler_options": {"consider_pruned_trials": True}},
     # anchors, half the split, the whole split: halving at each rung
     "anchors_sh_half": {
-        "anchors": 16, "pruning": PruningSettings(pruner="successive_halving", stages=[0.5, 1.0], options={"reduction_factor": 2}),
+        "anchors": 16, "pruning": PruningSettings(pruner="successive_halving", stages=[0.5, 1.0],
+                                                  options={"reduction_factor": 2}),
     },
 }
 
@@ -124,7 +126,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 before = worker.evaluator.computed
                 start = clock()
-                study = run_search(worker.recipe, Path(tmp), worker, trials=10_000, show_progress=False, timeout=args.seconds)
+                study = run_search(worker.recipe, Path(tmp), worker, trials=10_000, show_progress=False,
+                                   timeout=args.seconds)
                 best = best_of_finalists(study, worker)  # as the pipeline picks the winner (re-scores estimates)
                 seconds = clock() - start
                 passes = worker.evaluator.computed - before
@@ -134,7 +137,8 @@ def main() -> None:
                 failed = sum(t.state.name == "FAIL" for t in study.trials)
                 heldout = worker.score_config(winner_config(best), "heldout").weighted(worker.objectives)
             rows[mode].append((finished * 3600 / seconds, passes / max(1, finished), heldout))
-            print(f"seed {seed} {mode:<18} trials {finished:4d} (pruned {pruned}, repeats not counted {repeats}, failed {failed}) "
+            print(f"seed {seed} {mode:<18} trials {finished:4d} (pruned {pruned}, "
+                  f"repeats not counted {repeats}, failed {failed}) "
                   f"in {seconds:5.1f} s  forward passes {passes:6d}  winner held-out {heldout:.4f}", flush=True)
 
     full_rate = statistics.mean(r[0] for r in rows["full"]) if "full" in rows else None
@@ -147,7 +151,8 @@ def main() -> None:
         per_trial = statistics.mean(x[1] for x in r)
         held = statistics.mean(x[2] for x in r)
         ratio = f"{rate / full_rate:.2f}x" if full_rate else "-"
-        deltas = " / ".join(f"{x[2] - f[2]:+.3f}" for x, f in zip(r, rows["full"], strict=False)) if "full" in rows else "-"
+        deltas = (" / ".join(f"{x[2] - f[2]:+.3f}" for x, f in zip(r, rows["full"], strict=False))
+                  if "full" in rows else "-")
         print(f"| {mode} | {rate:.0f} | {ratio} | {per_trial:.0f} | {held:.4f} | {deltas} |")
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def demo_search(trials: int) -> None:
         study = run_search(recipe, run_dir, worker, trials, show_progress=False)
         rows = [json.loads(x) for x in (run_dir / "trials.jsonl").read_text().splitlines()]
     print(f"\n== demo search: {trials} trials of recipes/demo.yml (sampler {recipe.evolve.sampler}) ==")
-    print(f"{'trial':>5} {'merge s':>8} {'eval s':>8} {'forward s':>9} {'other s':>8} {'total s':>8} {'outside fwd':>11}")
+    print(f"{'trial':>5} {'merge s':>8} {'eval s':>8} {'forward s':>9} "
+          f"{'other s':>8} {'total s':>8} {'outside fwd':>11}")
     totals = {"merge": 0.0, "evaluate": 0.0, "other": 0.0, "total": 0.0, "forward": 0.0}
     shares: list[float] = []
     for r in rows:
@@ -115,7 +116,8 @@ def demo_search(trials: int) -> None:
         fwd = fwd_by_trial.get(r["number"], 0.0)
         outside = 1 - fwd / s["total"]
         shares.append(outside)
-        print(f"{r['number']:>5} {s['merge']:>8.3f} {s['evaluate']:>8.3f} {fwd:>9.3f} {s['other']:>8.3f} {s['total']:>8.3f} {outside:>10.1%}")
+        print(f"{r['number']:>5} {s['merge']:>8.3f} {s['evaluate']:>8.3f} {fwd:>9.3f} "
+              f"{s['other']:>8.3f} {s['total']:>8.3f} {outside:>10.1%}")
         for k in ("merge", "evaluate", "other", "total"):
             totals[k] += s[k]
         totals["forward"] += fwd
@@ -222,9 +224,11 @@ def bandwidth(paths: list[Path]) -> None:
         print(f"{name} ({inputs} inputs, {len(calls)} tensors, {model_bytes / 1e6:.0f} MB out):")
         for threads in sorted({1, DEFAULT_THREADS}):  # one thread, as the demo recipe sets; all of torch's default
             torch.set_num_threads(threads)
-            copy_s, merge_s, whole_s = interleaved([copy_all, merge_all, lambda config=config: merger.materialize(config)])
+            copy_s, merge_s, whole_s = interleaved([copy_all, merge_all,
+                                                    lambda config=config: merger.materialize(config)])
             copy_bw = 2 * model_bytes / copy_s
-            print(f"  {threads} torch thread(s): torch copy of the same tensors {copy_bw / 1e9:6.2f} GB/s (dst.copy_(src): read + write)")
+            print(f"  {threads} torch thread(s): torch copy of the same tensors {copy_bw / 1e9:6.2f} GB/s "
+                  "(dst.copy_(src): read + write)")
             for label, seconds in (("merge kernel (run_into)", merge_s), ("whole materialize()", whole_s)):
                 bw = (inputs + 1) * model_bytes / seconds
                 print(f"    {label:<25} {bw / 1e9:6.2f} GB/s = {bw / copy_bw:6.1%} of copy; {seconds:.3f} s")
@@ -247,7 +251,8 @@ def main() -> None:
         # (torch's threads, 1), the kernels are measured at 1 and 2 threads, so they need a fresh
         # process whose pool holds every core
         env = {**os.environ, "NUMBA_NUM_THREADS": NUMBA_THREADS}
-        subprocess.run([sys.executable, __file__, "--section", "synthetic", "--params", args.params], env=env, check=True)
+        subprocess.run([sys.executable, __file__, "--section", "synthetic", "--params", args.params],
+                       env=env, check=True)
     elif args.section == "synthetic":
         with tempfile.TemporaryDirectory() as tmp:
             paths = synthetic_family(Path(tmp), args.params)

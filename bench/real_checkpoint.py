@@ -127,7 +127,8 @@ def searches(recipe_path: str, trials: int, anchors: int) -> None:
         rows.append((label, done, done * 3600 / search_s, report["winner"]["search"], report["winner"]["heldout"],
                      m["search_start"] - start, search_s, report_s, m["best"], m["scoring"], phases.report_examples))
         gc.collect()  # the run's worker (resident model, sources) goes before the next one's
-    print(f"\n== searches: {trials} trials each of {Path(recipe_path).name} (sampler {recipe.evolve.sampler}), as the CLI runs them ==")
+    print(f"\n== searches: {trials} trials each of {Path(recipe_path).name} (sampler {recipe.evolve.sampler}), "
+          "as the CLI runs them ==")
     print("| fitness | trials | trials/hour | winner search | winner held-out | setup s | search s | "
           "report phase s (best/ s, scoring s, examples) | report / search |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
@@ -140,11 +141,13 @@ def searches(recipe_path: str, trials: int, anchors: int) -> None:
 def candidates(recipe: Recipe, n: int) -> list[MergeConfiguration]:
     """The recipe's start point, then random points (as a random sampler would propose them)."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    points = [recipe.search_space.default_point()] + [suggest_point(study.ask(), recipe.search_space) for _ in range(n - 1)]
+    points = [recipe.search_space.default_point()] + [suggest_point(study.ask(), recipe.search_space)
+                                                      for _ in range(n - 1)]
     return [recipe.compile(p) for p in points]
 
 
-def user_pipeline(worker: Worker, config: MergeConfiguration, tmp: Path, lora_cache: Path) -> tuple[list[float], dict[str, float]]:
+def user_pipeline(worker: Worker, config: MergeConfiguration, tmp: Path,
+                  lora_cache: Path) -> tuple[list[float], dict[str, float]]:
     """mergekit's run_merge to a folder, from_pretrained, lm-eval's simple_evaluate: seconds of each, and the scores."""
     settings = worker.recipe.evolve
     out = tmp / "merged"
@@ -162,10 +165,12 @@ def user_pipeline(worker: Worker, config: MergeConfiguration, tmp: Path, lora_ca
         by_limit.setdefault(limit, []).append((o.name, task, o.metric))
     scores: dict[str, float] = {}
     for limit, objectives in by_limit.items():
-        with contextlib.chdir(worker.recipe.base_dir):  # the tasks' data files are relative to the recipe, as lm-eval run from there
+        # the tasks' data files are relative to the recipe, as lm-eval run from there
+        with contextlib.chdir(worker.recipe.base_dir):
             results = simple_evaluate(
-                model=lm, tasks=sorted({task for _, task, _ in objectives}), task_manager=worker.suite.manager, limit=limit,
-                bootstrap_iters=0, log_samples=False, apply_chat_template=settings.apply_chat_template, verbosity="WARNING",
+                model=lm, tasks=sorted({task for _, task, _ in objectives}), task_manager=worker.suite.manager,
+                limit=limit, bootstrap_iters=0, log_samples=False, apply_chat_template=settings.apply_chat_template,
+                verbosity="WARNING",
             )["results"]
         scores.update({name: float(results[task][metric]) for name, task, metric in objectives})
     t3 = time.perf_counter()
@@ -192,14 +197,16 @@ def per_candidate(recipe_path: str, n: int) -> None:
                 assert math.isclose(value, theirs[name], rel_tol=1e-9, abs_tol=1e-12), (k, name, value, theirs[name])
             rows.append(([t1 - t0, 0.0, t2 - t1], theirs_s, ours))
     print(f"\n== per candidate: {n} configs of {Path(recipe_path).name}, scored on the search split ==")
-    print(f"(this project's one-off setup, paid once per run: sources resident, tasks built, warm-up merge: {setup:.1f} s)")
+    print("(this project's one-off setup, paid once per run: sources resident, tasks built, "
+          f"warm-up merge: {setup:.1f} s)")
     print("| candidate | scores (equal in both) | this project: merge / load / score s | "
           "run_merge + from_pretrained + simple_evaluate: merge / load / score s | ratio |")
     print("|---|---|---|---|---:|")
     for k, (ours_s, theirs_s, scores) in enumerate(rows):
         values = ", ".join(f"{v:.3f}" for v in scores.values())
         print(f"| {k} | {values} | {' / '.join(f'{s:.2f}' for s in ours_s)} = {sum(ours_s):.2f} | "
-              f"{' / '.join(f'{s:.2f}' for s in theirs_s)} = {sum(theirs_s):.2f} | {sum(theirs_s) / sum(ours_s):.2f}x |")
+              f"{' / '.join(f'{s:.2f}' for s in theirs_s)} = {sum(theirs_s):.2f} | "
+              f"{sum(theirs_s) / sum(ours_s):.2f}x |")
     ours_total, theirs_total = (sum(sum(r[i]) for r in rows) for i in (0, 1))
     print(f"| all | | {ours_total:.2f} | {theirs_total:.2f} | {theirs_total / ours_total:.2f}x |")
 

@@ -100,10 +100,12 @@ def trials_to(run: Run, target: float) -> int | None:
     return next((count for count, _, heldout in run.incumbents if heldout >= target), None)
 
 
-def table(runs: list[Run], samplers: list[str], skipped: dict[str, str], sources: dict[str, tuple[float, float]]) -> str:
+def table(runs: list[Run], samplers: list[str], skipped: dict[str, str],
+          sources: dict[str, tuple[float, float]]) -> str:
     target = 0.95 * max(r.heldout for r in runs)
     lines = [
-        f"| sampler | held-out (mean ± sd) | to 95% own (median [min-max]) | to 95% best = {target:.4f} (median, reached) | search (mean) |",
+        "| sampler | held-out (mean ± sd) | to 95% own (median [min-max]) | "
+        f"to 95% best = {target:.4f} (median, reached) | search (mean) |",
         "|---|---:|---:|---:|---:|",
     ]
     for s in samplers:
@@ -157,7 +159,8 @@ def main() -> None:
     print(f"\n== {args.trials} trials a run, seeds {args.seeds}, recipe {args.recipe.name}, "
           f"objective {' + '.join(f'{o.weight:g}*{o.name}' for o in base.evolve.objectives)} ==")
     sources = {
-        Path(str(m)).name: tuple(worker.score_config(source_config(m, base.template.get("dtype")), split).weighted(worker.objectives)
+        Path(str(m)).name: tuple(worker.score_config(source_config(m, base.template.get("dtype")),
+                                                     split).weighted(worker.objectives)
                                  for split in ("search", "heldout"))
         for m in worker.sources
     }

@@ -72,7 +72,8 @@ def _commit(*args) -> None:
     SQL["transactions"] += 1
 
 
-def loop_ms(recipe: Recipe, worker: Worker, trials: int, profile: bool, storage: str) -> tuple[float, float, dict[str, float]]:
+def loop_ms(recipe: Recipe, worker: Worker, trials: int, profile: bool,
+            storage: str) -> tuple[float, float, dict[str, float]]:
     """Wall-clock and CPU milliseconds per trial (CPU time does not count other processes' load), SQL per trial."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
@@ -111,7 +112,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one run")
-    parser.add_argument("--storage", choices=["sqlite", "journal"], default="sqlite", help="study.db (default) or a journal file")
+    parser.add_argument("--storage", choices=["sqlite", "journal"], default="sqlite",
+                        help="study.db (default) or a journal file")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
@@ -121,9 +123,10 @@ def main() -> None:
     sampler = min(sampler_ms(recipe, args.trials) for _ in range(args.repeat))
     wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
     sql = runs[0][2]
-    print(f"study machinery ({args.storage}), {args.trials} demo trials (merge + evaluation removed), best of {args.repeat}: "
-          f"{wall:.1f} ms/trial wall clock, {cpu:.1f} ms/trial CPU, {sql['statements']:.1f} SQL statements and "
-          f"{sql['transactions']:.1f} transactions a trial (wall clock of each run: {', '.join(f'{r[0]:.1f}' for r in runs)})")
+    print(f"study machinery ({args.storage}), {args.trials} demo trials (merge + evaluation removed), "
+          f"best of {args.repeat}: {wall:.1f} ms/trial wall clock, {cpu:.1f} ms/trial CPU, "
+          f"{sql['statements']:.1f} SQL statements and {sql['transactions']:.1f} transactions a trial "
+          f"(wall clock of each run: {', '.join(f'{r[0]:.1f}' for r in runs)})")
     print(f"of which the sampler alone would be, on in-memory storage: {sampler:.1f} ms/trial")
 
 

@@ -85,7 +85,8 @@ def long_recipe(folder: Path, examples: int) -> Path:
 
 
 def command(recipe: Path, run_dir: Path, trials: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mergekit_evolve", str(recipe), "-o", str(run_dir), "--trials", str(trials), "--no-progress", *extra]
+    return [sys.executable, "-m", "mergekit_evolve", str(recipe), "-o", str(run_dir), "--trials", str(trials),
+            "--no-progress", *extra]
 
 
 def searched(url: str) -> tuple[int, float, float]:
@@ -154,7 +155,8 @@ def long_trials(args: argparse.Namespace) -> None:
             print(f"PostgreSQL rows skipped: {e}")
             return
         try:
-            rows.append(("2 processes, one PostgreSQL study", *measure_hosts(recipe, folder / "pg", cluster.url, args.trials)))
+            rows.append(("2 processes, one PostgreSQL study",
+                         *measure_hosts(recipe, folder / "pg", cluster.url, args.trials)))
             print_row(rows[-1], rows[0][3])
             overhead = {"SQLite": storage_ms("sqlite", 60), "PostgreSQL": storage_ms(cluster.url, 60)}
         finally:
@@ -172,15 +174,17 @@ def print_row(row: tuple[str, int, float, float, float], first: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=24, help="a row's budget (two workers finish one more: the last ask "
-                        "of the other; more trials dilute that tail)")
-    parser.add_argument("--long", action="store_true", help="trials of seconds; also several processes on SQLite and PostgreSQL")
+    parser.add_argument("--trials", type=int, default=24, help="a row's budget (two workers finish one more: "
+                        "the last ask of the other; more trials dilute that tail)")
+    parser.add_argument("--long", action="store_true",
+                        help="trials of seconds; also several processes on SQLite and PostgreSQL")
     parser.add_argument("--examples", type=int, default=480, help="--long: search examples a skill")
     args = parser.parse_args()
     if args.long:
         long_trials(args)
         return
-    rows = [("1 worker, default threads", 1, {}), ("1 worker, 1 thread", 1, {"OMP_NUM_THREADS": "1"}), ("2 workers", 2, {})]
+    rows = [("1 worker, default threads", 1, {}), ("1 worker, 1 thread", 1, {"OMP_NUM_THREADS": "1"}),
+            ("2 workers", 2, {})]
     with tempfile.TemporaryDirectory() as tmp:
         recipe, label = bench_recipe(Path(tmp))
         print(f"recipe: {label}; {args.trials} trials; {os.cpu_count()} CPU cores; "

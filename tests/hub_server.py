@@ -88,12 +88,14 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def add_repo(self, repo_id: str, kind: str = "model", owner: str | None = None, files: dict[str, bytes] | None = None) -> Repo:
+    def add_repo(self, repo_id: str, kind: str = "model", owner: str | None = None,
+                 files: dict[str, bytes] | None = None) -> Repo:
         """A repo as the Hub creates it (one commit with .gitattributes), plus ``files``."""
         repo = Repo(repo_id, kind, owner or repo_id.split("/")[0])
         repo.files[".gitattributes"] = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
         repo.files.update(files or {})
-        repo.commits.append(Commit("initial commit", "", list(repo.files), [], hashlib.sha1(repo_id.encode()).hexdigest()))
+        repo.commits.append(Commit("initial commit", "", list(repo.files), [],
+                                   hashlib.sha1(repo_id.encode()).hexdigest()))
         self.repos[(kind, repo_id)] = repo
         return repo
 
@@ -205,9 +207,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             prefix = "spaces/" if kind == "space" else ""
             exists = (kind, repo_id) in hub.repos
             if namespace not in hub.namespaces(user) and not (exists and hub.conflict_first):
-                return self._error(403, f"You don't have the rights to create a {kind} under the namespace \"{namespace}\"")
+                return self._error(403, f"You don't have the rights to create a {kind} under the namespace "
+                                        f"\"{namespace}\"")
             if exists:  # the real Hub names the existing repo's URL too
-                return self._send(409, {"error": f"You already created this {kind} repo", "url": f"{hub.url}/{prefix}{repo_id}"})
+                return self._send(409, {"error": f"You already created this {kind} repo",
+                                        "url": f"{hub.url}/{prefix}{repo_id}"})
             if kind == "space" and req.get("sdk") not in ("gradio", "docker", "static", "streamlit"):
                 return self._error(400, "a Space needs an sdk")
             repo = hub.add_repo(repo_id, kind, namespace)
@@ -224,7 +228,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def tree(self, body: bytes, kind: str, repo: str, rev: str) -> None:
             r = self._repo(kind, repo, write=False)
             if r:
-                self._send(200, [{"type": "file", "path": p, "size": len(c), "oid": git_oid(c)} for p, c in sorted(r.files.items())])
+                self._send(200, [{"type": "file", "path": p, "size": len(c), "oid": git_oid(c)}
+                                 for p, c in sorted(r.files.items())])
 
         def validate_yaml(self, body: bytes) -> None:
             from huggingface_hub import ModelCard, SpaceCard
@@ -247,7 +252,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 lfs = f["path"].endswith(LFS_SUFFIXES) or b"\0" in sample
                 old = r.files.get(f["path"])
                 oid = None if old is None else (hashlib.sha256(old).hexdigest() if lfs else git_oid(old))
-                files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+                files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                              "oid": oid})
             self._send(200, {"files": files, "commitOid": r.head})
 
         def lfs_batch(self, body: bytes, repo: str, space: str | None = None) -> None:
@@ -297,7 +303,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             r.files, r.lfs_paths = files, lfs_paths
             r.commits.append(Commit(header["summary"], header.get("description", ""), added, deleted, oid))
             prefix = "spaces/" if r.kind == "space" else ""
-            self._send(200, {"commitUrl": f"{hub.url}/{prefix}{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None})
+            self._send(200, {"commitUrl": f"{hub.url}/{prefix}{repo}/commit/{oid}", "commitOid": oid,
+                             "pullRequestUrl": None})
 
         def get_variables(self, body: bytes, repo: str) -> None:
             r = self._repo("spaces", repo, write=True)

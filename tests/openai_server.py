@@ -57,7 +57,8 @@ class JudgeServer:
 
             def refused(self) -> bool:
                 if server.key is not None and self.headers.get("Authorization") != f"Bearer {server.key}":
-                    self.send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                    self.send(401, {"error": {"message": "Incorrect API key provided",
+                                              "type": "invalid_request_error"}})
                     return True
                 with server.lock:
                     failure = server.fail_next.pop(0) if server.fail_next else None

@@ -51,7 +51,8 @@ def _server_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER], check=True)
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
+                       check=True)
         return pwd.getpwnam(SYSTEM_USER)
 
 
@@ -101,7 +102,8 @@ class PostgresCluster:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if result.returncode:
             log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise ClusterUnavailable(f"{tool} {' '.join(args)} failed ({result.returncode}): {result.stdout.strip()}\n{log}")
+            raise ClusterUnavailable(f"{tool} {' '.join(args)} failed ({result.returncode}): "
+                                     f"{result.stdout.strip()}\n{log}")
 
     def start(self) -> None:
         self._run("pg_ctl", "start", "-w", "-t", "120", "-D", str(self.data), "-l", str(self.log))

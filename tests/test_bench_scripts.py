@@ -28,7 +28,8 @@ def test_the_search_quality_bench_runs_and_its_dfs_target_is_reachable(section, 
 
     out = tmp_path / "table.md"
     subprocess.run([sys.executable, str(BENCH / "search_quality.py"), "--section", section, "--trials", "8",
-                    "--seeds", "0", "--markdown", str(out)] + (["--methods", "cma", "cycleqd"] if section == "weights" else []),
+                    "--seeds", "0", "--markdown", str(out)]
+                   + (["--methods", "cma", "cycleqd"] if section == "weights" else []),
                    check=True, capture_output=True)
     assert "| method |" in out.read_text()
     if section == "routing":

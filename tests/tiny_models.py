@@ -55,7 +55,8 @@ def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def make_family(
-    root: Path, arch: str = "llama", variants: int = 2, seed: int = 0, config: transformers.PretrainedConfig | None = None
+    root: Path, arch: str = "llama", variants: int = 2, seed: int = 0,
+    config: transformers.PretrainedConfig | None = None
 ) -> list[Path]:
     """``root/base`` plus ``root/v1..vN``: the base with different random task vectors."""
     torch.manual_seed(seed)
@@ -101,7 +102,8 @@ def write_copy_task(folder: Path, n_search: int = 16, n_heldout: int = 16) -> Pa
     return folder / "tasks"
 
 
-def make_lora_adapter(base: Path, out: Path, seed: int = 0, r: int = 2, dtype: torch.dtype = torch.float32, **config) -> Path:
+def make_lora_adapter(base: Path, out: Path, seed: int = 0, r: int = 2, dtype: torch.dtype = torch.float32,
+                      **config) -> Path:
     """A PEFT LoRA adapter over ``base`` with random, nonzero factors (B starts at zero in PEFT)."""
     import peft
 

@@ -13,6 +13,7 @@ def test_console_script_is_ours():
 
 
 def test_module_entry_point_and_help():
-    out = subprocess.run([sys.executable, "-m", "mergekit_evolve", "run", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "mergekit_evolve", "run", "--help"], capture_output=True, text=True,
+                         check=True).stdout
     for flag in ("--run-dir", "--trials", "--dry-run", "--overwrite", "--trust-remote-code", "--allow-pickle"):
         assert flag in out

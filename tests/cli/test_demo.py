@@ -11,7 +11,8 @@ from mergekit_evolve.cli import cli
 @pytest.mark.slow
 def test_demo_winner_beats_every_source_on_heldout(repo_root, tmp_path):
     run_dir = tmp_path / "demo"
-    result = CliRunner().invoke(cli, ["run", str(repo_root / "recipes" / "demo.yml"), "-o", str(run_dir), "--no-progress"])
+    result = CliRunner().invoke(cli, ["run", str(repo_root / "recipes" / "demo.yml"), "-o", str(run_dir),
+                                      "--no-progress"])
     assert result.exit_code == 0, result.output
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report) >= {"objective", "winner", "sources"}
@@ -31,7 +32,8 @@ def test_demo_reward_model_prefers_right_answers_on_its_search_prompts(repo_root
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     items = [json.loads(line) for skill in ("copy", "reverse", "sort")
-             for line in (repo_root / "recipes" / "demo" / "data" / f"{skill}_search.jsonl").read_text().splitlines()[:20]]
+             for line in (repo_root / "recipes" / "demo" / "data"
+                          / f"{skill}_search.jsonl").read_text().splitlines()[:20]]
 
     def reward(prompt: str, answer: str) -> float:
         with torch.no_grad():

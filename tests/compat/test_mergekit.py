@@ -62,7 +62,8 @@ def test_cached_model_configs_reads_each_config_once_and_restores(tiny_llama, mo
     base, _, _ = tiny_llama
     original = ModelReference.config
     reads = []
-    monkeypatch.setattr(ModelReference, "config", lambda self, trust_remote_code=False: reads.append(self) or original(self))
+    monkeypatch.setattr(ModelReference, "config",
+                        lambda self, trust_remote_code=False: reads.append(self) or original(self))
     patched = ModelReference.config
     cache: dict = {}
     ref = ModelReference.parse(str(base))

@@ -74,14 +74,16 @@ def evaluator_for(settings: dict, base: Path, tiny_llama) -> tuple[Evaluator, tr
 
 
 def python_settings(**extra) -> dict:
-    return {"objectives": [{"python": "fitness.py:score", "data": "search.jsonl", "heldout_data": "heldout.jsonl", **extra}]}
+    return {"objectives": [{"python": "fitness.py:score", "data": "search.jsonl",
+                            "heldout_data": "heldout.jsonl", **extra}]}
 
 
 def test_python_objective_is_the_mean_of_its_examples_and_stored_per_config(folder, tiny_llama):
     evaluator, model = evaluator_for(python_settings(), folder, tiny_llama)
     calls = evaluator.suite.scorers["score"].function.__globals__["CALLS"]
     whole = evaluator.score(model, "search", digest="d1")
-    rows = evaluator.store.get("d1", evaluator.plan(evaluator.suite.settings.objectives[0], "search").task, list(range(8)))
+    rows = evaluator.store.get("d1", evaluator.plan(evaluator.suite.settings.objectives[0], "search").task,
+                               list(range(8)))
     assert len(rows) == 8 and evaluator.computed == 8
     assert whole.values["score"] == pytest.approx(sum(r["score,none"] for r in rows.values()) / 8)
     # the same config again, or any slice of it: nothing runs through the function
@@ -90,7 +92,8 @@ def test_python_objective_is_the_mean_of_its_examples_and_stored_per_config(fold
     assert evaluator.computed == 8 and len(calls) == 1
     # the held-out split is its own file
     held = evaluator.score(model, "heldout", digest="d1")
-    assert evaluator.computed == 11 and [len(c) for c in calls] == [8, 3] and held.values["score"] != whole.values["score"]
+    assert (evaluator.computed == 11 and [len(c) for c in calls] == [8, 3]
+            and held.values["score"] != whole.values["score"])
     # another config is scored again
     evaluator.score(model, "search", digest="d2", fraction=0.5)
     assert evaluator.computed == 15 and len(calls[-1]) == 4
@@ -132,7 +135,8 @@ def test_what_is_wrong_before_weights_load_names_the_field(folder, change, messa
     (folder / "empty.jsonl").write_text("\n")
     (folder / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
     (folder / "list.jsonl").write_text("[1, 2]\n")
-    settings = EvolveSettings.model_validate({"objectives": [{"python": "fitness.py:score", "data": "search.jsonl", **change}]})
+    settings = EvolveSettings.model_validate({"objectives": [{"python": "fitness.py:score",
+                                                              "data": "search.jsonl", **change}]})
     with pytest.raises(TaskSetupError) as error:
         TaskSuite(settings, folder)
     assert str(error.value).startswith(message) and error.value.field == next(iter(change))
@@ -248,7 +252,8 @@ def resume_scores_nothing_twice(folder: Path, recipe: str, monkeypatch) -> list[
     for trials in (2, 4):
         if trials == 4:
             first, calls[:] = list(calls), []
-        result = CliRunner().invoke(cli, ["run", str(path), "-o", str(run_dir), "--trials", str(trials), "--no-progress"])
+        result = CliRunner().invoke(cli, ["run", str(path), "-o", str(run_dir), "--trials", str(trials),
+                                          "--no-progress"])
         assert result.exit_code == 0, result.output
     done = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
     assert sum(t["state"] == "COMPLETE" for t in done) == 4
@@ -302,7 +307,8 @@ def test_the_runs_task_files_hash_the_code_and_data_so_a_resume_notices_a_change
     files = suite.files()
     assert set(files) == {"fitness.py", "search.jsonl", "heldout.jsonl"}
     write_jsonl(folder / "search.jsonl", [{"text": "changed"}])
-    assert TaskSuite(EvolveSettings.model_validate(python_settings()), folder).files()["search.jsonl"] != files["search.jsonl"]
+    assert (TaskSuite(EvolveSettings.model_validate(python_settings()), folder).files()["search.jsonl"]
+            != files["search.jsonl"])
 
 
 def test_judge_objective_is_the_judges_expected_rating_of_each_answer(folder, tiny_llama):
@@ -331,7 +337,8 @@ def test_judge_objective_is_the_judges_expected_rating_of_each_answer(folder, ti
     assert value == pytest.approx(sum(expected) / 2, abs=1e-5) and 1 < value < 3
     with pytest.raises(TaskSetupError, match="ratings: '10' is 2 tokens"):
         TaskSuite(EvolveSettings.model_validate(
-            {"objectives": [{**settings["objectives"][0], "ratings": ["1", "10"]}]}), folder).scorers[objective.name].check()
+            {"objectives": [{**settings["objectives"][0], "ratings": ["1", "10"]}]}),
+            folder).scorers[objective.name].check()
     with pytest.raises(ValueError, match="must hold {answer}"):
         EvolveSettings.model_validate({"objectives": [{**settings["objectives"][0], "rubric": "{prompt}"}]})
 
@@ -339,8 +346,9 @@ def test_judge_objective_is_the_judges_expected_rating_of_each_answer(folder, ti
 def test_a_parsed_judge_reads_the_rating_from_its_reply_and_counts_the_replies_it_cannot_read(folder, tiny_llama):
     judge_folder = tiny_llama[2]
     ratings = [str(r) for r in range(10)]
-    settings = {"objectives": [{"judge_model": str(judge_folder), "prompts": "search.jsonl", "rubric": "{prompt}={answer}:",
-                                "scoring": "parse", "ratings": ratings, "pattern": "^([0-9])",
+    settings = {"objectives": [{"judge_model": str(judge_folder), "prompts": "search.jsonl",
+                                "rubric": "{prompt}={answer}:", "scoring": "parse", "ratings": ratings,
+                                "pattern": "^([0-9])",
                                 "generation": {"max_new_tokens": 3}, "judge_generation": {"max_new_tokens": 4}}]}
     evaluator, model = evaluator_for(settings, folder, tiny_llama)
     objective = evaluator.suite.settings.objectives[0]
@@ -381,7 +389,8 @@ def test_a_parsed_judges_default_patterns(folder, settings, reply, expected):
     from mergekit_evolve.evaluate.judge import JudgeScorer
     from mergekit_evolve.recipe.evolve_settings import JudgeObjective
 
-    objective = JudgeObjective.model_validate({"judge_model": "j", "prompts": "search.jsonl", "scoring": "parse", **settings})
+    objective = JudgeObjective.model_validate({"judge_model": "j", "prompts": "search.jsonl", "scoring": "parse",
+                                               **settings})
     scorer = JudgeScorer(objective, folder, False)
     assert scorer.read(reply) == expected
     assert scorer.unparsed_score() == (0.5 if settings.get("mode") == "pairwise" else 1.0)
@@ -533,7 +542,8 @@ def test_judge_objective_run_resumes_without_rescoring(folder, tiny_llama, judge
     answer = JudgeScorer.answer_references
     monkeypatch.setattr(JudgeScorer, "answer_references",
                         lambda self, model, tok: references.append(self.reference) or answer(self, model, tok))
-    extra = f"mode: pairwise, verdicts: [a, b], reference: {tiny_llama[1]}" if mode == "pairwise" else "ratings: ['1', '2']"
+    extra = (f"mode: pairwise, verdicts: [a, b], reference: {tiny_llama[1]}" if mode == "pairwise"
+             else "ratings: ['1', '2']")
     objective = f"{{judge_model: {judge_model}, prompts: search.jsonl, {extra}, generation: {{max_new_tokens: 3}}}}"
     resume_scores_nothing_twice(folder, run_recipe_text(tiny_llama, objective), monkeypatch)
     report = json.loads((folder / "run" / "report.json").read_text())
@@ -617,8 +627,8 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
     def args(trials: int) -> list[str]:
         return [str(path), "-o", str(run_dir), "--no-progress", "--trials", str(trials)]
 
-    proc = subprocess.Popen([sys.executable, "-m", "mergekit_evolve", *args(1000)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=folder)
+    proc = subprocess.Popen([sys.executable, "-m", "mergekit_evolve", *args(1000)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=folder)
     trials = run_dir / "trials.jsonl"
     try:
         while not (trials.exists() and len(trials.read_text().splitlines()) >= 2):

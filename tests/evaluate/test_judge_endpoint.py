@@ -21,8 +21,9 @@ def folder(tmp_path) -> Path:
 
 
 def judge(judge_model: str, **extra) -> dict:
-    return {"judge_model": judge_model, "prompts": "search.jsonl", "rubric": RUBRIC, "ratings": [str(r) for r in range(10)],
-            "pattern": "^([0-9])", "generation": {"max_new_tokens": 3}, "judge_generation": {"max_new_tokens": 4}, **extra}
+    return {"judge_model": judge_model, "prompts": "search.jsonl", "rubric": RUBRIC,
+            "ratings": [str(r) for r in range(10)], "pattern": "^([0-9])", "generation": {"max_new_tokens": 3},
+            "judge_generation": {"max_new_tokens": 4}, **extra}
 
 
 def test_an_endpoint_judge_scores_as_the_same_model_judging_locally(folder, tiny_llama, judge_model, monkeypatch):

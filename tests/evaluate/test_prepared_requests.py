@@ -41,7 +41,8 @@ def tasks(tmp_path_factory) -> tuple[Path, dict]:
             fp.write(json.dumps({"prompt": f"cp:{s}=", "answer": s, "choices": [s, s[::-1], "abc"], "label": 0}) + "\n")
     for name, body in TASKS.items():
         (folder / f"{name}.yaml").write_text(
-            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\ntest_split: test\n" + body
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n"
+            "test_split: test\n" + body
         )
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     with contextlib.chdir(folder):

@@ -26,7 +26,8 @@ def test_included_yaml_and_function_helpers_are_hashed_with_the_task(tmp_path):
     files = suite(tmp_path).files()
     assert {"tasks/tiny_copy.yaml", "tasks/_metrics.yaml", "tasks/utils.py", "data/copy_search.jsonl"} <= set(files)
 
-    (tasks / "_metrics.yaml").write_text("metric_list:" + metrics.replace("higher_is_better: true", "higher_is_better: true\n"))
+    (tasks / "_metrics.yaml").write_text("metric_list:" + metrics.replace("higher_is_better: true",
+                                                                          "higher_is_better: true\n"))
     (tasks / "utils.py").write_text("def process(docs):\n    return docs  # edited\n")
     changed = suite(tmp_path).files()
     assert {f for f in files if files[f] != changed[f]} == {"tasks/_metrics.yaml", "tasks/utils.py"}

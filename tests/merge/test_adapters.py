@@ -28,7 +28,8 @@ def adapters(tiny_llama, tmp_path_factory):
 def _config(base, adapters, dtype):
     return MergeConfiguration.model_validate({
         "merge_method": "task_arithmetic", "base_model": str(base), "dtype": dtype,
-        "models": [{"model": f"{base}+{a}", "parameters": {"weight": w}} for a, w in zip(adapters, (0.7, 0.4), strict=False)],
+        "models": [{"model": f"{base}+{a}", "parameters": {"weight": w}}
+                   for a, w in zip(adapters, (0.7, 0.4), strict=False)],
     })
 
 
@@ -49,7 +50,8 @@ def test_adapter_sources_equal_mergekit_merged_copies(adapters, tmp_path, dtype)
     changed = 0
     for name, tensor in on_disk.items():
         assert torch.equal(state[name], tensor), name
-        changed += not torch.equal(tensor, safetensors.torch.load_file(base / "model.safetensors")[name].to(tensor.dtype))
+        changed += not torch.equal(tensor,
+                                   safetensors.torch.load_file(base / "model.safetensors")[name].to(tensor.dtype))
     assert changed  # the adapters did change the merge
     assert not (tmp_path / "unused").exists()  # nothing was written to disk
 
@@ -64,7 +66,8 @@ def test_adapters_share_the_base_tensors(adapters):
     by_name = {str(m): loader for m, loader in loaders.items()}
     plain, adapted = by_name[str(base)].tensors, by_name[f"{base}+{folders[0]}"].tensors
     assert plain["model.embed_tokens.weight"] is adapted["model.embed_tokens.weight"]
-    assert not torch.equal(plain["model.layers.0.self_attn.q_proj.weight"], adapted["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(plain["model.layers.0.self_attn.q_proj.weight"],
+                           adapted["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_unsupported_adapter_is_refused(adapters, tmp_path):

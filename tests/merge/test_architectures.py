@@ -46,7 +46,8 @@ def test_in_memory_equals_run_merge(family, tmp_path):
     config = MergeConfiguration.model_validate({
         "merge_method": "ties", "base_model": str(base), "dtype": "float32",
         "models": [{"model": str(v1), "parameters": {"weight": [0.2, 0.9], "density": 0.5}},
-                   {"model": str(v2), "parameters": {"weight": 0.6, "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]}}],
+                   {"model": str(v2), "parameters": {"weight": 0.6,
+                                                     "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]}}],
     })
     options = MergeOptions(quiet=True, random_seed=0)
     run_merge(config, str(tmp_path / "out"), options=options)

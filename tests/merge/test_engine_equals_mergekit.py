@@ -33,7 +33,8 @@ def configs(base, v1, v2):
             {"model": str(v2), "parameters": {"weight": 0.5, "density": filt}}]},
         "slerp": {"merge_method": "slerp", "base_model": str(v1), "parameters": {"t": [
             {"filter": "mlp", "value": [0.0, 0.5, 1.0]}, {"value": 0.3}]},
-            "slices": [{"sources": [{"model": str(v1), "layer_range": [0, 4]}, {"model": str(v2), "layer_range": [0, 4]}]}]},
+            "slices": [{"sources": [{"model": str(v1), "layer_range": [0, 4]},
+                                    {"model": str(v2), "layer_range": [0, 4]}]}]},
         "passthrough": {"merge_method": "passthrough", "slices": [
             {"sources": [{"model": str(v1), "layer_range": [0, 2]}]},
             {"sources": [{"model": str(v2), "layer_range": [1, 4], "parameters": {"scale": [
@@ -53,7 +54,8 @@ def with_other_values(node):
 
 
 @pytest.mark.parametrize("chunk_bytes", [0, 512])  # 512 bytes: every tensor runs in many row blocks
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "linear_bf16", "task_arithmetic_bf16", "ties", "dare_ties", "slerp", "passthrough"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "linear_bf16", "task_arithmetic_bf16", "ties",
+                                    "dare_ties", "slerp", "passthrough"])
 def test_in_memory_equals_run_merge(tiny_llama, tmp_path, method, chunk_bytes):
     config = MergeConfiguration.model_validate(configs(*tiny_llama)[method])
     options = MergeOptions(random_seed=1234, quiet=True)

@@ -157,7 +157,8 @@ def test_probe_mismatch_falls_back_to_blocked_torch(monkeypatch, caplog):
 def test_other_calls_run_mergekit_itself(why):
     generator = torch.Generator().manual_seed(3)
     count = 6 if why == "five task vectors" else 3
-    task = mergekit_task("task_arithmetic", count, [0.2] * (count - 1), True, dtype="float64" if why == "a cast" else None)
+    task = mergekit_task("task_arithmetic", count, [0.2] * (count - 1), True,
+                         dtype="float64" if why == "a cast" else None)
     tensors = {m: awkward((50, 3), torch.float32, generator) for m in MODELS[:count]}
     if why == "mixed dtypes":
         tensors[MODELS[1]] = tensors[MODELS[1]].to(torch.bfloat16)

@@ -43,7 +43,8 @@ def by_hand(models, path, scales, ids, embed_scale=1.0):
     return a.lm_head(a.model.norm(h))
 
 
-@pytest.mark.parametrize("arch, seed", [("llama", 0), ("llama", 1), ("mistral", 0), ("qwen2", 0), ("qwen3", 0), ("phi3", 0)])
+@pytest.mark.parametrize("arch, seed", [("llama", 0), ("llama", 1), ("mistral", 0), ("qwen2", 0), ("qwen3", 0),
+                                        ("phi3", 0)])
 def test_routed_merge_equals_layers_run_by_hand(tiny_llama, tmp_path, arch, seed):
     from tiny_models import make_family
 

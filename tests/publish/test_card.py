@@ -44,7 +44,8 @@ publish:
 
 
 def _entry(search: float, heldout: float, objective: str = OBJECTIVE) -> dict:
-    return {"search": search, "heldout": heldout, "per_objective": {"search": {objective: search}, "heldout": {objective: heldout}}}
+    return {"search": search, "heldout": heldout,
+            "per_objective": {"search": {objective: search}, "heldout": {objective: heldout}}}
 
 
 def build_run(run_dir: Path, models: list[Path], recipe: str = RECIPE, weights: tuple[float, float] = (0.4, 0.7),
@@ -60,7 +61,8 @@ def build_run(run_dir: Path, models: list[Path], recipe: str = RECIPE, weights: 
         "models": [{"model": str(v1), "parameters": {"weight": weights[0]}},
                    {"model": str(v2), "parameters": {"weight": weights[1]}}],
     })
-    run_merge(config, str(run_dir / "best"), options=MergeOptions(copy_tokenizer=True, write_model_card=True, quiet=True))
+    run_merge(config, str(run_dir / "best"),
+              options=MergeOptions(copy_tokenizer=True, write_model_card=True, quiet=True))
     (run_dir / "best" / "recipe.yml").write_text(recipe)
     (run_dir / "recipe.yml").write_text(recipe)
     study = optuna.create_study(direction="maximize", study_name="tiny")
@@ -183,7 +185,8 @@ def test_card_of_a_later_stage_shows_its_lineage(tmp_path, tiny_llama):
     text = write_card(dfs).read_text()
     assert "stage `dfs` of a staged recipe" in text
     lineage = text.split("## Lineage")[1].split("\n## ")[0]
-    assert "ps/best: a `task_arithmetic` merge found by mergekit-evolve (trial 7, search 0.5000, held-out 0.4375)" in lineage
+    assert ("ps/best: a `task_arithmetic` merge found by mergekit-evolve (trial 7, search 0.5000, held-out 0.4375)"
+            in lineage)
     assert "local folder `v1`" in lineage  # the earlier stage's own sources
     assert _front_matter(text)["license"] == "apache-2.0"  # the stage's body of the staged recipe is read
 
@@ -203,7 +206,8 @@ def test_card_refuses_an_unfinished_or_staged_top_folder(tmp_path, tiny_llama):
 def test_card_embeds_the_pareto_plot_of_a_multi_objective_run(tmp_path, tiny_llama):
     run_dir = build_run(tmp_path / "run", tiny_llama)
     assert "pareto.png" not in write_card(run_dir).read_text()
-    shutil.copyfile(run_dir / "plots" / "history.png", run_dir / "plots" / "pareto.png")  # stands in for write_pareto's plot
+    # stands in for write_pareto's plot
+    shutil.copyfile(run_dir / "plots" / "history.png", run_dir / "plots" / "pareto.png")
     text = write_card(run_dir).read_text()
     assert re.search(r"!\[Pareto front[^\]]*\]\(pareto\.png\)", text)
     assert (run_dir / "best" / "pareto.png").read_bytes() == (run_dir / "plots" / "pareto.png").read_bytes()
@@ -272,5 +276,6 @@ def test_card_inherits_the_license_the_sources_share(tmp_path, tiny_llama):
 def test_card_names_objectives_that_are_not_tasks_by_their_files(tiny_llama, tmp_path, objective, name, says):
     recipe = RECIPE.replace('{task: tiny_copy, metric: "acc,none", heldout_task: tiny_copy_heldout}', objective)
     text = (build_run(tmp_path / "run", tiny_llama, recipe, objective=name) / "best" / "README.md").read_text()
-    assert says in text and f"{name} on `prompts.jsonl`" in text and "lm-eval" not in text.split("## Evaluation")[-1][:200]
+    assert (says in text and f"{name} on `prompts.jsonl`" in text
+            and "lm-eval" not in text.split("## Evaluation")[-1][:200])
     assert ("heldout.jsonl" in text) == ("heldout" in objective)

@@ -1,4 +1,5 @@
-"""``mergekit-evolve publish`` against a fake Hub on 127.0.0.1 (tests/hub_server.py): what arrives, and every failure."""
+"""``mergekit-evolve publish`` against a fake Hub on 127.0.0.1 (tests/hub_server.py): what arrives, and every
+failure."""
 
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def test_publish_uploads_model_and_space_in_one_commit_each(hub, finished_run, t
     assert space.sdk == "gradio" and len(space.commits) == 2
     assert {"app.py", "requirements.txt", "README.md", "space_config.json", "history.png", "report.json",
             "mergekit_config.yml", "recipe.yml"} <= set(space.files)
-    assert space.files["app.py"] == Path(__file__).parents[2].joinpath("mergekit_evolve", "publish", "gradio_template", "app.py").read_bytes()
+    assert space.files["app.py"] == Path(__file__).parents[2].joinpath("mergekit_evolve", "publish", "gradio_template",
+                                                                       "app.py").read_bytes()
     front = yaml.safe_load(space.files["README.md"].decode().split("---")[1])
     assert (front["sdk"], front["app_file"], front["models"][0]) == ("gradio", "app.py", "alice/tiny-merge")
     assert space.variables["MODEL_ID"]["value"] == "alice/tiny-merge"
@@ -159,8 +161,10 @@ def test_dry_run_writes_exactly_what_is_uploaded_and_sends_nothing(hub, finished
     assert "model.safetensors" in result.output and "app.py" in result.output
 
     assert publish(finished_run, hub).exit_code == 0
-    for folder, repo in (("model", hub.repo("alice/tiny-merge")), ("space", hub.repo("alice/tiny-merge-demo", "space"))):
-        written = {p.relative_to(out / folder).as_posix(): p.read_bytes() for p in (out / folder).rglob("*") if p.is_file()}
+    for folder, repo in (("model", hub.repo("alice/tiny-merge")),
+                         ("space", hub.repo("alice/tiny-merge-demo", "space"))):
+        written = {p.relative_to(out / folder).as_posix(): p.read_bytes() for p in (out / folder).rglob("*")
+                   if p.is_file()}
         assert written == {k: v for k, v in repo.files.items() if k != ".gitattributes"}
     # a second dry run into the same folder replaces it; a folder holding other things is refused
     assert publish(finished_run, hub, "--dry-run", str(out)).exit_code == 0
@@ -170,7 +174,8 @@ def test_dry_run_writes_exactly_what_is_uploaded_and_sends_nothing(hub, finished
 
 
 def test_repo_and_space_default_to_the_recipe_publish_section(hub, tiny_llama, tmp_path):
-    recipe = RECIPE.replace("  license: apache-2.0\n", "  license: mit\n  repo: alice-lab/merged\n  space: alice-lab/merged-demo\n")
+    recipe = RECIPE.replace("  license: apache-2.0\n",
+                            "  license: mit\n  repo: alice-lab/merged\n  space: alice-lab/merged-demo\n")
     run_dir = build_run(tmp_path / "run", tiny_llama, recipe=recipe)
     result = CliRunner().invoke(cli, ["publish", str(run_dir), "--endpoint", hub.url], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -221,7 +226,8 @@ def test_expired_token(hub, finished_run, monkeypatch, logs):
 @pytest.mark.parametrize("exists, conflict_first", [(True, False), (True, True), (False, False)],
                          ids=["taken-403", "taken-409", "foreign-namespace-403"])
 def test_name_of_someone_else(hub, finished_run, exists, conflict_first, logs):
-    """403 or 409 on create (huggingface_hub then goes on if the repo exists); the upload is refused, nothing is written."""
+    """403 or 409 on create (huggingface_hub then goes on if the repo exists); the upload is refused, nothing is
+    written."""
     hub.conflict_first = conflict_first
     if exists:
         hub.add_repo("bob/tiny-merge", files={"README.md": b"bob's model"})
@@ -258,8 +264,10 @@ def test_network_error_during_the_upload(hub, finished_run, logs):
 
 
 def test_bad_repo_names_and_missing_repo(hub, finished_run):
-    _failed(CliRunner().invoke(cli, ["publish", str(finished_run), "--endpoint", hub.url]), "no model repo: pass --repo")
-    _failed(CliRunner().invoke(cli, ["publish", str(finished_run), "--repo", "no-namespace"]), "--repo: 'no-namespace' is not of the form owner/name")
+    _failed(CliRunner().invoke(cli, ["publish", str(finished_run), "--endpoint", hub.url]),
+            "no model repo: pass --repo")
+    _failed(CliRunner().invoke(cli, ["publish", str(finished_run), "--repo", "no-namespace"]),
+            "--repo: 'no-namespace' is not of the form owner/name")
     _failed(CliRunner().invoke(cli, ["publish", str(finished_run), "--repo", "a/b", "--space", "a/b--c"]), "--space: ")
     assert hub.requests == []
 
@@ -278,7 +286,8 @@ def test_a_run_with_a_publish_section_writes_its_card_and_pushes_at_the_end(hub,
         f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
         f"  - model: {v1}\n    parameters: {{weight: {{search: [0.0, 1.0]}}}}\n"
         f"  - model: {v2}\n    parameters: {{weight: {{search: [0.0, 1.0]}}}}\n"
-        "dtype: float32\nevolve:\n  allow_constant_objectives: true\n  sampler: random\n  trials: 2\n  task_paths: [tasks]\n"
+        "dtype: float32\nevolve:\n  allow_constant_objectives: true\n  sampler: random\n  trials: 2\n"
+        "  task_paths: [tasks]\n"
         "  objectives: [{task: tiny_copy, metric: 'acc,none', heldout_task: tiny_copy_heldout}]\n"
         "publish:\n  repo: alice/searched\n  space: alice/searched-demo\n  license: mit\n"
     )
@@ -291,7 +300,8 @@ def test_a_run_with_a_publish_section_writes_its_card_and_pushes_at_the_end(hub,
     model = hub.repo("alice/searched")
     assert model.files["README.md"].decode() == card
     assert model.files["model.safetensors"] == (run_dir / "best" / "model.safetensors").read_bytes()
-    assert f"(trial {report['winner']['trial']}, held-out {report['winner']['heldout']:.4f})" in model.commits[-1].summary
+    assert (f"(trial {report['winner']['trial']}, held-out {report['winner']['heldout']:.4f})"
+            in model.commits[-1].summary)
     assert hub.repo("alice/searched-demo", "space").variables["MODEL_ID"]["value"] == "alice/searched"
     assert not [r for r in logs if TOKEN in r.getMessage()]
 
@@ -309,17 +319,20 @@ def test_a_dry_run_publish_of_the_demo_holds_no_path_of_this_machine(tmp_path):
     """Every file of the model and Space repos, as `publish --dry-run` writes them, grepped for absolute paths."""
     repo = Path(__file__).resolve().parents[2]
     run_dir = tmp_path / "run"
-    ran = CliRunner().invoke(cli, ["run", str(repo / "recipes" / "demo.yml"), "--trials", "2", "-o", str(run_dir), "--no-progress"])
+    ran = CliRunner().invoke(cli, ["run", str(repo / "recipes" / "demo.yml"), "--trials", "2", "-o", str(run_dir),
+                                   "--no-progress"])
     assert ran.exit_code == 0, ran.output
     out = tmp_path / "plan"
-    result = CliRunner().invoke(cli, ["publish", str(run_dir), "--repo", "alice/demo-merge", "--space", "alice/demo-merge-demo",
+    result = CliRunner().invoke(cli, ["publish", str(run_dir), "--repo", "alice/demo-merge",
+                                      "--space", "alice/demo-merge-demo",
                                       "--license", "lgpl-3.0", "--dry-run", str(out)])
     assert result.exit_code == 0, result.output
     files = [p for p in out.rglob("*") if p.is_file()]
     assert {"model/README.md", "model/mergekit_config.yml", "space/space_config.json", "space/report.json"} <= {
         p.relative_to(out).as_posix() for p in files}
     for path in files:
-        found = re.findall(rb"(?:/(?:home|root|tmp|work|Users|private|var)/|[A-Za-z]:\\\\)[^\s\"'`]*", path.read_bytes())
+        found = re.findall(rb"(?:/(?:home|root|tmp|work|Users|private|var)/|[A-Za-z]:\\\\)[^\s\"'`]*",
+                           path.read_bytes())
         assert not found, f"{path.relative_to(out)}: {found[:3]}"
     card = (out / "model" / "README.md").read_text()
     assert "local folder `demo/models/copy`" in card and "base_model" not in yaml.safe_load(card.split("---")[1])

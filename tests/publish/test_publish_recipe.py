@@ -30,8 +30,10 @@ def write_recipe(folder, tiny_llama, publish: str) -> object:
 
 
 def test_publish_section_is_parsed(tmp_path, tiny_llama):
-    recipe = load_recipe(write_recipe(tmp_path, tiny_llama, "publish:\n  repo: me/m\n  space: me/m-demo\n  private: true\n  license: mit\n"))
-    assert (recipe.publish.repo, recipe.publish.space, recipe.publish.private, recipe.publish.license) == ("me/m", "me/m-demo", True, "mit")
+    recipe = load_recipe(write_recipe(tmp_path, tiny_llama,
+                                      "publish:\n  repo: me/m\n  space: me/m-demo\n  private: true\n  license: mit\n"))
+    assert ((recipe.publish.repo, recipe.publish.space, recipe.publish.private, recipe.publish.license)
+            == ("me/m", "me/m-demo", True, "mit"))
     assert "publish" not in recipe.template  # not part of the mergekit config
     assert load_recipe(write_recipe(tmp_path, tiny_llama, "")).publish is None
 

@@ -1,4 +1,5 @@
-"""The demo Space (mergekit_evolve/publish/gradio_template/app.py): its settings, and the app itself driven in a headless Chromium."""
+"""The demo Space (mergekit_evolve/publish/gradio_template/app.py): its settings, and the app itself driven in a
+headless Chromium."""
 
 from __future__ import annotations
 
@@ -48,13 +49,15 @@ def run_dir(tiny_llama, tmp_path_factory) -> Path:
     """A finished run of a recipe beside its tiny_copy task, so the Space has example prompts."""
     project = tmp_path_factory.mktemp("space")
     write_copy_task(project)
-    run = build_run(project / "run", tiny_llama, recipe=RECIPE.replace("publish:\n", "  task_paths: [tasks]\npublish:\n"))
+    run = build_run(project / "run", tiny_llama,
+                    recipe=RECIPE.replace("publish:\n", "  task_paths: [tasks]\npublish:\n"))
     (run / "run.json").write_text(json.dumps({"fingerprint": "x", "recipe": str(project / "recipe.yml")}))
     return run
 
 
 def test_settings_file_resolves_assets_and_the_model_variable(app, tmp_path, monkeypatch):
-    (tmp_path / "space_config.json").write_text(json.dumps({"model": "me/merged", "history": "history.png", "report": None}))
+    (tmp_path / "space_config.json").write_text(json.dumps({"model": "me/merged", "history": "history.png",
+                                                            "report": None}))
     monkeypatch.delenv("MODEL_ID", raising=False)
     monkeypatch.setenv(app.CONFIG_ENV, str(tmp_path / "space_config.json"))
     settings = app.load_settings()
@@ -68,7 +71,8 @@ def test_score_table_lists_winner_and_sources(app, run_dir):
     report = json.loads((run_dir / "report.json").read_text())
     headers, rows = app.score_table(report)
     assert headers == ["model", "search", "held-out"]
-    assert rows[0] == [f"merged (trial {report['winner']['trial']})", report["winner"]["search"], report["winner"]["heldout"]]
+    assert rows[0] == [f"merged (trial {report['winner']['trial']})", report["winner"]["search"],
+                       report["winner"]["heldout"]]
     assert [r[0] for r in rows[1:]] == [Path(s).name for s in report["sources"]]
 
 
@@ -133,7 +137,8 @@ def test_the_uploaded_space_folder_builds_its_app(app, run_dir, tmp_path, monkey
         assert Path(settings[key]).parent == space and Path(settings[key]).is_file(), key
     assert settings["pareto"] is None
     demo = app.build_demo(settings)
-    assert {"Chat", "Compare with parents", "Search history"} <= {getattr(b, "label", None) for b in demo.blocks.values()}
+    assert ({"Chat", "Compare with parents", "Search history"}
+            <= {getattr(b, "label", None) for b in demo.blocks.values()})
 
 
 def test_space_command_refuses_a_folder_without_a_winner(tmp_path):

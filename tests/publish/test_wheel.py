@@ -22,7 +22,8 @@ TEMPLATE = "mergekit_evolve/publish/gradio_template/app.py"
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without what would import the source checkout instead of the wheel."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("GITHUB_")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("GITHUB_")}
     return {**env, **extra}
 
 

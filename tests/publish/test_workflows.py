@@ -35,7 +35,8 @@ def job(step: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProces
 
 def test_action_runs_every_step_of_the_job_script_in_order():
     action = load_yaml(REPO / "action.yml")
-    calls = [m.group(1) for step in action["runs"]["steps"] for m in re.finditer(r"evolve-job\.sh\" (\w+)", step.get("run", ""))]
+    calls = [m.group(1) for step in action["runs"]["steps"]
+             for m in re.finditer(r"evolve-job\.sh\" (\w+)", step.get("run", ""))]
     assert calls == list(STEPS)
     upload = next(s for s in action["runs"]["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
     assert "always()" in upload["if"]  # a failed or timed-out search still keeps its study for the next run
@@ -43,7 +44,8 @@ def test_action_runs_every_step_of_the_job_script_in_order():
 
 
 def test_action_works_from_another_repository():
-    setup = next(s for s in load_yaml(REPO / "action.yml")["runs"]["steps"] if s.get("uses", "").startswith("actions/setup-python@"))
+    setup = next(s for s in load_yaml(REPO / "action.yml")["runs"]["steps"]
+                 if s.get("uses", "").startswith("actions/setup-python@"))
     # setup-python rejects a cache-dependency-path outside the caller's workspace, where the action's own files are
     assert "github.action_path" not in json.dumps(setup.get("with", {}))
 
@@ -60,7 +62,8 @@ def test_evolve_workflow_leaves_time_for_the_upload():
     job = workflow["jobs"]["evolve"]
     assert job["runs-on"] == "${{ inputs.runner }}"
     step = next(s for s in job["steps"] if s.get("uses") == "./")
-    search_s, limit_s, job_s = int(step["with"]["timeout"]), int(step["with"]["time-limit"]), int(job["timeout-minutes"]) * 60
+    search_s, limit_s, job_s = (int(step["with"]["timeout"]), int(step["with"]["time-limit"]),
+                                int(job["timeout-minutes"]) * 60)
     assert search_s < limit_s <= job_s - 20 * 60  # the winner after the last trial; the upload and the push after that
     torch = workflow["on"]["workflow_dispatch"]["inputs"]["torch"]
     assert torch["default"] == "cpu" and any(o.startswith("cu") for o in torch["options"])

@@ -120,7 +120,8 @@ def cases(ws: Path, tiny_llama) -> dict[str, tuple[str, str, str, str]]:
         "hidden_size": (v2, str(ws / "wide" / "base"), "wide", "shape [48]"),
         "layer_range": (f"{base}, layer_range: [0, 4]", f"{base}, layer_range: [0, 6]", "[0, 6]", "has 4 layers"),
         "searched_layer_end": ("parameters: {weight: {search: [0.0, 1.0]}}\n      - model",
-                               "parameters: {weight: {search: [0.0, 1.0]}}\n        layer_range: [0, {search: [2, 10], type: int}]\n      - model",
+                               "parameters: {weight: {search: [0.0, 1.0]}}\n"
+                               "        layer_range: [0, {search: [2, 10], type: int}]\n      - model",
                                "[2, 10]", "searched end reaches 10"),
         "metric": ('metric: "acc,none"', 'metric: "f1,none"', "f1,none", "no metric 'f1'"),
         "filter": ('metric: "acc,none"', 'metric: "acc,strict"', "acc,strict", "no filter 'strict'"),
@@ -282,7 +283,7 @@ def fail_recipe(tiny_llama, choice: str, end: int = 2, init: str = "") -> str:
           objectives:
             - {{task: tiny_copy, metric: "acc,none", heldout_task: tiny_copy_heldout}}
           task_paths: [tasks]
-        """)
+        """)  # noqa: E501
 
 
 @pytest.mark.slow
@@ -343,7 +344,8 @@ def test_a_changed_task_or_model_is_refused_and_the_run_folder_kept(ws, tiny_lla
     assert str(yaml) in error and "--overwrite" in error
     yaml.write_text(yaml.read_text().replace('doc_to_target: " {{answer}}"', 'doc_to_target: "{{answer}}"'))
     # a mistake outside the search space (a model's name is part of its dimensions' names)
-    path.write_text(path.read_text().replace(f"{tiny_llama[0]}, layer_range: [0, 4]", f"{tiny_llama[0]}, layer_range: [0, 6]"))
+    path.write_text(path.read_text().replace(f"{tiny_llama[0]}, layer_range: [0, 4]",
+                                             f"{tiny_llama[0]}, layer_range: [0, 6]"))
     result = cli(path, "-o", run_dir, cwd=ws)
     assert result.returncode == 1 and "has 4 layers" in one_error(result)
     assert snapshot(run_dir) == before  # nothing lost, nothing added

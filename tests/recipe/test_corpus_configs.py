@@ -68,7 +68,7 @@ METHODS = {
         slices:
           - sources: [{model: $a, layer_range: [0, 2]}]
           - sources: [{model: $b, layer_range: [1, 4], parameters: {scale: [{filter: down_proj, value: 0.5}, {value: 1.0}]}}]
-        """,
+        """,  # noqa: E501
     "task_arithmetic": """
         merge_method: task_arithmetic
         base_model: $base
@@ -333,8 +333,10 @@ def test_annotations_inside_modules_and_slices(tmp_path):
         "  default:\n"
         "    slices:\n"
         "      - sources:\n"
-        "          - {model: org/a, layer_range: [0, {search: [2, 4], type: int}], parameters: {weight: {search: [0, 1]}}}\n"
-        "          - {model: org/b, layer_range: [0, 4], parameters: {weight: [{filter: mlp, value: {search: [0, 1]}}, {value: 0.5}]}}\n"
+        "          - {model: org/a, layer_range: [0, {search: [2, 4], type: int}], "
+        "parameters: {weight: {search: [0, 1]}}}\n"
+        "          - {model: org/b, layer_range: [0, 4], "
+        "parameters: {weight: [{filter: mlp, value: {search: [0, 1]}}, {value: 0.5}]}}\n"
         "evolve:\n  objectives: [{task: t}]\n"
     )
     recipe = load_recipe(path)
@@ -349,8 +351,8 @@ def test_annotations_inside_modules_and_slices(tmp_path):
 def test_real_parameter_of_another_method_is_ignored_with_a_warning(tmp_path, caplog):
     # mergekit ignores it, and configs in the wild carry such leftovers: load, but say so
     path = tmp_path / "leftover.yml"
-    path.write_text("merge_method: linear\nmodels:\n  - model: org/a\n    parameters:\n      weight: 1.0\n      density: 0.5\n"
-                    "parameters:\n  int8_mask: true\n")
+    path.write_text("merge_method: linear\nmodels:\n  - model: org/a\n    parameters:\n      weight: 1.0\n"
+                    "      density: 0.5\nparameters:\n  int8_mask: true\n")
     with caplog.at_level(logging.WARNING):
         recipe = load_recipe(path)
     assert recipe.compile({}).models[0].parameters["density"] == 0.5
@@ -360,7 +362,8 @@ def test_real_parameter_of_another_method_is_ignored_with_a_warning(tmp_path, ca
 
 def test_parameter_no_method_takes_is_an_error_with_a_suggestion(tmp_path):
     path = tmp_path / "typo.yml"
-    path.write_text("merge_method: ties\nbase_model: org/base\nmodels:\n  - model: org/a\n    parameters:\n      densty: 0.5\n")
+    path.write_text("merge_method: ties\nbase_model: org/base\nmodels:\n  - model: org/a\n    parameters:\n"
+                    "      densty: 0.5\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert err.value.line == 6

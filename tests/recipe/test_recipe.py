@@ -80,7 +80,8 @@ def test_plain_config_has_no_dimensions(tmp_path, tiny_llama):
         ("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: {search: [0, 1], init: 3}\n",
          5, "outside the search range"),
         ("merge_method: linearr\nmodels:\n  - model: a\n", 1, "unknown merge method 'linearr'"),
-        ("merge_method: {choice: [ties, nope]}\nbase_model: a\nmodels:\n  - model: b\n", 1, "unknown merge method 'nope'"),
+        ("merge_method: {choice: [ties, nope]}\nbase_model: a\nmodels:\n  - model: b\n", 1,
+         "unknown merge method 'nope'"),
         ("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      wieght: 1.0\n", 5,
          "takes no parameter 'wieght'"),
         ("merge_method: linear\nmodels:\n  - model: {search: [0, 1]}\n", 3, "search annotation can stand for"),
@@ -112,7 +113,8 @@ def test_evolve_errors_point_into_the_section(tmp_path):
 
 def test_a_union_setting_is_named_as_the_user_wrote_it(tmp_path):
     path = tmp_path / "recipe.yml"
-    path.write_text("merge_method: linear\nmodels:\n  - model: a\nevolve:\n  batch_size: [64]\n  objectives: [{task: x}]\n")
+    path.write_text("merge_method: linear\nmodels:\n  - model: a\nevolve:\n  batch_size: [64]\n"
+                    "  objectives: [{task: x}]\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert err.value.line == 5

@@ -33,12 +33,15 @@ def builtin_lm_eval_tasks() -> set[str]:
 def test_paper_recipes_keep_the_paper_settings(tmp_path):
     ps = load_recipe(REPO / "recipes" / "evollm-jp-ps.yml")
     dfs = load_recipe(REPO / "recipes" / "evollm-jp-dfs.yml")
-    staged_ps, staged_dfs = (s.recipe for s in load_document(REPO / "recipes" / "evollm-jp-ps-dfs.yml").stages(tmp_path))
+    staged_ps, staged_dfs = (s.recipe
+                             for s in load_document(REPO / "recipes" / "evollm-jp-ps-dfs.yml").stages(tmp_path))
     sources = {"augmxnt/shisa-gamma-7b-v1", "WizardLM/WizardMath-7B-V1.1", "GAIR/Abel-7B-002"}
     for recipe in (ps, staged_ps):
-        assert recipe.template["merge_method"] == "dare_ties" and recipe.template["base_model"] == "mistralai/Mistral-7B-v0.1"
+        assert (recipe.template["merge_method"] == "dare_ties"
+                and recipe.template["base_model"] == "mistralai/Mistral-7B-v0.1")
         assert {m["model"] for m in recipe.template["models"]} == sources
-        assert len(recipe.search_space) == 6 and all((d.low, d.high) == (0.0, 1.0) for d in recipe.search_space.dimensions.values())
+        assert (len(recipe.search_space) == 6
+                and all((d.low, d.high) == (0.0, 1.0) for d in recipe.search_space.dimensions.values()))
         assert recipe.template["parameters"]["normalize"] is False
         assert (recipe.evolve.sampler, recipe.evolve.trials) == ("cmaes", 1000)
     for recipe in (dfs, staged_dfs):

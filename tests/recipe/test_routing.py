@@ -35,17 +35,20 @@ def test_dimensions_and_init_is_the_papers(tiny_llama, tmp_path):
     recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 3\n  scales: [0.5, 2.0]\n"))
     names = indicator_names(recipe)
     assert len(names) == 8 * 3  # M x r
-    assert names[:5] == ["routing.r0.v1.L0", "routing.r0.v1.L1", "routing.r0.v1.L2", "routing.r0.v1.L3", "routing.r0.v2.L0"]
+    assert names[:5] == ["routing.r0.v1.L0", "routing.r0.v1.L1", "routing.r0.v1.L2", "routing.r0.v1.L3",
+                         "routing.r0.v2.L0"]
     assert names[-1] == "routing.r2.v2.L3"
     assert len(recipe.search_space) == 24 + 8 * 8 + 1  # the indicator, the paper's W (M x M), the embedding's hop
-    assert all(recipe.search_space.dimensions[n].low == -1.0 and recipe.search_space.dimensions[n].high == 1.0 for n in names)
+    assert all(recipe.search_space.dimensions[n].low == -1.0 and recipe.search_space.dimensions[n].high == 1.0
+               for n in names)
     # the paper's init: I = 0 except A's first-repetition layers at 2 sigma0 = 0.2 (A's forced ends need no slot)
     init = {n: recipe.search_space.dimensions[n].init for n in names}
     assert init == {n: (0.2 if n in ("routing.r0.v1.L1", "routing.r0.v1.L2") else 0.0) for n in names}
     assert {d.init for n, d in recipe.search_space.dimensions.items() if n.startswith("routing.W.")} == {1.0}
     # the init point (first trial, dry-run config) is model A unchanged
     config = recipe.compile(recipe.search_space.default_point())
-    assert [(str(s.sources[0].model), s.sources[0].layer_range) for s in config.slices] == [(str(v1), (i, i + 1)) for i in range(4)]
+    assert ([(str(s.sources[0].model), s.sources[0].layer_range) for s in config.slices]
+            == [(str(v1), (i, i + 1)) for i in range(4)])
     assert all(s.sources[0].parameters is None for s in config.slices)
     assert str(config.base_model) == str(v1)
 
@@ -82,7 +85,8 @@ def test_compiled_config_pinned(tiny_llama, tmp_path):
 
 
 def test_w_scales_a_hop_by_the_layers_it_leaves_and_enters(tiny_llama, tmp_path):
-    """The same path as above; W_ij scales the hop from layout layer i to layout layer j (v1 L0-3 = 0-3, v2 L0-3 = 4-7)."""
+    """The same path as above; W_ij scales the hop from layout layer i to layout layer j
+    (v1 L0-3 = 0-3, v2 L0-3 = 4-7)."""
     _, v1, v2 = tiny_llama
     recipe = load(tmp_path, recipe_text([v1, v2], "  repeats: 2\n  scales: [0.5, 2.0]\n"))
     names = indicator_names(recipe)
@@ -121,7 +125,8 @@ def test_the_hop_from_the_embedding_scales_the_embedding_unless_the_head_is_tied
     for form, name in (("matrix", "routing.W.embed.v1.L0"), ("slot", "routing.first.scale")):
         recipe = load(tmp_path, recipe_text([v1, v2], f"  scales: [0.5, 2.0]\n  scale_form: {form}\n"))
         assert recipe.search_space.dimensions[name].init == 1.0
-        config = recipe.compile(recipe.search_space.default_point() | {name: 1.25}).model_dump(mode="json", exclude_none=True)
+        config = recipe.compile(recipe.search_space.default_point() | {name: 1.25}).model_dump(
+            mode="json", exclude_none=True)
         assert config["parameters"] == {"scale": [{"filter": "embed_tokens", "value": 1.25}]}
         assert all("parameters" not in s["sources"][0] for s in config["slices"])  # the path is A's, unscaled
     assert "parameters" not in recipe.compile(recipe.search_space.default_point()).model_dump(exclude_none=True)
@@ -190,7 +195,9 @@ def wide_model(tmp_path):
         ("  scales: [0.0, 2.0]\n", 4, "must be positive"),
         ("  scales: [-1.0, 2.0]\n", 4, "must be positive"),
         ("  scales: [2.0, 1.0]\n", 4, "is empty"),
-        ("  repeats: 2\n  min_layers: 19\n", 5, "min_layers 19 can never be reached: 16 slots (8 layers x 2 repeats) plus the 2 forced layers make at most 18"),
+        ("  repeats: 2\n  min_layers: 19\n", 5,
+         "min_layers 19 can never be reached: 16 slots (8 layers x 2 repeats) "
+         "plus the 2 forced layers make at most 18"),
         ("  max_layers: 1\n", 4, "below 2: the first and last layers"),
         ("  min_layers: 6\n  max_layers: 5\n", 4, "min_layers 6 is above routing.max_layers 5"),
         ("  colour: red\n", 4, "routing.colour: Extra inputs are not permitted"),
@@ -206,7 +213,8 @@ def test_bad_routing_block_names_the_line(tiny_llama, tmp_path, extra, line, mes
 
 def test_different_hidden_sizes_rejected(tiny_llama, wide_model, tmp_path):
     _, v1, _ = tiny_llama
-    text = "merge_method: passthrough\nrouting:\n  models:\n    - " + str(v1) + "\n    - " + str(wide_model) + "\n" + EVOLVE
+    text = ("merge_method: passthrough\nrouting:\n  models:\n    - " + str(v1) + "\n    - " + str(wide_model) + "\n"
+            + EVOLVE)
     with pytest.raises(RecipeError) as e:
         load(tmp_path, text)
     assert e.value.line == 5
@@ -229,7 +237,8 @@ def test_layer_counts_without_config(tiny_llama, tmp_path):
         load(tmp_path, recipe_text([v1, "nobody/not-downloaded-7b"]))
     assert e.value.line == 3 and "no config.json for routed model 'nobody/not-downloaded-7b'" in e.value.message
     # a dry run on Hub ids: the counts come from the recipe
-    recipe = load(tmp_path, recipe_text([v1, "nobody/not-downloaded-7b"], "  num_layers: {nobody/not-downloaded-7b: 6}\n"))
+    recipe = load(tmp_path, recipe_text([v1, "nobody/not-downloaded-7b"],
+                                        "  num_layers: {nobody/not-downloaded-7b: 6}\n"))
     assert len(indicator_names(recipe)) == 4 + 6
     # ... and must agree with a config that is there
     with pytest.raises(RecipeError) as e:

@@ -60,7 +60,8 @@ def test_stages_parse_with_a_previewed_winner(tiny_llama, tmp_path):
     winner = str((tmp_path / "runs" / "ps" / "best").resolve())
     assert block["models"][0] == winner and block["num_layers"][winner] == 4
     assert len([n for n in dfs.recipe.search_space.dimensions if n.startswith("routing.r")]) == (4 + 4) * 2
-    assert any(n.startswith("routing.r0.ps.L") for n in dfs.recipe.search_space.dimensions)  # a winner is named by its stage
+    # a winner is named by its stage
+    assert any(n.startswith("routing.r0.ps.L") for n in dfs.recipe.search_space.dimensions)
 
 
 def test_num_layers_can_name_a_stage(tiny_llama, tmp_path):
@@ -73,12 +74,15 @@ def test_num_layers_can_name_a_stage(tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     "mutate, line, message",
     [
-        (lambda t: t.replace("models: [stage:ps,", "models: [stage:later,"), 21, "'stage:later' names no earlier stage (earlier stages: ps)"),
+        (lambda t: t.replace("models: [stage:ps,", "models: [stage:later,"), 21,
+         "'stage:later' names no earlier stage (earlier stages: ps)"),
         (lambda t: t.replace("name: dfs", "name: ps"), 18, "two stages are named 'ps'"),
         (lambda t: t.replace("name: dfs", "name: 'a b'"), 18, "each stage needs a 'name'"),
         (lambda t: "dtype: float32\n" + t, 1, "a staged recipe has only 'stages:' at the top"),
-        (lambda t: t.replace("    evolve:\n      <<: *evolve\n      trials: 2\n", ""), 18, "stage 'dfs' has no 'evolve:' section"),
-        (lambda t: t.replace("base_model: ", "base_model: stage:ps #"), 4, "'stage:ps' names no earlier stage (earlier stages: none)"),
+        (lambda t: t.replace("    evolve:\n      <<: *evolve\n      trials: 2\n", ""), 18,
+         "stage 'dfs' has no 'evolve:' section"),
+        (lambda t: t.replace("base_model: ", "base_model: stage:ps #"), 4,
+         "'stage:ps' names no earlier stage (earlier stages: none)"),
         (lambda t: t.replace("repeats: 2", "repeats: 0"), 22, "repeats (r) must be at least 1"),
     ],
 )

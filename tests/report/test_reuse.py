@@ -54,7 +54,8 @@ def two_stages(tmp_path, tiny_llama):
 def test_report_phase_computes_nothing_already_scored(tiny_llama, tmp_path, monkeypatch):
     write_copy_task(tmp_path, n_search=8, n_heldout=8)
     path = two_stages(tmp_path, tiny_llama)
-    calls: list[tuple[str, str, str, int]] = []  # each score_config in a report phase: stage, config, split, examples run
+    # each score_config in a report phase: stage, config, split, examples run
+    calls: list[tuple[str, str, str, int]] = []
     winners: dict[str, str] = {}  # stage -> the winner's config digest
     stage = {"name": None}
     score_config, write_report = Worker.score_config, pipeline.write_report
@@ -84,7 +85,8 @@ def test_report_phase_computes_nothing_already_scored(tiny_llama, tmp_path, monk
     # The first stage scores the three sources on both splits (8 examples each); the second reuses them.
     winner_heldout = [("first", "winner", "heldout", 8), ("second", "winner", "heldout", 8)]
     assert [c for c in calls if c[1] == "winner"] == winner_heldout
-    assert [c for c in calls if c[1] == "other"] == [("first", "other", split, 8) for _ in range(3) for split in ("search", "heldout")]
+    assert ([c for c in calls if c[1] == "other"]
+            == [("first", "other", split, 8) for _ in range(3) for split in ("search", "heldout")])
     reports = {s: json.loads((runs / s / "report.json").read_text()) for s in ("first", "second")}
     assert reports["second"]["sources"] == reports["first"]["sources"]
     trial = reports["first"]["winner"]["trial"]

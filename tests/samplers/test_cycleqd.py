@@ -19,7 +19,8 @@ from mergekit_evolve.samplers.cycleqd import combine, crossover, experts_bounds
 from mergekit_evolve.samplers.generations import MEMBER_ATTR, Outcome
 from mergekit_evolve.samplers.registry import SamplerSetupError, make_sampler
 
-MUTATION = (Dimension("mutation.seed", "int", low=0, high=2**31 - 1), Dimension("mutation.w_max", "float", low=0.0, high=2.0))
+MUTATION = (Dimension("mutation.seed", "int", low=0, high=2**31 - 1),
+            Dimension("mutation.w_max", "float", low=0.0, high=2.0))
 
 
 def test_bins_are_fifteen_equal_bins_between_the_bounds():
@@ -136,7 +137,8 @@ def test_lineage_rebuilds_each_ancestor_as_its_own_merge_computed_it():
     # the ancestor: trial 3, 0.6 x + 0.4 y, SVD-mutated with seed 7
     (parent,) = get("svd_mutation")([g], parameters={"weight": {"x": 0.6, "y": 0.4}, "seed": 7, "w_max": 2.0})
     # its child: 0.5 tau_3 + 0.5 (0.2 x), mutated with seed 8
-    lineage = json.dumps({"mix": [["t3", 0.5]], "nodes": {"t3": {"weights": {"x": 0.6, "y": 0.4}, "mix": [], "mutation": [7, 2.0]}}})
+    lineage = json.dumps({"mix": [["t3", 0.5]],
+                          "nodes": {"t3": {"weights": {"x": 0.6, "y": 0.4}, "mix": [], "mutation": [7, 2.0]}}})
     params = {"weight": {"x": 0.1, "y": 0.0}, "seed": 8, "w_max": 2.0, "lineage": lineage}
     (child,) = get("svd_mutation")([g], parameters=params)
     delta = 0.1 * (x - base) + 0.5 * (parent - base)
@@ -152,7 +154,8 @@ def test_svd_mutation_between_w_min_and_w_max_is_the_released_codes_form():
     register_plugins()
     g = group()
     base, x, _ = g.tensors
-    (out,) = get("svd_mutation")([g], parameters={"weight": {"x": 1.0, "y": 0.0}, "seed": 2, "w_max": 1.1, "w_min": 1.0})
+    (out,) = get("svd_mutation")([g], parameters={"weight": {"x": 1.0, "y": 0.0}, "seed": 2, "w_max": 1.1,
+                                                  "w_min": 1.0})
     u, s, vh = torch.linalg.svd(x - base, full_matrices=False)
     w = 1.0 + torch.rand(4, generator=tensor_generator(2, g.metadata.name)) * 0.1
     # released code: child += U diag(0.1 U[0, 1] S) V^T on the expert's own SVD
@@ -162,14 +165,17 @@ def test_svd_mutation_between_w_min_and_w_max_is_the_released_codes_form():
 def test_paper_preset_and_bins_from_the_experts():
     options = settings("a", "b", sampler="cycleqd", sampler_options={"preset": "paper"}).sampler_options
     assert (options.children, options.crossover_mu, options.crossover_sigma) == (1, 1.0, 0.01)
-    assert (options.w_min, options.w_max, options.elite_slope, options.bounds_from_experts) == (1.0, 1.1, 0.8, (0.85, 1.15))
+    assert ((options.w_min, options.w_max, options.elite_slope, options.bounds_from_experts)
+            == (1.0, 1.1, 0.8, (0.85, 1.15)))
     default = settings("a", "b", sampler="cycleqd").sampler_options
-    assert (default.children, default.crossover_sigma, default.w_max, default.bounds_from_experts) == (4, 0.3, 2.0, None)
+    assert ((default.children, default.crossover_sigma, default.w_max, default.bounds_from_experts)
+            == (4, 0.3, 2.0, None))
     bounds = experts_bounds([q(a=0.2, b=0.5), q(a=0.4, b=0.1)], (0.85, 1.15))
     assert bounds["a/acc,none"] == pytest.approx((0.17, 0.46)) and bounds["b/acc,none"] == pytest.approx((0.085, 0.575))
     sampler, _, _ = _sampler(preset="paper")
     sampler._plan(0)
-    sampler._learn(0, [Outcome(i, sampler._plan_of(0)[i], 0.0, qs) for i, qs in enumerate([q(a=0.2, b=0.5), q(a=0.4, b=0.1), q(a=0.3, b=0.3)])])
+    sampler._learn(0, [Outcome(i, sampler._plan_of(0)[i], 0.0, qs)
+                       for i, qs in enumerate([q(a=0.2, b=0.5), q(a=0.4, b=0.1), q(a=0.3, b=0.3)])])
     assert sampler.archives[0].bounds["b/acc,none"] == pytest.approx((0.085, 0.575))
 
 
@@ -214,7 +220,8 @@ def test_svd_mutation_is_u_diag_s_times_w_v_transposed():
 def test_no_mutation_and_vectors_merge_exactly_as_task_arithmetic():
     register_plugins()
     weights = {"weight": {"x": 0.3, "y": 0.9}}
-    for g, params in [(group(), {"seed": 5, "w_max": 0.0}), (group("model.norm.weight", (6,)), {"seed": 5, "w_max": 2.0})]:
+    for g, params in [(group(), {"seed": 5, "w_max": 0.0}),
+                      (group("model.norm.weight", (6,)), {"seed": 5, "w_max": 2.0})]:
         (mutated,) = get("svd_mutation")([g], parameters={**weights, **params})
         (plain,) = get("task_arithmetic")([g], parameters=weights)
         assert torch.equal(mutated, plain)
@@ -258,7 +265,8 @@ def test_cycleqd_on_a_study_fills_archives_writes_them_and_resumes(tmp_path):
     assert max(c["qualities"]["a/acc,none"] for c in data["archives"][0]["cells"]) == best_a
     for archive in data["archives"]:  # each cell holds the best of the trials that fall in it
         for cell in archive["cells"]:
-            assert cell["cell"] == [min(14, max(0, math.floor(cell["qualities"][d] * 15))) for d in archive["descriptors"]]
+            assert cell["cell"] == [min(14, max(0, math.floor(cell["qualities"][d] * 15)))
+                                    for d in archive["descriptors"]]
 
     again, _, _ = _sampler(children=3, seed=4)  # a resumed run replays the study to the same archives
     again.write_run_files(tmp_path, study)

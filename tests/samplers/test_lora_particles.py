@@ -134,7 +134,8 @@ def test_a_lora_swarm_run_writes_best_and_its_adapter(ws):
     configs = [x["config"] for x in lines if x.get("config")]
     assert len(configs) >= 6 and all("merge_method: lora_particle" in c for c in configs)
     best = run_dir / "best"
-    assert (best / "adapter" / "adapter_config.json").exists() and (best / "adapter" / "adapter_model.safetensors").exists()
+    assert ((best / "adapter" / "adapter_config.json").exists()
+            and (best / "adapter" / "adapter_model.safetensors").exists())
     written = safetensors.torch.load_file(best / "model.safetensors")
     merged = _peft_merge(base, best / "adapter", torch.float32)
     assert all(torch.equal(merged[k], v) for k, v in written.items())

@@ -22,7 +22,8 @@ BOX = space(
 
 
 def sphere(params):
-    return {"a/acc,none": -((params["w1"] - 0.7) ** 2) - (params["w2"] - 2.0) ** 2 / 16 - (np.log10(params["lr"]) + 2) ** 2 / 9 - (params["k"] - 6) ** 2 / 49}
+    return {"a/acc,none": -((params["w1"] - 0.7) ** 2) - (params["w2"] - 2.0) ** 2 / 16
+            - (np.log10(params["lr"]) + 2) ** 2 / 9 - (params["k"] - 6) ** 2 / 49}
 
 
 def reference_es(sampler: PyCmaSampler, x0, sigma0, popsize):
@@ -145,4 +146,5 @@ def test_unit_box_round_trip():
     assert x == pytest.approx([0.25, 0.75, 1 / 3, 3 / 7])
     back = sampler.box.decode(x)
     assert back["k"] == 5 and back["lr"] == pytest.approx(1e-3) and back["w2"] == pytest.approx(2.0)
-    assert sampler.box.decode(np.array([1.3, -0.2, 0.0, 1.0])) == {"w1": 1.0, "w2": -1.0, "lr": pytest.approx(1e-4), "k": 9}
+    assert (sampler.box.decode(np.array([1.3, -0.2, 0.0, 1.0]))
+            == {"w1": 1.0, "w2": -1.0, "lr": pytest.approx(1e-4), "k": 9})

@@ -146,7 +146,8 @@ def test_cycleqd_children_inherit_mutations_and_merge_trial_replays_them(ws, fam
     # and the inherited mutation matters: the same config without its lineage is another model
     orphan = {**config, "parameters": {k: v for k, v in config["parameters"].items() if k != "lineage"}}
     other = merger.materialize(MergeConfiguration.model_validate(orphan)).state_dict()
-    assert not torch.allclose(other["model.layers.0.mlp.down_proj.weight"], on_disk["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.allclose(other["model.layers.0.mlp.down_proj.weight"],
+                              on_disk["model.layers.0.mlp.down_proj.weight"])
 
 
 @pytest.mark.slow

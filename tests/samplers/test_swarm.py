@@ -71,7 +71,8 @@ def test_move_applies_velocity_step_and_decay_by_hand():
     for i in range(2):
         r_v, r_p, r_g, r_w = rng.uniform(0.0, 1.0, 4)
         c = r_v * 0.4 + r_p * 0.3 + r_g * 0.3 + r_w * 0.3
-        v = (r_v * 0.4 * v0[i] + r_p * 0.3 * (s.p[i] - x0[i]) + r_g * 0.3 * (s.g - x0[i]) - r_w * 0.3 * (s.g_w - x0[i])) / c
+        v = (r_v * 0.4 * v0[i] + r_p * 0.3 * (s.p[i] - x0[i]) + r_g * 0.3 * (s.g - x0[i])
+             - r_w * 0.3 * (s.g_w - x0[i])) / c
         assert s.v[i] == pytest.approx(v)
         assert s.x[i] == pytest.approx(x0[i] + 1.0 * v)
     assert s.step == pytest.approx(0.95)

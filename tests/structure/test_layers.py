@@ -61,7 +61,8 @@ def imports(name: str, tree: ast.Module) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
         else:
             continue
@@ -144,7 +145,8 @@ def _dependency_classes(module: str) -> dict[str, tuple[list[type], set[str]]]:
                     own.add(node.name)
                 targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
                 for target in targets:
-                    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+                    if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                            and target.value.id == "self"):
                         own.add(target.attr)
                     elif isinstance(target, ast.Name):
                         own.add(target.id)
@@ -160,8 +162,8 @@ def _own_private_names() -> set[str]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("_"):
                 own.add(node.name)
-            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name) \
-                    and node.value.id == "self":
+            elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                  and isinstance(node.value, ast.Name) and node.value.id == "self"):
                 own.add(node.attr)
     return own
 
@@ -196,8 +198,9 @@ def private_uses(name: str, tree: ast.Module) -> list[str]:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("_") and not node.name.startswith("__"):
                 if any(hasattr(base, node.name) for base in bases):  # overrides a private hook
                     found.append(f"line {node.lineno}: {cls.name} overrides {node.name} of {bases[0].__name__}")
-            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
-                  and node.attr.startswith("_") and not node.attr.startswith("__") and node.attr not in own):
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id in ("self", "cls") and node.attr.startswith("_")
+                  and not node.attr.startswith("__") and node.attr not in own):
                 found.append(f"line {node.lineno}: {cls.name} reads {node.attr} of {bases[0].__name__}")
     return found
 
@@ -219,7 +222,8 @@ def test_the_checks_see_a_private_use():
         try:
             test_imports_point_down_the_layers()
         finally:
-            GRAPH["mergekit_evolve.runfolder"] = imports("mergekit_evolve.runfolder", MODULES["mergekit_evolve.runfolder"])
+            GRAPH["mergekit_evolve.runfolder"] = imports("mergekit_evolve.runfolder",
+                                                         MODULES["mergekit_evolve.runfolder"])
 
 
 def test_run_folder_names_only_in_runfolder():
@@ -239,6 +243,7 @@ def test_run_folder_names_only_in_runfolder():
 
 def test_the_architecture_page_names_every_module():
     page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
-    files = {f"`{p.name}`" for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and "gradio_template" not in p.parts}
+    files = {f"`{p.name}`" for p in PACKAGE.rglob("*.py")
+             if p.name != "__init__.py" and "gradio_template" not in p.parts}
     missing = sorted(files - {word.rstrip(",;:.)") for word in page.split()})
     assert not missing, f"docs/architecture.md does not mention {missing}"

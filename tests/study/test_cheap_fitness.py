@@ -26,7 +26,8 @@ def workspace(tmp_path_factory):
 
 
 def make_recipe(
-    workspace, tiny_llama, evolve_extra="", objective_extra="", metric="perplexity,none", goal="minimize", task="tiny_copy",
+    workspace, tiny_llama, evolve_extra="", objective_extra="", metric="perplexity,none", goal="minimize",
+    task="tiny_copy",
 ):
     base, v1, v2 = tiny_llama
     path = workspace / "r.yml"
@@ -116,7 +117,8 @@ ESTIMATE_ONLY = "pruning: {pruner: none}\n"
 
 @pytest.mark.slow
 def test_anchor_objective_estimates_search_and_report_uses_full_split(workspace, tiny_llama, tmp_path):
-    recipe = make_recipe(workspace, tiny_llama, ESTIMATE_ONLY, objective_extra=", anchors: 4", metric="acc,none", goal="maximize")
+    recipe = make_recipe(workspace, tiny_llama, ESTIMATE_ONLY, objective_extra=", anchors: 4", metric="acc,none",
+                         goal="maximize")
     worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     run_search(recipe, tmp_path, worker, trials=3, show_progress=False)
     (anchor,) = worker.anchor_sets().values()
@@ -133,7 +135,8 @@ def test_anchor_winner_is_the_finalist_with_the_best_full_search_score(workspace
     from mergekit_evolve.report.finalists import best_of_finalists
     from mergekit_evolve.report.winner import winner_config
 
-    recipe = make_recipe(workspace, tiny_llama, ESTIMATE_ONLY, objective_extra=", anchors: 2", metric="acc,none", goal="maximize")
+    recipe = make_recipe(workspace, tiny_llama, ESTIMATE_ONLY, objective_extra=", anchors: 2", metric="acc,none",
+                         goal="maximize")
     assert recipe.evolve.estimated
     worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     study = run_search(recipe, tmp_path, worker, trials=8, show_progress=False)
@@ -155,7 +158,8 @@ def test_rungs_put_anchors_first_only_under_a_pruner():
     anchors = {"t/acc,none": AnchorSet([3, 5], [0.5, 0.5])}
 
     def settings(pruner):
-        return EvolveSettings(objectives=[{"task": "t", "anchors": 2}], pruning={"pruner": pruner, "stages": [0.5, 1.0]})
+        return EvolveSettings(objectives=[{"task": "t", "anchors": 2}],
+                              pruning={"pruner": pruner, "stages": [0.5, 1.0]})
 
     # no pruner: the anchor estimate is the value, and the winner comes from finalists
     assert rungs(settings("none"), anchors) == (0, [Rung(1.0, anchors)]) and settings("none").estimated
@@ -210,7 +214,8 @@ def test_anchors_as_first_rung_prune_there_and_completed_values_are_full_scores(
 
     task = write_loglikelihood_task(workspace)
     # pruner auto with anchors: the percentile pruner on the anchor estimate, then the whole split
-    recipe = make_recipe(workspace, tiny_llama, objective_extra=", anchors: 4", metric="perplexity,none", goal="maximize", task=task)
+    recipe = make_recipe(workspace, tiny_llama, objective_extra=", anchors: 4", metric="perplexity,none",
+                         goal="maximize", task=task)
     assert recipe.evolve.pruning.pruner == "percentile" and not recipe.evolve.estimated
     worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
     study = run_search(recipe, tmp_path, worker, trials=10, show_progress=False)
@@ -242,4 +247,5 @@ def test_anchors_as_first_rung_prune_there_and_completed_values_are_full_scores(
     assert last.params == again.params and resumed.anchor_sets()[f"{task}/perplexity,none"].ids == anchor.ids
     later = study.trials[last.number + 1:]  # new configs the run went on to, to reach its completed trials
     cost = sum(24 if t.state == optuna.trial.TrialState.COMPLETE else len(anchor.ids) for t in later)
-    assert resumed.evaluator.computed == cost + (0 if last.state == optuna.trial.TrialState.PRUNED else 24 - len(anchor.ids))
+    assert resumed.evaluator.computed == cost + (0 if last.state == optuna.trial.TrialState.PRUNED
+                                                 else 24 - len(anchor.ids))

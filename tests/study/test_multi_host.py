@@ -29,7 +29,8 @@ def workspace(tmp_path_factory):
 
 
 def start(path, run_dir, storage, *extra):
-    cmd = [sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--storage", storage, "--no-progress", *extra]
+    cmd = [sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--storage", storage,
+           "--no-progress", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -60,7 +61,8 @@ def test_two_processes_share_a_journal_study_and_survive_a_kill(workspace, tiny_
     def running_in_b():
         done = study().get_trials(states=(TrialState.COMPLETE,))
         running = study().get_trials(states=(TrialState.RUNNING,))
-        return len(done) >= 4 and next((t for t in running if t.user_attrs.get(WORKER_KEY, "").endswith(f":{b.pid}")), None)
+        return len(done) >= 4 and next((t for t in running
+                                        if t.user_attrs.get(WORKER_KEY, "").endswith(f":{b.pid}")), None)
 
     victim = wait_for(running_in_b, 240, "process B to be in the middle of a trial")
     b.send_signal(signal.SIGKILL)  # nobody watches B: only the heartbeat can free its trial

@@ -43,8 +43,8 @@ def test_search_through_a_local_ray_runtime(tmp_path, tiny_llama):
     path = write_recipe(tmp_path, tiny_llama, "viaray", trials=8, method="gaussian_mutation")
     run_dir = tmp_path / "runs" / "viaray"
     # "local" starts a private Ray runtime (never joins one another process started on this machine)
-    result = CliRunner().invoke(cli, [str(path), "-o", str(run_dir), "--ray", "local", "--workers", "2", "--no-progress"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(cli, [str(path), "-o", str(run_dir), "--ray", "local", "--workers", "2",
+                                      "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name="viaray", storage=f"sqlite:///{run_dir / 'study.db'}")
     done = study.get_trials(states=(TrialState.COMPLETE,))
@@ -94,7 +94,8 @@ class RayNodes:
         proc = subprocess.Popen(["ray", "start", *args, *RAY_NODE], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**self.env, **(env or {})})
         self.nodes.append(proc)
-        wait_for(lambda: proc.poll() is not None or "block forever" in log.read_text(), 180, f"Ray's {name} node to start")
+        wait_for(lambda: proc.poll() is not None or "block forever" in log.read_text(), 180,
+                 f"Ray's {name} node to start")
         assert proc.poll() is None, log.read_text()
         return proc
 
@@ -146,7 +147,8 @@ TWO_NODE_TRIALS = 32
 
 @pytest.mark.slow
 def test_two_node_cluster_loses_its_second_node_and_the_head_finishes(tmp_path, tiny_llama, postgres, ray_nodes):
-    # trials of ~1-2 s: the kill lands inside the trial it aims at, and the head is still searching when Ray notices the loss
+    # trials of ~1-2 s: the kill lands inside the trial it aims at, and the head is still searching when Ray
+    # notices the loss
     write_copy_task(tmp_path, n_search=768)
     path = write_recipe(tmp_path, tiny_llama, "twonodes", trials=TWO_NODE_TRIALS, method="gaussian_mutation")
     run_dir = tmp_path / "runs" / "twonodes"

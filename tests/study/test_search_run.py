@@ -81,7 +81,8 @@ def test_run_writes_a_complete_run_folder(workspace, tiny_llama):
         assert 0.0 <= row["search"] <= 1.0 and 0.0 <= row["heldout"] <= 1.0
     assert (run_dir / "plots" / "history.png").stat().st_size > 1000
     best = run_dir / "best"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "mergekit_config.yml", "recipe.yml", "README.md"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "mergekit_config.yml", "recipe.yml",
+                 "README.md"):
         assert (best / name).exists(), name
     # best/ loads with plain transformers and holds the winner's weights (report's winner trial)
     study = load_study(run_dir, "full")
@@ -123,7 +124,8 @@ def test_interrupt_then_resume_keeps_finished_trials(workspace, tiny_llama):
 def test_a_searched_layer_range_past_the_models_depth_stops_before_search(workspace, tiny_llama):
     # layer_range ends above 4 do not exist in the 4-layer models: found before any weight loads
     path = recipe(workspace, tiny_llama, trials=4, name="fails", end="{search: [2, 7], type: int, name: end}")
-    text = path.read_text().replace("layer_range: [0, {search: [2, 7], type: int, name: end}]", "layer_range: [0, {var: end}]")
+    text = path.read_text().replace("layer_range: [0, {search: [2, 7], type: int, name: end}]",
+                                    "layer_range: [0, {var: end}]")
     text = text.replace("{model: " + str(tiny_llama[0]) + ", layer_range: [0, {var: end}]}",
                         "{model: " + str(tiny_llama[0]) + ", layer_range: [0, {search: [2, 7], type: int, name: end}]}")
     path.write_text(text)
@@ -179,7 +181,8 @@ def test_trial_budget_counts_the_trials_other_workers_finish():
         if len(ran) == 1:  # meanwhile another worker finishes three trials and prunes one
             for value in (0.1, 0.2, 0.3):
                 study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=value))
-            study.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=optuna.trial.TrialState.PRUNED))
+            study.add_trial(optuna.trial.create_trial(params={}, distributions={},
+                                                      state=optuna.trial.TrialState.PRUNED))
         if len(ran) == 2:
             raise optuna.TrialPruned()
         return 0.5
