@@ -10,6 +10,7 @@ import logging
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -37,6 +38,8 @@ from mergekit_evolve.study.pruning import staged_scores
 from mergekit_evolve.study.suggest import suggest_point
 
 LOG = logging.getLogger(__name__)
+# what a repeated config's trial copies from the trial that scored it: its scores and a parsed judge's misses
+REUSED_ATTRS = ("scores", "unparsed")
 # failed trials' tracebacks: always in the run folder's failures.log, on the console with -v
 TRACEBACKS = logging.getLogger("mergekit_evolve.tracebacks")
 
@@ -153,7 +156,8 @@ class Worker:
             LOG.debug("warm-up merge of the recipe's default point failed", exc_info=True)
         self.failure_log: Path | None = None
         self._anchors: dict[str, AnchorSet] | None = None  # chosen on first use, from the sources' results
-        self.known: dict[str, tuple[int, float | list[float], dict[str, float]]] = {}
+        # config digest -> (trial number, value, the user attributes a repeat of it carries too)
+        self.known: dict[str, tuple[int, float | list[float], dict[str, Any]]] = {}
         self.source_cache = ScoreCache()  # the run folder's once use_store names it
 
     @property
@@ -265,7 +269,7 @@ class Worker:
             digest = t.user_attrs.get("config_digest")
             if digest and digest not in self.known:
                 self.known[digest] = (t.number, t.values[0] if len(t.values) == 1 else t.values,
-                                      t.user_attrs.get("scores", {}))
+                                      {k: t.user_attrs[k] for k in REUSED_ATTRS if k in t.user_attrs})
 
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         try:
@@ -279,9 +283,10 @@ class Worker:
             trial.set_user_attr("config", config.to_yaml())
             trial.set_user_attr("config_digest", digest)
             if digest in self.known:
-                number, value, scores = self.known[digest]
+                number, value, attrs = self.known[digest]
                 trial.set_user_attr("reused_from", number)
-                trial.set_user_attr("scores", scores)
+                for key, attr in attrs.items():
+                    trial.set_user_attr(key, attr)
                 return value
             # first: references and anchors load sources into the resident model
             self.prepare_references()
@@ -295,7 +300,7 @@ class Worker:
             trial.set_user_attr("scores", scores.values)
             self.report_unparsed(trial, scores)
             trial.set_user_attr("seconds", {"merge": round(t1 - t0, 4), "evaluate": round(t2 - t1, 4)})
-            self.known[digest] = (trial.number, value, scores.values)
+            self.known[digest] = (trial.number, value, {k: v for k, v in trial.user_attrs.items() if k in REUSED_ATTRS})
             return value
         except optuna.TrialPruned:
             raise

@@ -666,6 +666,28 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
 
 
 @pytest.mark.slow
+def test_a_repeated_config_carries_its_scores_and_unread_replies(folder, tiny_llama, judge_model):
+    """Four configs and eight trials: the repeats reuse the first trial's value, and carry its scores and its
+    count of judge replies that gave no rating, as the trial that scored it does."""
+    from click.testing import CliRunner
+
+    from mergekit_evolve.cli import cli
+
+    text = run_recipe_text(tiny_llama, interrupt_objective("judge", folder, Path(), judge_model))
+    path = folder / "recipe.yml"
+    path.write_text(text.replace("{search: [0.0, 1.0]}", "{choice: [0.0, 1.0]}").replace("trials: 2", "trials: 8"))
+    result = CliRunner().invoke(cli, ["run", str(path), "-o", str(folder / "run"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    trials = [json.loads(line) for line in (folder / "run" / "trials.jsonl").read_text().splitlines()]
+    by_number = {t["number"]: t for t in trials}
+    repeats = [t for t in trials if t["reused_from"] is not None]
+    assert repeats and all(t["state"] == "COMPLETE" for t in trials)
+    for t in repeats:
+        first = by_number[t["reused_from"]]
+        assert (t["scores"], t["unparsed"]) == (first["scores"], first["unparsed"]) and first["unparsed"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["python", "reward", "judge", "pairwise", "endpoint"])
 def test_every_objective_kind_searches_with_two_workers(folder, tiny_llama, reward_model, judge_model, kind, request):
     """--workers 2: the spawned worker builds its own scorers (a pairwise judge answers its reference there too)."""
