@@ -38,6 +38,21 @@ with a random scale on every hop and on the embedding. A candidate is decoded by
 on each split's inputs. pycma from the paper's start (``sigma0`` 0.05, as the paper recipes) runs:
 ``dfs`` (indicator and W), ``dfs_w1`` (the indicator alone, W = 1), ``ps`` (a per-layer mix of A
 and B, the parameter space), ``ps_dfs`` (``ps``'s winner, then DFS over it and B: twice the trials).
+
+``--section fitness``: the cheap-fitness modes on the weights problem, at an equal budget of examples
+scored (``--budget`` whole-split evaluations: one example of one task is one forward pass in a real run).
+The search split has ``--fitness-inputs`` examples (the held-out split 4,096) and a task's score is
+the mean of its examples' results, so slices and anchors estimate it as they estimate an lm-eval mean.
+An example's error weighs the layers by its own Dirichlet weights, so it leans on a few layers and favours
+the experts that own them. ``--metric acc`` (the default): an example is right (1) or wrong (0),
+right when its ``1 / (1 + err_i)`` (``err_i`` its relative squared error) clears the example's
+difficulty, drawn once in [0.3, 0.7]: as noisy from example to example as a benchmark's questions.
+``--metric score``: the ``1 / (1 + err_i)`` itself, which varies little between examples.
+Candidates are scored by the package's own staged scoring
+(``study.pruning.staged_scores``: its rungs, Optuna's pruners as ``pruning: auto`` resolves them) and
+anchors (``evaluate.anchors.choose_anchors`` on the sources' results, the sources' scoring charged to the
+budget); with estimates as values the best ``finalists`` distinct candidates are re-scored on the whole
+search split, charged too. A candidate's examples are scored once (as the run folder's example store).
 """
 
 from __future__ import annotations
@@ -55,7 +70,8 @@ import numpy as np
 import optuna
 from scipy import stats
 
-from mergekit_evolve.evaluate.scores import study_values
+from mergekit_evolve.evaluate.anchors import AnchorSet, choose_anchors
+from mergekit_evolve.evaluate.scores import Scores, study_values
 from mergekit_evolve.recipe.evolve_settings import EvolveSettings
 from mergekit_evolve.recipe.routing import Hop, Routing, add_dimensions, decode
 from mergekit_evolve.recipe.sampler_options import CycleQDOptions, SwarmOptions
@@ -63,6 +79,7 @@ from mergekit_evolve.recipe.search_space import Dimension, Placement, SearchSpac
 from mergekit_evolve.samplers.cycleqd import CycleQDSampler, mutation_dims
 from mergekit_evolve.samplers.registry import make_sampler
 from mergekit_evolve.samplers.swarm import swarm_space
+from mergekit_evolve.study.pruning import make_pruner, staged_scores
 
 LOG = logging.getLogger("search_quality")
 TASKS = ("a", "b")
@@ -106,8 +123,9 @@ class Problem:
         return out
 
 
-def make_problem(seed: int, experts: int, layers: int, d: int, inputs: int) -> Problem:
-    """The problem is fixed by ``--problem-seed``; the search seeds vary only the samplers."""
+def make_problem(seed: int, experts: int, layers: int, d: int, inputs: int, heldout: int | None = None) -> Problem:
+    """The problem is fixed by ``--problem-seed``; the search seeds vary only the samplers. ``heldout``:
+    that split's inputs, when not as many as the search split's."""
     rng = np.random.default_rng(seed)
     base = rng.normal(size=(layers, d, d))
     tau = rng.normal(size=(experts, layers, d, d)) / math.sqrt(d)
@@ -124,7 +142,7 @@ def make_problem(seed: int, experts: int, layers: int, d: int, inputs: int) -> P
         u, s, vh = np.linalg.svd(mix)
         gain = rng.uniform(0.7, 1.3, size=s.shape)
         targets[t] = np.einsum("lij,lj,ljk->lik", u, s * gain, vh)
-    xs = {split: rng.normal(size=(d, inputs)) for split in ("search", "heldout")}
+    xs = {split: rng.normal(size=(d, n)) for split, n in (("search", inputs), ("heldout", heldout or inputs))}
     return Problem(base, tau, targets, xs)
 
 
@@ -149,7 +167,8 @@ def expert_space(problem: Problem, options: Any) -> SearchSpace:
         space.placements.append(Placement(("models", k, "parameters", "weight"), (name,)))
     if isinstance(options, CycleQDOptions):
         for name in mutation_dims(options):
-            high = (2**31 - 1) if name.endswith("seed") else (options.w_max if options.mutation == "svd" else options.noise)
+            high = ((2**31 - 1) if name.endswith("seed")
+                    else (options.w_max if options.mutation == "svd" else options.noise))
             space.dimensions[name] = Dimension(name, "int" if name.endswith("seed") else "float", low=0, high=high)
             space.placements.append(Placement(("parameters", name.split(".")[-1]), (name,)))
     if isinstance(options, SwarmOptions):
@@ -163,7 +182,8 @@ def expert_space(problem: Problem, options: Any) -> SearchSpace:
 def gradient_delta(problem: Problem, params: dict[str, float], points: int) -> np.ndarray:
     grid = np.linspace(0, 1, points)
     at = np.linspace(0, 1, problem.layers)
-    coef = np.array([np.interp(at, grid, [params[f"e{k}.g{i}"] for i in range(points)]) for k in range(problem.experts)])
+    coef = np.array([np.interp(at, grid, [params[f"e{k}.g{i}"] for i in range(points)])
+                     for k in range(problem.experts)])
     return np.einsum("kl,kl...->l...", coef, problem.tau)
 
 
@@ -213,7 +233,8 @@ def run(problem: Problem, method: str, seed: int, trials: int, points: int) -> R
     heldout: list[float] = []
 
     def objective(trial: optuna.Trial) -> float:
-        params = {n: (trial.suggest_int(n, int(d.low), int(d.high)) if d.kind == "int" else trial.suggest_float(n, d.low, d.high))
+        params = {n: (trial.suggest_int(n, int(d.low), int(d.high)) if d.kind == "int"
+                      else trial.suggest_float(n, d.low, d.high))
                   for n, d in space.dimensions.items()}
         if sampler_name in ("random", "tpe", "cmaes", "cma"):
             delta = gradient_delta(problem, params, points)
@@ -264,7 +285,8 @@ def table(runs: list[Run], methods: list[str], seeds: list[int], problem: Proble
     best_by_seed = {s: max(max(r.search) for r in runs if r.seed == s) for s in seeds}
     experts = [float(np.mean(list(problem.scores(problem.tau[k], "heldout").values()))) for k in range(problem.experts)]
     lines = [
-        "| method | held-out (mean ± 95% CI) | search (mean) | trials to 95% of the seed's best (median, reached) | s a run |",
+        "| method | held-out (mean ± 95% CI) | search (mean) | "
+        "trials to 95% of the seed's best (median, reached) | s a run |",
         "|---|---:|---:|---:|---:|",
     ]
     for m in methods:
@@ -308,7 +330,7 @@ class RoutingProblem:
         return [Hop(model, i) for i in range(len(self.models[model]))]
 
     def with_ps(self, params: dict[str, Any]) -> RoutingProblem:
-        """This problem with a model ``PS`` more: layer i of A and B mixed ``ps.L{i}`` to 1 - it (the parameter space)."""
+        """This problem plus a model ``PS``: layer i mixes A and B ``ps.L{i}`` to 1 - it (the parameter space)."""
         layers = [(w * ua + (1 - w) * ub, w * va + (1 - w) * vb)
                   for i, ((ua, va), (ub, vb)) in enumerate(zip(self.models["A"], self.models["B"], strict=True))
                   for w in [params[f"ps.L{i}"]]]
@@ -374,7 +396,8 @@ def route_run(problem: RoutingProblem, method: str, seed: int, trials: int) -> R
     else:
         r, best = search_route(problem, None, seed, trials)
         if method == "ps_dfs":
-            second, _ = search_route(problem.with_ps(best), routing_block(["PS", "B"], layers, scales=True), seed, trials)
+            second, _ = search_route(problem.with_ps(best), routing_block(["PS", "B"], layers, scales=True),
+                                     seed, trials)
             # one run of 2 x trials: its winner is the better of the PS winner and the DFS stage's
             r = Run("", seed, r.search + second.search, r.heldout + second.heldout, r.seconds + second.seconds)
     r.method = method
@@ -393,6 +416,164 @@ def route_table(runs: list[Run], methods: list[str], problem: RoutingProblem) ->
     return "\n".join(lines)
 
 
+# -- cheap fitness -----------------------------------------------------------------------
+
+HELDOUT = 4096  # held-out examples: the judge of the winners, not part of the budget, so large enough to rank them
+DIFFICULTY = (0.3, 0.7)  # --metric acc: the range of the score an example needs
+# (sampler, anchors per objective or None, pruning as the recipe writes it): `auto` resolves as for a user
+FITNESS_MODES: dict[str, tuple[str, int | None, str]] = {
+    "tpe full": ("tpe", None, "none"),
+    "tpe successive_halving (auto)": ("tpe", None, "auto"),
+    "tpe anchors": ("tpe", 16, "none"),
+    "tpe anchors + percentile (auto)": ("tpe", 16, "auto"),
+    "cmaes full (auto)": ("cmaes", None, "auto"),
+    "cmaes anchors (auto)": ("cmaes", 16, "auto"),
+}
+
+
+@dataclass
+class Items:
+    """What makes the examples differ: the layers each one tests (a weight per layer; an example leans on
+    a few layers, so on the experts that own them), and, for ``--metric acc``, the score it needs to be right."""
+
+    layers: dict[str, np.ndarray]  # split -> examples x layers
+    difficulty: dict[str, np.ndarray] | None  # split -> examples
+
+
+def make_items(problem: Problem, seed: int, metric: str) -> Items:
+    rng = np.random.default_rng([seed, 1])
+    n = {split: x.shape[1] for split, x in problem.inputs.items()}
+    layers = {split: rng.dirichlet(np.full(problem.layers, 0.3), size=k) for split, k in n.items()}
+    difficulty = {split: rng.uniform(*DIFFICULTY, size=k) for split, k in n.items()} if metric == "acc" else None
+    return Items(layers, difficulty)
+
+
+class ExampleScores:
+    """The weights problem example by example, served as the package's Evaluator serves staged scoring:
+    the first ``fraction`` of a fixed shuffle of the split, or an objective's anchors; a candidate's
+    examples are scored once and ``spent`` counts every example scored."""
+
+    def __init__(self, problem: Problem, seed: int, items: Items) -> None:
+        self.problem, self.items = problem, items
+        n = problem.inputs["search"].shape[1]
+        self.order = {t: [int(i) for i in np.random.default_rng([seed, k]).permutation(n)] for k, t in enumerate(TASKS)}
+        self.done: dict[tuple[str, str], set[int]] = {}  # (candidate, task) -> examples scored
+        self.spent = 0
+
+    def per_example(self, delta: np.ndarray, split: str) -> dict[str, np.ndarray]:
+        x, w = self.problem.inputs[split], self.items.layers[split]
+        out = {}
+        for task, target in self.problem.targets.items():
+            err = sum(w[:, k] * np.sum(((delta[k] - target[k]) @ x) ** 2, axis=0) for k in range(self.problem.layers))
+            norm = sum(w[:, k] * np.sum((target[k] @ x) ** 2, axis=0) for k in range(self.problem.layers))
+            score = 1.0 / (1.0 + err / norm)
+            difficulty = self.items.difficulty
+            out[f"{task}/acc,none"] = score if difficulty is None else (score > difficulty[split]).astype(float)
+        return out
+
+    def score(self, model: tuple[str, np.ndarray], split: str = "search", digest: str | None = None,
+              fraction: float = 1.0, anchors: dict[str, AnchorSet] | None = None) -> Scores:
+        name, delta = model
+        results = self.per_example(delta, split)
+        values = {}
+        for task in TASKS:
+            key = f"{task}/acc,none"
+            if split != "search":  # the held-out split is the report's, not the search's
+                values[key] = float(results[key].mean())
+                continue
+            if anchors and key in anchors:
+                ids, weights = anchors[key].ids, anchors[key].weights
+            else:
+                order = self.order[task]
+                ids = order[: max(1, math.ceil(len(order) * fraction))]
+                weights = [1 / len(ids)] * len(ids)
+            done = self.done.setdefault((name, task), set())
+            self.spent += len(set(ids) - done)
+            done.update(ids)
+            values[key] = float(sum(w * results[key][i] for i, w in zip(ids, weights, strict=True)))
+        return Scores(values)
+
+
+def fitness_run(problem: Problem, items: Items, mode: str, seed: int, budget: int, points: int) -> dict[str, Any]:
+    """One search until ``budget`` examples are scored; the winner as the package picks it."""
+    sampler_name, anchors_k, pruning = FITNESS_MODES[mode]
+    evolve = EvolveSettings(objectives=[{"task": t, "anchors": anchors_k} for t in TASKS], sampler=sampler_name,
+                            seed=seed, pruning={"pruner": pruning})
+    space = gradient_space(problem, points)
+    scorer = ExampleScores(problem, seed, items)
+    anchors: dict[str, AnchorSet] = {}
+    if anchors_k:  # the sources (base and experts) on the whole search split, then the clusters
+        sources = [("base", np.zeros_like(problem.tau[0]))] + [(f"expert{k}", problem.tau[k])
+                                                               for k in range(problem.experts)]
+        for name, delta in sources:
+            scorer.score((name, delta))
+        results = [scorer.per_example(delta, "search") for _, delta in sources]
+        n = problem.inputs["search"].shape[1]
+        anchors = {key: choose_anchors(np.array([r[key] for r in results]), list(range(n)), anchors_k, seed)
+                   for key in results[0]}
+    deltas: dict[int, np.ndarray] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {n: trial.suggest_float(n, d.low, d.high) for n, d in space.dimensions.items()}
+        deltas[trial.number] = gradient_delta(problem, params, points)
+        scores = staged_scores(evolve, scorer, anchors, (str(trial.number), deltas[trial.number]),
+                               str(trial.number), trial)
+        return Scores(scores.values).weighted(evolve.objectives)
+
+    study = optuna.create_study(sampler=make_sampler(evolve, space), pruner=make_pruner(evolve.pruning),
+                                direction="maximize")
+    t0 = time.perf_counter()
+    complete: list[optuna.trial.FrozenTrial] = []
+    while scorer.spent < budget or not complete:  # a budget the anchors' setup spends still gets a winner
+        study.optimize(objective, n_trials=1)
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if evolve.estimated:  # values are anchor estimates: the best finalists re-scored on the whole split
+        finalists = sorted(complete, key=lambda t: -t.value)[: evolve.finalists]
+        full = {t.number: scorer.score((str(t.number), deltas[t.number])).weighted(evolve.objectives)
+                for t in finalists}
+        winner = max(finalists, key=lambda t: full[t.number]).number
+    else:
+        winner = study.best_trial.number
+    return {
+        "candidates": len(study.trials), "pruned": len(study.trials) - len(complete), "spent": scorer.spent,
+        "search": scorer.score((str(winner), deltas[winner])).weighted(evolve.objectives),
+        "heldout": scorer.score(("", deltas[winner]), "heldout").weighted(evolve.objectives),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def fitness_section(args: argparse.Namespace) -> str:
+    problem = make_problem(args.problem_seed, args.experts, args.layers, args.dim, args.fitness_inputs, HELDOUT)
+    budget = args.budget * len(TASKS) * args.fitness_inputs
+    items = make_items(problem, args.problem_seed, args.metric)
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in FITNESS_MODES}
+    for seed in args.seeds:
+        for mode in FITNESS_MODES:
+            r = fitness_run(problem, items, mode, seed, budget, args.points)
+            LOG.info("%-32s seed %d: %4d candidates (%d pruned), held-out %.4f (%.1f s)", mode, seed, r["candidates"],
+                     r["pruned"], r["heldout"], r["seconds"])
+            rows[mode].append(r)
+    lines = ["| sampler and mode | candidates (pruned) | examples a candidate | held-out (mean ± 95% CI) | "
+             "vs the sampler's full (paired, mean ± 95% CI; seeds better) | s a run |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for mode, mine in rows.items():
+        mean, half = interval([r["heldout"] for r in mine])
+        full = rows[next(m for m, (sampler, k, _) in FITNESS_MODES.items()
+                         if sampler == FITNESS_MODES[mode][0] and k is None)]
+        diffs = [r["heldout"] - f["heldout"] for r, f in zip(mine, full, strict=True)]
+        d_mean, d_half = interval(diffs)
+        vs = "" if mine is full else f"{d_mean:+.4f} ± {d_half:.4f}; {sum(d > 0 for d in diffs)}/{len(diffs)}"
+        lines.append(f"| {mode} | {statistics.fmean(r['candidates'] for r in mine):.0f} "
+                     f"({statistics.fmean(r['pruned'] for r in mine):.0f}) | "
+                     f"{statistics.fmean(r['spent'] / r['candidates'] for r in mine):.0f} | {mean:.4f} ± {half:.4f} | "
+                     f"{vs} | {statistics.fmean(r['seconds'] for r in mine):.1f} |")
+    head = (f"metric {args.metric}, a budget of {args.budget} whole-split evaluations a run ({budget} examples scored: "
+            f"{len(TASKS)} tasks x {args.fitness_inputs} examples; {HELDOUT} held-out), seeds {args.seeds}, "
+            f"{args.experts} experts x {args.layers} layers ({args.experts * args.points} gradient dimensions), "
+            f"problem seed {args.problem_seed}")
+    return f"{head}\n\n" + "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=60)
@@ -405,24 +586,33 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=8, help="input vectors a split")
     parser.add_argument("--problem-seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the table here")
-    parser.add_argument("--section", choices=["weights", "routing"], default="weights",
-                        help="weights: the samplers and methods in weight space; routing: the DFS ablations")
+    parser.add_argument("--section", choices=["weights", "routing", "fitness"], default="weights",
+                        help="weights: the samplers and methods in weight space; routing: the DFS ablations; "
+                             "fitness: the cheap-fitness modes on the weights problem")
+    parser.add_argument("--budget", type=int, default=100, help="fitness: whole-split evaluations a run")
+    parser.add_argument("--fitness-inputs", type=int, default=128, help="fitness: examples a split")
+    parser.add_argument("--metric", choices=["score", "acc"], default="acc",
+                        help="fitness: an example's 1 / (1 + err), or 1 when that clears the example's difficulty")
     parser.add_argument("--route-layers", type=int, default=6, help="routing: layers of each model, hops of the target")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.section == "routing":
         text = routing_section(args)
+    elif args.section == "fitness":
+        text = fitness_section(args)
     else:
         problem = make_problem(args.problem_seed, args.experts, args.layers, args.dim, args.inputs)
         runs = []
         for seed in args.seeds:
             for method in args.methods:
                 r = run(problem, method, seed, args.trials, args.points)
-                LOG.info("%-14s seed %d: search %.4f held-out %.4f (%.1f s)", method, seed, max(r.search), winner_heldout(r), r.seconds)
+                LOG.info("%-14s seed %d: search %.4f held-out %.4f (%.1f s)", method, seed, max(r.search),
+                         winner_heldout(r), r.seconds)
                 runs.append(r)
         head = (f"{args.trials} trials a run, seeds {args.seeds}, {args.experts} experts x {args.layers} layers "
-                f"({args.experts * args.points} gradient dimensions for the box samplers), problem seed {args.problem_seed}")
+                f"({args.experts * args.points} gradient dimensions for the box samplers), "
+                f"problem seed {args.problem_seed}")
         text = f"{head}\n\n{table(runs, args.methods, args.seeds, problem)}\n"
     print(text)
     if args.markdown:
@@ -436,11 +626,12 @@ def routing_section(args: argparse.Namespace) -> str:
     for seed in args.seeds:
         for method in ROUTE_METHODS:
             r = route_run(problem, method, seed, args.trials)
-            LOG.info("%-8s seed %d: search %.4f held-out %.4f (%.1f s)", method, seed, max(r.search), winner_heldout(r), r.seconds)
+            LOG.info("%-8s seed %d: search %.4f held-out %.4f (%.1f s)", method, seed, max(r.search),
+                     winner_heldout(r), r.seconds)
             runs.append(r)
     hops = " -> ".join(f"{h.model}{h.layer}" for h in problem.path)
-    head = (f"{args.trials} trials a run (ps_dfs: twice), seeds {args.seeds}, two models of {args.route_layers} layers, "
-            f"the target path {hops}, problem seed {args.problem_seed}")
+    head = (f"{args.trials} trials a run (ps_dfs: twice), seeds {args.seeds}, "
+            f"two models of {args.route_layers} layers, the target path {hops}, problem seed {args.problem_seed}")
     return f"{head}\n\n{route_table(runs, list(ROUTE_METHODS), problem)}\n"
 
 

@@ -21,22 +21,46 @@ def test_the_bench_script_imports(script, monkeypatch):
     assert callable(getattr(module, "main", None)), f"{script} has no main()"
 
 
-@pytest.mark.parametrize("section", ["weights", "routing"])
+def search_quality(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_search_quality", BENCH / "search_quality.py")
+    sq = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, sq)
+    spec.loader.exec_module(sq)
+    return sq
+
+
+@pytest.mark.parametrize("section", ["weights", "routing", "fitness"])
 def test_the_search_quality_bench_runs_and_its_dfs_target_is_reachable(section, tmp_path, monkeypatch):
     """A tiny run of each section prints its table; the routing problem's target path scores 1 when decoded."""
     import subprocess
 
     out = tmp_path / "table.md"
+    extra = {"weights": ["--methods", "cma", "cycleqd"], "fitness": ["--budget", "3"]}.get(section, [])
     subprocess.run([sys.executable, str(BENCH / "search_quality.py"), "--section", section, "--trials", "8",
-                    "--seeds", "0", "--markdown", str(out)]
-                   + (["--methods", "cma", "cycleqd"] if section == "weights" else []),
-                   check=True, capture_output=True)
-    assert "| method |" in out.read_text()
+                    "--seeds", "0", "--markdown", str(out), *extra], check=True, capture_output=True)
+    assert ("| sampler and mode |" if section == "fitness" else "| method |") in out.read_text()
     if section == "routing":
-        spec = importlib.util.spec_from_file_location("bench_search_quality", BENCH / "search_quality.py")
-        sq = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, spec.name, sq)
-        spec.loader.exec_module(sq)
+        sq = search_quality(monkeypatch)
         problem = sq.make_routing_problem(0, 6, 16, 8)
         assert problem.score(problem.path, "heldout") == 1.0
         assert max(problem.score(problem.own(m), "heldout") for m in ("A", "B")) < 0.6  # neither alone
+
+
+def test_the_fitness_section_charges_each_example_once_and_estimates_the_mean(monkeypatch):
+    """The budget counts an example of a candidate once however many rungs ask for it; a slice is the mean
+    of its examples; anchors covering the split with equal weights give the whole split's score."""
+    sq = search_quality(monkeypatch)
+    problem = sq.make_problem(0, 3, 4, 8, 40, 100)
+    scorer = sq.ExampleScores(problem, 0, sq.make_items(problem, 0, "acc"))
+    delta = problem.tau[0]
+    whole = scorer.per_example(delta, "search")
+    half = scorer.score(("c", delta), fraction=0.5)
+    assert scorer.spent == 2 * 20
+    assert half.values["a/acc,none"] == pytest.approx(whole["a/acc,none"][scorer.order["a"][:20]].mean())
+    full = scorer.score(("c", delta))
+    assert scorer.spent == 2 * 40  # the first half was not charged again
+    every = {k: sq.AnchorSet(list(range(40)), [1 / 40] * 40) for k in whole}
+    assert scorer.score(("c", delta), anchors=every).values == pytest.approx(full.values)
+    assert scorer.spent == 2 * 40
+    assert set(whole["a/acc,none"]) <= {0.0, 1.0}
+    assert len(scorer.per_example(delta, "heldout")["a/acc,none"]) == 100

@@ -37,6 +37,13 @@ def best_of_finalists(study: optuna.Study, worker: Worker) -> FrozenTrial:
         finalists.setdefault(trial.user_attrs.get("config_digest", str(trial.number)), trial)
         if len(finalists) == worker.recipe.evolve.finalists:
             break
+    tied = {t.user_attrs.get("config_digest", str(t.number)) for t in ranked if t.value == ranked[0].value}
+    if len(tied) > len(finalists):
+        # on right-or-wrong tasks a few anchors plateau: the search stops telling its best candidates apart
+        LOG.warning(
+            "%d distinct candidates tie at the best anchor estimate (%.4f) and only the first %d are re-scored: the "
+            "anchors no longer tell the best candidates apart; use more anchors, a pruner (anchors as its first "
+            "rung), or more finalists (evolve.finalists)", len(tied), ranked[0].value, len(finalists))
     full = {t.number: worker.score_config(winner_config(t), "search").weighted(worker.objectives)
             for t in finalists.values()}
     best = max(finalists.values(), key=lambda t: (full[t.number], -t.number))

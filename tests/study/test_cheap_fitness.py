@@ -151,6 +151,36 @@ def test_anchor_winner_is_the_finalist_with_the_best_full_search_score(workspace
         assert best_of_finalists(study, worker).number == expected.number
 
 
+def test_more_candidates_tied_at_the_best_estimate_than_finalists_is_warned(caplog):
+    """Right-or-wrong anchors plateau: when more distinct candidates tie at the best estimate than are
+    re-scored, the winner is only the best of the earliest ones, and the run says so."""
+    from types import SimpleNamespace
+
+    from mergekit_evolve.evaluate.scores import Scores
+    from mergekit_evolve.report.finalists import best_of_finalists
+
+    def config(weight: float) -> str:
+        return f"merge_method: linear\nmodels:\n  - model: a\n    parameters: {{weight: {weight}}}\n"
+
+    study = optuna.create_study(direction="maximize")
+    for i, value in enumerate([0.75, 0.75, 0.75, 0.5]):
+        study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}, user_attrs={
+            "config": config(i), "config_digest": f"d{i}"}))
+    objectives = [SimpleNamespace(name="t", weight=1.0, sign=1)]
+    def score_config(config, split):  # the full search score: the config's weight
+        return Scores({"t": config.models[0].parameters["weight"]})
+
+    worker = SimpleNamespace(recipe=SimpleNamespace(evolve=SimpleNamespace(estimated=True, finalists=2)),
+                             objectives=objectives, score_config=score_config)
+    with caplog.at_level("WARNING"):
+        assert best_of_finalists(study, worker).number == 1  # the better full score of trials 0 and 1
+    assert "3 distinct candidates tie at the best anchor estimate (0.7500) and only the first 2" in caplog.text
+    caplog.clear()
+    worker.recipe.evolve.finalists = 3
+    best_of_finalists(study, worker)
+    assert "tie" not in caplog.text
+
+
 def test_rungs_put_anchors_first_only_under_a_pruner():
     from mergekit_evolve.recipe.evolve_settings import EvolveSettings
     from mergekit_evolve.study.pruning import Rung, rungs
