@@ -240,7 +240,7 @@ def _fail_in_flight(study: optuna.Study, error: BaseException) -> None:
         try:
             storage.set_trial_user_attr(tid, "error", "interrupted")
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        except UpdateFinishedTrialError:  # the interrupt came after the storage finished it, before its cache knew
+        except UpdateFinishedTrialError:  # finished after all (CI once saw it read RUNNING here): left as it is
             continue
 
 
