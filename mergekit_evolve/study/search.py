@@ -166,7 +166,9 @@ class CtrlC:
         self.unraisable: Any = None
 
     def __enter__(self) -> CtrlC:
-        if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+        # only the main thread can set a handler; a process started with SIGINT ignored (a background
+        # job of a script) keeps ignoring it, as Python leaves it
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
             self.previous = signal.signal(signal.SIGINT, self._press)
             self.unraisable, sys.unraisablehook = sys.unraisablehook, self._dropped
         return self

@@ -612,7 +612,7 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
 
     from mergekit_evolve.cli import cli
     from mergekit_evolve.evaluate.example_store import ExampleStore
-    from tests.recipe.test_bad_input import REPO
+    from tests.recipe.test_bad_input import REPO, interruptible
     from tests.stored_rows.sitecustomize import logging_put
 
     if kind == "endpoint":
@@ -628,7 +628,7 @@ def test_an_interrupted_run_resumes_scoring_nothing_twice(folder, tiny_llama, re
         return [str(path), "-o", str(run_dir), "--no-progress", "--trials", str(trials)]
 
     proc = subprocess.Popen([sys.executable, "-m", "mergekit_evolve", *args(1000)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=folder)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=folder, preexec_fn=interruptible)
     trials = run_dir / "trials.jsonl"
     try:
         while not (trials.exists() and len(trials.read_text().splitlines()) >= 2):

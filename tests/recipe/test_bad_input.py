@@ -351,10 +351,16 @@ def test_a_changed_task_or_model_is_refused_and_the_run_folder_kept(ws, tiny_lla
     assert snapshot(run_dir) == before  # nothing lost, nothing added
 
 
+def interruptible() -> None:
+    """A child's Ctrl-C as in a terminal: where the suite runs as a background job it would start ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_stop(ws: Path, path: Path, run_dir: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ws)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ws,
+                            preexec_fn=interruptible)
     trials = run_dir / "trials.jsonl"
     while not (trials.exists() and len(trials.read_text().splitlines()) >= 2):
         assert proc.poll() is None, proc.communicate()

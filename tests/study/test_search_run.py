@@ -16,6 +16,7 @@ from tiny_models import write_copy_task
 from transformers import AutoModelForCausalLM
 
 from mergekit_evolve.cli import cli
+from tests.recipe.test_bad_input import interruptible
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,8 @@ def test_interrupt_then_resume_keeps_finished_trials(workspace, tiny_llama):
     path = recipe(workspace, tiny_llama, trials=5000, name="resume")  # never finishes before the Ctrl-C
     run_dir = workspace / "runs" / "resume"
     cmd = [sys.executable, "-m", "mergekit_evolve", str(path), "-o", str(run_dir), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ},
+                            preexec_fn=interruptible)
     deadline = time.time() + 120
     while time.time() < deadline:
         f = run_dir / "trials.jsonl"
@@ -192,7 +194,7 @@ def test_trial_budget_counts_the_trials_other_workers_finish():
     assert len(ran) == 3 and counted(study) == 5 and len(study.trials) == 7
 
 
-def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_search(monkeypatch):
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_search(monkeypatch, request):
     """The KeyboardInterrupt raised inside a ``__del__`` is dropped by Python; the press is not, and the
     dropped one is not printed (its "Exception ignored" traceback would break the one line of a Ctrl-C).
     Other errors in finalizers still reach the hook that was there before."""
@@ -215,6 +217,9 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_search(monkeypatch):
 
     printed = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: printed.append(type(unraisable.exc_value)))
+    # as in a terminal, even where the suite runs as a background job (which starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     study = optuna.create_study()
     ran = []
 
@@ -289,3 +294,15 @@ def test_an_interrupted_trial_the_storage_finished_meanwhile_is_left_as_it_is(mo
 
     search._fail_in_flight(study, KeyboardInterrupt())
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE and "error" not in study.trials[0].user_attrs
+
+
+def test_a_search_started_with_ctrl_c_ignored_keeps_ignoring_it(request):
+    """A background job of a script starts with SIGINT ignored; Python leaves it so, and so does a search."""
+    import signal
+
+    from mergekit_evolve.study.search import CtrlC
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    with CtrlC():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
