@@ -40,6 +40,19 @@ from mergekit_evolve.study.suggest import suggest_point
 LOG = logging.getLogger(__name__)
 # what a repeated config's trial copies from the trial that scored it: its scores and a parsed judge's misses
 REUSED_ATTRS = ("scores", "unparsed")
+
+
+def score_attrs(scores: Scores) -> dict[str, Any]:
+    """The user attributes (``REUSED_ATTRS``) a scored trial keeps, and a repeat of its config copies."""
+    attrs: dict[str, Any] = {"scores": scores.values}
+    if scores.unparsed:
+        attrs["unparsed"] = {name: list(count) for name, count in scores.unparsed.items()}
+    return attrs
+
+
+def set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
 # failed trials' tracebacks: always in the run folder's failures.log, on the console with -v
 TRACEBACKS = logging.getLogger("mergekit_evolve.tracebacks")
 
@@ -285,8 +298,7 @@ class Worker:
             if digest in self.known:
                 number, value, attrs = self.known[digest]
                 trial.set_user_attr("reused_from", number)
-                for key, attr in attrs.items():
-                    trial.set_user_attr(key, attr)
+                set_attrs(trial, attrs)
                 return value
             # first: references and anchors load sources into the resident model
             self.prepare_references()
@@ -297,10 +309,11 @@ class Worker:
             scores = staged_scores(self.recipe.evolve, self.evaluator, anchors, model, digest, trial)
             t2 = time.perf_counter()
             value = study_values(self.recipe.evolve, scores.values)  # weighted, or one per objective
-            trial.set_user_attr("scores", scores.values)
-            self.report_unparsed(trial, scores)
+            attrs = score_attrs(scores)
+            set_attrs(trial, attrs)
+            self.warn_unparsed(trial.number, scores)
             trial.set_user_attr("seconds", {"merge": round(t1 - t0, 4), "evaluate": round(t2 - t1, 4)})
-            self.known[digest] = (trial.number, value, {k: v for k, v in trial.user_attrs.items() if k in REUSED_ATTRS})
+            self.known[digest] = (trial.number, value, attrs)
             return value
         except optuna.TrialPruned:
             raise
@@ -319,16 +332,13 @@ class Worker:
             raise
 
     @staticmethod
-    def report_unparsed(trial: optuna.Trial, scores: Scores) -> None:
-        """A parsed judge's unreadable replies: kept with the trial, and a warning when there are any."""
-        if not scores.unparsed:
-            return
-        trial.set_user_attr("unparsed", {name: list(count) for name, count in scores.unparsed.items()})
+    def warn_unparsed(number: int, scores: Scores) -> None:
+        """A warning when a parsed judge gave unreadable replies (their count is kept with the trial)."""
         for name, (failed, total) in scores.unparsed.items():
             if failed:
                 LOG.warning("trial %d: %s could not read a rating from %d of %d judge replies (each scored as its "
                             "unparsed_score; check the objective's pattern and rubric)",
-                            trial.number, name, failed, total)
+                            number, name, failed, total)
 
     def log_failure(self, number: int) -> None:
         """The traceback of the exception being handled: to failures.log, and with -v to the console."""
