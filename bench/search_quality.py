@@ -532,13 +532,14 @@ def fitness_run(problem: Problem, items: Items, mode: str, seed: int, budget: in
         full = {t.number: scorer.score((str(t.number), deltas[t.number])).weighted(evolve.objectives)
                 for t in finalists}
         winner = max(finalists, key=lambda t: full[t.number]).number
+        tied = sum(t.value == finalists[0].value for t in complete)  # what the package warns of past `finalists`
     else:
-        winner = study.best_trial.number
+        winner, tied = study.best_trial.number, 0
     return {
         "candidates": len(study.trials), "pruned": len(study.trials) - len(complete), "spent": scorer.spent,
         "search": scorer.score((str(winner), deltas[winner])).weighted(evolve.objectives),
         "heldout": scorer.score(("", deltas[winner]), "heldout").weighted(evolve.objectives),
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "tied": tied,
     }
 
 
@@ -550,8 +551,8 @@ def fitness_section(args: argparse.Namespace) -> str:
     for seed in args.seeds:
         for mode in FITNESS_MODES:
             r = fitness_run(problem, items, mode, seed, budget, args.points)
-            LOG.info("%-32s seed %d: %4d candidates (%d pruned), held-out %.4f (%.1f s)", mode, seed, r["candidates"],
-                     r["pruned"], r["heldout"], r["seconds"])
+            LOG.info("%-32s seed %d: %4d candidates (%d pruned, %d tied at the best estimate), held-out %.4f (%.1f s)",
+                     mode, seed, r["candidates"], r["pruned"], r["tied"], r["heldout"], r["seconds"])
             rows[mode].append(r)
     lines = ["| sampler and mode | candidates (pruned) | examples a candidate | held-out (mean ± 95% CI) | "
              "vs the sampler's full (paired, mean ± 95% CI; seeds better) | s a run |",
