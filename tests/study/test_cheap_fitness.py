@@ -111,6 +111,26 @@ def test_anchor_choice_by_hand():
     assert anchors.estimate(rows, plan) == pytest.approx(1 / 6)
 
 
+
+def test_anchors_asked_for_are_shared_over_few_groups():
+    # a merge's sources: base and one expert wrong on every example, the other expert right on 24 of
+    # 32, so the sources tell two groups apart; 16 anchors go 12 and 4, not one a group
+    results = np.zeros((3, 32))
+    results[2, :24] = 1
+    anchors = choose_anchors(results, ids=list(range(100, 132)), size=16, seed=0)
+    assert len(set(anchors.ids)) == 16 and sum(anchors.weights) == pytest.approx(1.0)
+    assert sum(i < 124 for i in anchors.ids) == 12 and anchors.weights == pytest.approx([1 / 16] * 16)
+    # more groups than one anchor each: the biggest groups get the rest, and each source's estimate is
+    # still its score on the whole split (every group's members behave alike for the sources)
+    rng = np.random.default_rng(1)
+    results = (rng.random((4, 300)) < 0.9).astype(float)
+    anchors = choose_anchors(results, ids=list(range(300)), size=16, seed=3)
+    assert len(set(anchors.ids)) == 16
+    for source in results:
+        assert sum(w * source[i] for i, w in zip(anchors.ids, anchors.weights, strict=True)) == pytest.approx(
+            source.mean())
+    assert choose_anchors(results, ids=list(range(300)), size=16, seed=3).ids == anchors.ids  # seeded
+
 # anchors without a pruner: trial values are anchor estimates (with one, anchors are its first rung)
 ESTIMATE_ONLY = "pruning: {pruner: none}\n"
 
