@@ -178,10 +178,15 @@ class Worker:
         return self.recipe.evolve.objectives
 
     def use_recipe(self, recipe: Recipe) -> None:
-        """Search ``recipe`` next: the same sources and tasks under other settings (benchmarks compare them)."""
+        """Search ``recipe`` next: the same sources and tasks under other settings (benchmarks compare them).
+        It starts with no stored examples or source scores, as a fresh run would: otherwise a later setting
+        with the same seed replays the earlier one's first proposals for free."""
         self.recipe = recipe
         self.suite.settings = recipe.evolve
         self._anchors, self.known = None, {}
+        self.evaluator.store.close()
+        self.evaluator.store = ExampleStore()
+        self.source_cache = ScoreCache()
 
     def prepare_references(self) -> None:
         """Generate, once, the answers pairwise judges compare candidates with: each reference source is

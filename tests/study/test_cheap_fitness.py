@@ -299,3 +299,16 @@ def test_anchors_as_first_rung_prune_there_and_completed_values_are_full_scores(
     cost = sum(24 if t.state == optuna.trial.TrialState.COMPLETE else len(anchor.ids) for t in later)
     assert resumed.evaluator.computed == cost + (0 if last.state == optuna.trial.TrialState.PRUNED
                                                  else 24 - len(anchor.ids))
+
+
+def test_another_setting_on_the_same_worker_scores_its_candidates_afresh(workspace, tiny_llama, tmp_path):
+    # benchmarks compare settings on one worker: the same seed proposes the same first candidates, which
+    # must cost what they cost a fresh run, not come from the store of the setting before
+    recipe = make_recipe(workspace, tiny_llama)
+    worker = Worker(recipe, MergeOptions(device="cpu", quiet=True))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run_search(recipe, tmp_path / "a", worker, trials=2, show_progress=False)
+    first = worker.evaluator.computed
+    worker.use_recipe(make_recipe(workspace, tiny_llama))
+    run_search(worker.recipe, tmp_path / "b", worker, trials=2, show_progress=False)
+    assert worker.evaluator.computed == 2 * first
