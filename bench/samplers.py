@@ -16,8 +16,7 @@ search split) is scored on the held-out split; reported per sampler:
 - search: the winner's weighted objective on the search split.
 The source models are scored too, for reference.
 
-Identical configs are scored once (the worker's digest cache, shared by all runs): scores are
-deterministic, so this changes the wall time only, never a result.
+Each run starts with no stored examples (``Worker.use_recipe``), as a fresh run would.
 """
 
 from __future__ import annotations
