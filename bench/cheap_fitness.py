@@ -8,7 +8,8 @@ through the model (forward passes) per trial; and the winner's score on the held
 (always the whole split), also as its difference from full evaluation's winner on the same seed.
 A trial counts when it did work: completed or pruned, and not a config the search proposed
 again (``reused_from``: its stored value is returned, nothing runs). All modes run in this one
-process, one after the other, on the same resident models and tasks.
+process, one after the other, on the same resident models and tasks, each starting with no stored
+examples (``Worker.use_recipe``), as a fresh run does.
 
 ``--clock cpu`` measures the budget (and the hour) in this process's CPU seconds instead of
 wall-clock seconds: on a machine whose cores are shared with other work, a wall-clock budget
