@@ -20,6 +20,8 @@ pipeline a user would otherwise run, and short searches; prints its figures, all
    and the suite's task index, built once.
 
 ``--recipe recipes/demo.yml`` runs it on the demo models (no prepared checkpoint needed).
+``--dtype bfloat16`` runs the recipe in bfloat16: its ``prepared:`` models as their bf16 conversions and
+its top-level ``dtype`` changed, in a temporary copy of the recipe's folder (links to its files).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import contextlib
 import gc
 import math
 import os
+import re
 import resource
 import tempfile
 import time
@@ -155,7 +158,8 @@ def user_pipeline(worker: Worker, config: MergeConfiguration, tmp: Path,
     t0 = time.perf_counter()
     run_merge(config.model_copy(deep=True), str(out), options=options)
     t1 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    # in the dtype the merge wrote, as the resident model holds it
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, config.dtype or "float32"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     t2 = time.perf_counter()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, device=str(model.device))
@@ -211,6 +215,20 @@ def per_candidate(recipe_path: str, n: int) -> None:
     print(f"| all | | {ours_total:.2f} | {theirs_total:.2f} | {theirs_total / ours_total:.2f}x |")
 
 
+def in_dtype(recipe_path: str, dtype: str, folder: Path) -> str:
+    """The recipe at ``recipe_path`` merged in ``dtype``, written into ``folder`` beside links to its folder's files
+    (paths in a recipe and its tasks are relative to that folder)."""
+    source = Path(recipe_path).resolve()
+    for entry in source.parent.iterdir():
+        if entry != source:
+            (folder / entry.name).symlink_to(entry)
+    text = re.sub(r"prepared:(\w+)(?![\w@])", rf"prepared:\1@{dtype}", source.read_text())
+    text, changed = re.subn(r"(?m)^dtype: .*$", f"dtype: {dtype}", text)
+    assert changed == 1, f"{source} has no top-level dtype to change"
+    (folder / source.name).write_text(text)
+    return str(folder / source.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2" / "recipe.yml"))
@@ -218,19 +236,25 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6, help="trials of each search")
     parser.add_argument("--anchors", type=int, default=16, help="anchor examples per objective of the cheap fitness")
     parser.add_argument("--section", choices=["all", "search", "candidates"], default="all")
+    parser.add_argument("--dtype", choices=["bfloat16"], default=None, help="merge in this dtype instead")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    recipe = load_recipe(args.recipe)
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args, in_dtype(args.recipe, args.dtype, Path(tmp)) if args.dtype else args.recipe)
+
+
+def run(args: argparse.Namespace, recipe_path: str) -> None:
+    recipe = load_recipe(recipe_path)
     if recipe.evolve.threads:
         torch.set_num_threads(recipe.evolve.threads)  # as the CLI does
     if args.section in ("all", "search"):
-        searches(args.recipe, args.trials, args.anchors)
+        searches(recipe_path, args.trials, args.anchors)
         # before the user pipeline's models: this is the peak of the runs themselves
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         plan = plan_memory(recipe, merge_options(recipe)).total
         print(f"peak RSS of the process (both runs) {peak / GIB:.2f} GiB; memory plan {plan / GIB:.2f} GiB")
     if args.section in ("all", "candidates"):
-        per_candidate(args.recipe, args.candidates)
+        per_candidate(recipe_path, args.candidates)
 
 
 if __name__ == "__main__":
