@@ -21,12 +21,25 @@ def test_the_bench_script_imports(script, monkeypatch):
     assert callable(getattr(module, "main", None)), f"{script} has no main()"
 
 
+def bench_module(monkeypatch, name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def search_quality(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_search_quality", BENCH / "search_quality.py")
-    sq = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, sq)
-    spec.loader.exec_module(sq)
-    return sq
+    return bench_module(monkeypatch, "search_quality")
+
+
+def test_the_real_checkpoint_bench_runs_the_recipe_in_bf16_beside_its_files(monkeypatch, tmp_path):
+    real = bench_module(monkeypatch, "real_checkpoint")
+    recipe = real.in_dtype(str(BENCH.parent / "recipes" / "smollm2" / "recipe.yml"), "bfloat16", tmp_path)
+    text = Path(recipe).read_text()
+    assert "base_model: prepared:smollm2@bfloat16\n" in text and "prepared:smollm2@bfloat16+adapters/digits" in text
+    assert "\ndtype: bfloat16\n" in text and "dtype: float32" not in text
+    assert (tmp_path / "adapters" / "digits").resolve() == BENCH.parent / "recipes" / "smollm2" / "adapters" / "digits"
 
 
 @pytest.mark.parametrize("section", ["weights", "routing", "fitness"])
