@@ -31,7 +31,6 @@ import contextlib
 import gc
 import math
 import os
-import re
 import resource
 import tempfile
 import time
@@ -45,12 +44,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import optuna  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+import yaml  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.merge import run_merge  # noqa: E402
 
 import mergekit_evolve.pipeline as pipeline  # noqa: E402
+from mergekit_evolve.prepared import SCHEME, parse_reference  # noqa: E402
 from mergekit_evolve.recipe.compile import config_digest  # noqa: E402
 from mergekit_evolve.recipe.document import load_recipe  # noqa: E402
 from mergekit_evolve.recipe.overrides import Overrides  # noqa: E402
@@ -216,16 +217,24 @@ def per_candidate(recipe_path: str, n: int) -> None:
 
 
 def in_dtype(recipe_path: str, dtype: str, folder: Path) -> str:
-    """The recipe at ``recipe_path`` merged in ``dtype``, written into ``folder`` beside links to its folder's files
-    (paths in a recipe and its tasks are relative to that folder)."""
+    """The recipe at ``recipe_path`` merged in ``dtype`` (its ``prepared:`` models as their ``dtype`` conversions),
+    written into ``folder`` beside links to its folder's files (paths in a recipe and its tasks are relative to it)."""
     source = Path(recipe_path).resolve()
     for entry in source.parent.iterdir():
         if entry != source:
             (folder / entry.name).symlink_to(entry)
-    text = re.sub(r"prepared:(\w+)(?![\w@])", rf"prepared:\1@{dtype}", source.read_text())
-    text, changed = re.subn(r"(?m)^dtype: .*$", f"dtype: {dtype}", text)
-    assert changed == 1, f"{source} has no top-level dtype to change"
-    (folder / source.name).write_text(text)
+
+    def converted(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: converted(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [converted(v) for v in value]
+        model, plus, adapter = value.partition("+") if isinstance(value, str) else ("", "", "")
+        reference = parse_reference(model)
+        return f"{SCHEME}{reference[0]}@{dtype}{plus}{adapter}" if reference else value
+
+    recipe = {**converted(yaml.safe_load(source.read_text())), "dtype": dtype}
+    (folder / source.name).write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(folder / source.name)
 
 

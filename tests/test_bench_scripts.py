@@ -12,25 +12,17 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
-def test_the_bench_script_imports(script, monkeypatch):
-    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", BENCH / script)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)  # its measuring sits behind `if __name__ == "__main__"`
-    assert callable(getattr(module, "main", None)), f"{script} has no main()"
-
-
 def bench_module(monkeypatch, name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)  # its measuring sits behind `if __name__ == "__main__"`
     return module
 
 
-def search_quality(monkeypatch):
-    return bench_module(monkeypatch, "search_quality")
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCH.glob("*.py")))
+def test_the_bench_script_imports(script, monkeypatch):
+    assert callable(getattr(bench_module(monkeypatch, script), "main", None)), f"{script}.py has no main()"
 
 
 def test_the_real_checkpoint_bench_runs_the_recipe_in_bf16_beside_its_files(monkeypatch, tmp_path):
@@ -53,7 +45,7 @@ def test_the_search_quality_bench_runs_and_its_dfs_target_is_reachable(section, 
                     "--seeds", "0", "--markdown", str(out), *extra], check=True, capture_output=True)
     assert ("| sampler and mode |" if section == "fitness" else "| method |") in out.read_text()
     if section == "routing":
-        sq = search_quality(monkeypatch)
+        sq = bench_module(monkeypatch, "search_quality")
         problem = sq.make_routing_problem(0, 6, 16, 8)
         assert problem.score(problem.path, "heldout") == 1.0
         assert max(problem.score(problem.own(m), "heldout") for m in ("A", "B")) < 0.6  # neither alone
@@ -62,7 +54,7 @@ def test_the_search_quality_bench_runs_and_its_dfs_target_is_reachable(section, 
 def test_the_fitness_section_charges_each_example_once_and_estimates_the_mean(monkeypatch):
     """The budget counts an example of a candidate once however many rungs ask for it; a slice is the mean
     of its examples; anchors covering the split with equal weights give the whole split's score."""
-    sq = search_quality(monkeypatch)
+    sq = bench_module(monkeypatch, "search_quality")
     problem = sq.make_problem(0, 3, 4, 8, 40, 100)
     scorer = sq.ExampleScores(problem, 0, sq.make_items(problem, 0, "acc"))
     delta = problem.tau[0]

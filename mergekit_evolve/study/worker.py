@@ -40,6 +40,8 @@ from mergekit_evolve.study.suggest import suggest_point
 LOG = logging.getLogger(__name__)
 # what a repeated config's trial copies from the trial that scored it: its scores and a parsed judge's misses
 REUSED_ATTRS = ("scores", "unparsed")
+# failed trials' tracebacks: always in the run folder's failures.log, on the console with -v
+TRACEBACKS = logging.getLogger("mergekit_evolve.tracebacks")
 
 
 def score_attrs(scores: Scores) -> dict[str, Any]:
@@ -53,8 +55,6 @@ def score_attrs(scores: Scores) -> dict[str, Any]:
 def set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
-# failed trials' tracebacks: always in the run folder's failures.log, on the console with -v
-TRACEBACKS = logging.getLogger("mergekit_evolve.tracebacks")
 
 
 class CandidateError(RuntimeError):

@@ -111,7 +111,6 @@ def test_anchor_choice_by_hand():
     assert anchors.estimate(rows, plan) == pytest.approx(1 / 6)
 
 
-
 def test_anchors_asked_for_are_shared_over_few_groups():
     # a merge's sources: base and one expert wrong on every example, the other expert right on 24 of
     # 32, so the sources tell two groups apart; 16 anchors go 12 and 4, not one a group
@@ -130,6 +129,7 @@ def test_anchors_asked_for_are_shared_over_few_groups():
         assert sum(w * source[i] for i, w in zip(anchors.ids, anchors.weights, strict=True)) == pytest.approx(
             source.mean())
     assert choose_anchors(results, ids=list(range(300)), size=16, seed=3).ids == anchors.ids  # seeded
+
 
 # anchors without a pruner: trial values are anchor estimates (with one, anchors are its first rung)
 ESTIMATE_ONLY = "pruning: {pruner: none}\n"

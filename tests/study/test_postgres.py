@@ -100,6 +100,13 @@ def running_in(url: str, name: str, pid: int, after: int = 4) -> optuna.trial.Fr
     return next((t for t in running if t.user_attrs.get(WORKER_KEY, "").endswith(f":{pid}")), None)
 
 
+def just_started(trial: optuna.trial.FrozenTrial | None, within: float) -> bool:
+    """Started less than ``within`` s ago, far from its end, with its whole point (v1 and v2) suggested: a
+    kill between the two leaves a half point, which the retry completes with a fresh v2 (CI once saw
+    that), and the kill tests are about a candidate being scored."""
+    return bool(trial) and (datetime.now() - trial.datetime_start).total_seconds() < within and len(trial.params) == 2
+
+
 def agrees_with_study(run_dir: Path, study: optuna.Study, upto: set[int] | None = None) -> None:
     """``trials.jsonl`` holds each finished trial of the study once, as the study has it (``upto``: those
     finished when the process stopped), and ``best/`` is the best of them."""
@@ -146,9 +153,7 @@ def test_two_hosts_on_postgres_survive_a_killed_process(postgres, workspace, tin
 
     def fresh_trial() -> optuna.trial.FrozenTrial | None:  # B's trial, just started: far from its end
         trial = running_in(postgres.url, "pgkill", b.pid)
-        # its whole point suggested: killed between v1 and v2, the retry would complete a half point
-        young = trial and (datetime.now() - trial.datetime_start).total_seconds() < 0.15
-        return trial if young and len(trial.params) == 2 else None
+        return trial if just_started(trial, 0.15) else None
 
     wait_for(fresh_trial, 300, "process B to start a trial")
     b.send_signal(signal.SIGKILL)  # nobody watches B: only its stopped heartbeat frees its trial

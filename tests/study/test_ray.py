@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 from pg_cluster import free_port
 from test_parallel import wait_for, write_recipe
-from test_postgres import agrees_with_study, no_trial_lost_or_run_twice, running_in, study_of
+from test_postgres import agrees_with_study, just_started, no_trial_lost_or_run_twice, running_in, study_of
 from tiny_models import write_copy_task
 
 from mergekit_evolve.cli import cli
@@ -166,10 +165,7 @@ def test_two_node_cluster_loses_its_second_node_and_the_head_finishes(tmp_path, 
         pid = wait_for(second_node_actor, 300, "the actor on the second node to join the study")
         def fresh_trial() -> optuna.trial.FrozenTrial | None:  # just started: far from its end when the kill lands
             trial = running_in(postgres.url, "twonodes", pid, after=2)
-            # with its whole point suggested (v1 and v2): a kill between the two leaves a half point, which the
-            # retry completes with a fresh v2 (CI once saw that), and this test is about a candidate being scored
-            young = trial and (datetime.now() - trial.datetime_start).total_seconds() < 0.3
-            return trial if young and len(trial.params) == 2 else None
+            return trial if just_started(trial, 0.3) else None
 
         wait_for(fresh_trial, 300, "the second node's actor to start a trial")
         ray_nodes.lose_second_node()
